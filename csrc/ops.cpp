@@ -1,0 +1,30 @@
+// Every leanformer op schema lives here; backends register implementations in their
+// own files (csrc/*_cpu.cpp, csrc/cuda/*.cu) with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable (empty) Python module, so `import leanformer._C` loads the schemas and
+// kernels without pulling pybind11 into every translation unit.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(leanformer, m) {
+  // Simplified linear attention (SLAB). q, k [B, T, H, Dk]; v [B, T, H, Dv]; ReLU feature map
+  // inside. Returns (o [B, T, H, Dv], S [B, H, Dk, Dv], z [B, H, Dk]) with the final state.
+  m.def(
+      "sla_forward(Tensor q, Tensor k, Tensor v, Tensor? initial_S, Tensor? initial_z, "
+      "bool causal, float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v, grad_initial_S, grad_initial_z).
+  m.def(
+      "sla_backward(Tensor grad_o, Tensor? grad_S, Tensor? grad_z, Tensor q, Tensor k, "
+      "Tensor v, Tensor o, Tensor? initial_S, Tensor? initial_z, bool causal, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One recurrent decode step: q, k [B, H, Dk]; v [B, H, Dv]; state (S, z).
+  // Returns (o [B, H, Dv], S_new, z_new). Its backward is sla_backward with T = 1.
+  m.def("sla_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+}

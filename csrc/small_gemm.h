@@ -1,0 +1,29 @@
+// Register-blocked GEMM for the small, cache-resident tiles of chunked kernels
+// (64 x 64 x D). libtorch does not export its BLAS entry points, and calling at::mm
+// per tile costs more in dispatch than the tile's arithmetic.
+#pragma once
+
+#include <cstdint>
+
+namespace leanformer {
+
+// Tile requirement: N % kGemmColBlock == 0 (callers pad); any M and K.
+constexpr int64_t kGemmColBlock = 16;
+
+// C[M, N] (+)= op(A) * B[K, N], op(A) = A[M, K] or, with trans_a, A[K, M]^T. Row-major,
+// leading dimensions lda, ldb, ldc.
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
+
+// dst[cols, rows] = src[rows, cols]^T (row-major, dense).
+template <typename T>
+inline void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace leanformer

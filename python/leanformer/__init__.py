@@ -1,0 +1,9 @@
+"""leanformer: fused C++/CUDA kernels for efficient transformers, as drop-in torch ops."""
+from leanformer import _extension
+
+_extension.load()
+
+from leanformer import nn, ops, reference  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["nn", "ops", "reference", "__version__"]

@@ -1,0 +1,60 @@
+"""The `leanformer` command: `leanformer info` and `leanformer bench`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def info() -> int:
+    import torch
+
+    import leanformer
+    from leanformer._extension import build_config
+
+    config = build_config()
+    ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                 if n.startswith("leanformer::"))
+    print(f"leanformer {leanformer.__version__} ({os.path.dirname(leanformer.__file__)})")
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, "
+          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"built against torch {config.get('torch', '?')}, "
+          f"CUDA kernels: {'yes, archs ' + ', '.join(config.get('cuda_archs', [])) if config.get('cuda_kernels') else 'no'}")
+    print("ops (backends with a kernel):")
+    for name in ops:
+        keys = [k for k in ("CPU", "CUDA")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanformer::{name}", k)]
+        print(f"  leanformer::{name:<16} {', '.join(keys)}")
+    return 0
+
+
+def bench(argv: List[str]) -> int:
+    """The suite lives in the source checkout's bench/ folder, next to its results."""
+    import leanformer
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(leanformer.__file__))))
+    for root in (repo, os.getcwd()):
+        if os.path.isfile(os.path.join(root, "bench", "run.py")):
+            sys.path.insert(0, root)
+            from bench.run import main as run
+
+            return run(argv)
+    print("leanformer bench needs the source checkout (its bench/ folder): install it with "
+          "`pip install --no-build-isolation -e .` from the checkout, or run it from there.",
+          file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="leanformer")
+    parser.add_argument("command", choices=["info", "bench"])
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "info":
+        return info()
+    return bench(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

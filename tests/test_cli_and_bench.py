@@ -1,0 +1,55 @@
+"""The `leanformer` command and the benchmark suite's machinery (on tiny shapes)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from leanformer import _extension
+from leanformer.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_info_lists_ops_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    for op in ("sla_forward", "sla_backward", "sla_step"):
+        assert f"leanformer::{op}" in out
+    assert "CPU" in out
+    config = _extension.build_config()
+    assert config["torch"] == torch.__version__
+    if config["cuda_kernels"]:
+        assert "CUDA kernels: yes" in out
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("leanformer::sla_forward", "CUDA")
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "leanformer.cli", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "leanformer::sla_forward" in out
+
+
+def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "sla_causal" in out
+    (report_path,) = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["torch"] == torch.__version__
+    assert report["commit"] and report["machine"]["cpu_count"] == os.cpu_count()
+    impls = {t["impl"] for t in report["timings"]}
+    assert {"leanformer", "eager", "sdpa", "sdpa_causal", "eager_chunked"} <= impls
+    assert all(t["median_ms"] and t["median_ms"] > 0 for t in report["timings"]), report["timings"]
+    for row in report["speedups"]:
+        assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["leanformer_ms"])
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_loader_names_torch_version_on_mismatch(monkeypatch):
+    monkeypatch.setattr(_extension, "build_config", lambda: {"torch": "0.0.1"})
+    with pytest.raises(ImportError, match="built against torch 0.0.1, but torch .* is installed"):
+        _extension.load()
