@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The device check, run in one go on a lent GPU machine (the device tool's `run`):
+# build against that machine's torch with CUDA, run the whole test suite (CUDA cases run
+# when a GPU is present), then the benchmark suite on the GPU; logs and results go to $OUT.
+# Usage there: OUT=... bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 LEANFORMER_CUDA=1 LEANFORMER_CUDA_ARCHS=${LEANFORMER_CUDA_ARCHS:-9.0}
+export MAX_JOBS=${MAX_JOBS:-8}
+start=$(date +%s)
+if ! pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+leanformer info | tee "$OUT/info.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/info.txt"
+python -m pytest tests -q -rs 2>&1 | tee "$OUT/tests.log" | tail -25
+leanformer bench --device cuda --out "$OUT" 2>&1 | grep -v '%|' | tee "$OUT/bench.txt"
