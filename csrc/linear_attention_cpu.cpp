@@ -41,6 +41,9 @@ void load_tile(const Head<scalar_t>& x, int64_t t0, int64_t n, int64_t D, int64_
     const scalar_t* src = x.row(t0 + i);
     acc_t* dst = tile + i * Dp;
     std::fill(dst + D, dst + Dp, acc_t(0));
+    if (x.stride_d == 1)  // the next chunk's row, so its DRAM latency overlaps this chunk's work
+      for (int64_t d = 0; d < D; d += 64 / sizeof(scalar_t))
+        __builtin_prefetch(src + kChunk * x.stride_t + d);
     if (x.stride_d == 1) {
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
     } else {
