@@ -53,3 +53,12 @@ def test_loader_names_torch_version_on_mismatch(monkeypatch):
     monkeypatch.setattr(_extension, "build_config", lambda: {"torch": "0.0.1"})
     with pytest.raises(ImportError, match="built against torch 0.0.1, but torch .* is installed"):
         _extension.load()
+
+
+def test_loader_explains_a_missing_extension(monkeypatch):
+    import leanformer
+
+    monkeypatch.setitem(sys.modules, "leanformer._C", None)  # makes `from leanformer import _C` fail
+    monkeypatch.delattr(leanformer, "_C")
+    with pytest.raises(ImportError, match="could not be loaded .*pip install --no-build-isolation"):
+        _extension.load()
