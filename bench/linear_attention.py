@@ -35,8 +35,13 @@ def _fla_baseline():
     except ImportError:
         return None
 
+    import inspect
+
+    # Older fla releases default to head_first=True ([B, H, T, D]); ours is [B, T, H, D].
+    layout = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
+
     def run(q, k, v):
-        return chunk_linear_attn(F.relu(q), F.relu(k), v, scale=1.0, normalize=True)[0]
+        return chunk_linear_attn(F.relu(q), F.relu(k), v, scale=1.0, normalize=True, **layout)[0]
 
     return run
 
