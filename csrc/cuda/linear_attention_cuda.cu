@@ -44,9 +44,11 @@ constexpr int chunk_len() {
   return sizeof(acc_t) == 8 ? 4 : 8;
 }
 
+// NaN passes through, as in F.relu and the CPU kernels (std::max(x, 0)): a NaN input must
+// not turn into a silently finite output.
 template <typename acc_t>
 __device__ __forceinline__ acc_t relu(acc_t x) {
-  return x > acc_t(0) ? x : acc_t(0);
+  return x < acc_t(0) ? acc_t(0) : x;
 }
 
 template <typename acc_t>

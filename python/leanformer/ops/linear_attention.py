@@ -47,6 +47,7 @@ def simplified_linear_attention(
     Args:
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``. float32, float16, bfloat16 (float64 on
             CPU); any strides. States and normalizers accumulate in fp32 whatever the dtype.
+            Any head dims on CPU; Dk <= 256 on CUDA.
         causal: attend to tokens ``j <= t`` only.
         eps: added to the denominator.
         initial_state: ``(S [B, H, Dk, Dv], z [B, H, Dk])`` in fp32 (fp64 for fp64 inputs) to
@@ -117,19 +118,20 @@ def _sla_forward_fake(q, k, v, initial_S, initial_z, causal, eps):
     return q.new_empty(B, T, H, Dv), q.new_empty(B, H, Dk, Dv, dtype=sd), q.new_empty(B, H, Dk, dtype=sd)
 
 
+# Like the real kernels, fakes return contiguous tensors whatever the inputs' strides.
 @torch.library.register_fake("leanformer::sla_backward")
 def _sla_backward_fake(grad_o, grad_S, grad_z, q, k, v, o, initial_S, initial_z, causal, eps):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     sd = _state_dtype(q.dtype)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(B, H, Dk, Dv, dtype=sd), q.new_empty(B, H, Dk, dtype=sd))
 
 
 @torch.library.register_fake("leanformer::sla_step")
 def _sla_step_fake(q, k, v, S, z, eps):
     B, H, _ = q.shape
-    return q.new_empty(B, H, v.shape[-1]), torch.empty_like(S), torch.empty_like(z)
+    return q.new_empty(B, H, v.shape[-1]), S.new_empty(S.shape), z.new_empty(z.shape)
 
 
 # ---- autograd: each backward is itself a custom op ----
