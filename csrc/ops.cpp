@@ -27,4 +27,16 @@ TORCH_LIBRARY(leanformer, m) {
   // Returns (o [B, H, Dv], S_new, z_new). Its backward is sla_backward with T = 1.
   m.def("sla_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, float eps) "
         "-> (Tensor, Tensor, Tensor)");
+
+  // RepBN (SLAB): BatchNorm over every token of x [..., C] per channel, plus alpha * x.
+  // Training normalizes with the batch statistics of the tokens where mask is true (all when
+  // mask is None); eval with the running ones. Functional: returns (y, mean, invstd) and the
+  // caller folds mean and the variance into its running buffers.
+  m.def(
+      "rep_batchnorm(Tensor x, Tensor weight, Tensor bias, Tensor alpha, Tensor running_mean, "
+      "Tensor running_var, bool training, float eps, Tensor? mask) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_alpha).
+  m.def(
+      "rep_batchnorm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor alpha, Tensor mean, "
+      "Tensor invstd, bool training, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

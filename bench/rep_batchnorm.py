@@ -1,0 +1,35 @@
+"""RepBN against its eager composition (BatchNorm1d over every token + alpha * x)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from bench.harness import Case
+from leanformer.ops import rep_batchnorm
+from leanformer.reference import rep_batchnorm_reference
+
+SHAPE = (64 * 197, 384)  # DeiT-S tokens of a batch of 64, as in the SLAB issue
+QUICK = (2 * 50, 32)
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
+    if device != "cpu":
+        return []  # no CUDA kernel yet
+    g = torch.Generator().manual_seed(0)
+    N, C = QUICK if quick else SHAPE
+    x = (torch.randn(N, C, generator=g) * 2 + 1).to(dtype).requires_grad_(True)
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    alpha = torch.ones(1, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    ours = lambda: rep_batchnorm(x, w, b, alpha, rm, rv, training=True)
+    eager = lambda: rep_batchnorm_reference(x, w, b, alpha, rm, rv, training=True)
+
+    def fwd_bwd(fn):
+        def run():
+            fn().backward(torch.ones(N, C, dtype=dtype))
+        return run
+
+    label = f"{N}x{C}"
+    return [Case("rep_batchnorm", label, "fwd", ours, {"eager": eager}),
+            Case("rep_batchnorm", label, "fwd+bwd", fwd_bwd(ours), {"eager": fwd_bwd(eager)})]

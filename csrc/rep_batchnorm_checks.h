@@ -1,0 +1,83 @@
+// Argument checks of the RepBN ops, shared by every backend.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace leanformer {
+
+struct RepBNShape {
+  int64_t N, C;  // tokens (all leading dims), channels
+};
+
+inline void check_channel_vector(const at::Tensor& t, const char* name, int64_t C,
+                                 at::ScalarType dtype, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, name, " must have shape [C] = [", C,
+              "] (C = x.shape[-1]), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " for ", x.scalar_type(),
+              " inputs, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline at::ScalarType rep_batchnorm_param_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline RepBNShape check_rep_batchnorm_common(const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& alpha,
+                                             const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() >= 1, "x must be [..., C] with at least one dimension, got a scalar");
+  auto s = x.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
+              "x must be float32, float16, bfloat16 or float64, got ", s);
+  const int64_t C = x.size(-1);
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(weight, "weight", C, dtype, x);
+  TORCH_CHECK(alpha.numel() == 1, "alpha must hold one value, got shape ", alpha.sizes());
+  TORCH_CHECK(alpha.scalar_type() == dtype, "alpha must be ", dtype, ", got ", alpha.scalar_type());
+  TORCH_CHECK(alpha.device() == x.device(), "alpha is on ", alpha.device(), " but x is on ", x.device());
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1),
+                "mask must have the leading shape of x ", x.sizes().slice(0, x.dim() - 1),
+                ", got ", mask->sizes());
+    TORCH_CHECK(mask->device() == x.device(), "mask is on ", mask->device(), " but x is on ",
+                x.device());
+  }
+  return {C == 0 ? 0 : x.numel() / C, C};
+}
+
+inline RepBNShape check_rep_batchnorm_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, const at::Tensor& alpha,
+                                             const at::Tensor& running_mean,
+                                             const at::Tensor& running_var,
+                                             const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_rep_batchnorm_common(x, weight, alpha, mask);
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(bias, "bias", s.C, dtype, x);
+  check_channel_vector(running_mean, "running_mean", s.C, dtype, x);
+  check_channel_vector(running_var, "running_var", s.C, dtype, x);
+  return s;
+}
+
+inline RepBNShape check_rep_batchnorm_backward_inputs(const at::Tensor& grad_y,
+                                                      const at::Tensor& x,
+                                                      const at::Tensor& weight,
+                                                      const at::Tensor& alpha,
+                                                      const at::Tensor& mean,
+                                                      const at::Tensor& invstd,
+                                                      const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_rep_batchnorm_common(x, weight, alpha, mask);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                  grad_y.device() == x.device(),
+              "grad_y must match x in shape, dtype and device (", x.sizes(), ", ",
+              x.scalar_type(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type());
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(mean, "mean", s.C, dtype, x);
+  check_channel_vector(invstd, "invstd", s.C, dtype, x);
+  return s;
+}
+
+}  // namespace leanformer
