@@ -115,6 +115,22 @@ __device__ __forceinline__ ScanBlock scan_block(int H, int64_t T, int64_t split_
   return s;
 }
 
+// This thread's slice of the state (rows warp + r * kWarps of S's column `col`, in
+// registers) and returns its row threadIdx.x of z; zeros without a state or past Dk, Dv.
+template <int RPT, typename acc_t>
+__device__ __forceinline__ acc_t load_state_slice(acc_t (&s)[RPT], const acc_t* __restrict__ S_in,
+                                                  const acc_t* __restrict__ z_in,
+                                                  const ScanBlock& blk, int col, int Dk, int Dv) {
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) {
+    const int i = blk.warp + r * kWarps;
+    s[r] = (S_in != nullptr && i < Dk && col < Dv) ? S_in[(blk.bh * Dk + i) * Dv + col]
+                                                   : acc_t(0);
+  }
+  const int zrow = threadIdx.x;
+  return (z_in != nullptr && zrow < Dk) ? z_in[blk.bh * Dk + zrow] : acc_t(0);
+}
+
 // Forward scan over the tokens [t_begin, t_end) of one (b, h, v tile), starting from state
 // (S_in, z_in) (nullptr: zero).
 //   UPDATE: add kf^T v and kf to the state per token, then atomically add the final state into
@@ -142,13 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int zrow = threadIdx.x;
 
   acc_t s[RPT];
-#pragma unroll
-  for (int r = 0; r < RPT; ++r) {
-    const int i = blk.warp + r * kWarps;
-    s[r] = (S_in != nullptr && i < Dk && col < Dv) ? S_in[(blk.bh * Dk + i) * Dv + col]
-                                                   : acc_t(0);
-  }
-  acc_t zi = (z_in != nullptr && zrow < Dk) ? z_in[blk.bh * Dk + zrow] : acc_t(0);
+  acc_t zi = load_state_slice(s, S_in, z_in, blk, col, Dk, Dv);
 
   for (int64_t c0 = blk.t_begin; c0 < blk.t_end; c0 += CT) {
     const int ntok = static_cast<int>(blk.t_end - c0 < CT ? blk.t_end - c0 : CT);
@@ -256,13 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int zrow = threadIdx.x;
 
   acc_t s[RPT];
-#pragma unroll
-  for (int r = 0; r < RPT; ++r) {
-    const int i = blk.warp + r * kWarps;
-    s[r] = (S_in != nullptr && i < Dk && col < Dv) ? S_in[(blk.bh * Dk + i) * Dv + col]
-                                                   : acc_t(0);
-  }
-  acc_t zi = (z_in != nullptr && zrow < Dk) ? z_in[blk.bh * Dk + zrow] : acc_t(0);
+  acc_t zi = load_state_slice(s, S_in, z_in, blk, col, Dk, Dv);
 
   for (int64_t c0 = blk.t_begin; c0 < blk.t_end; c0 += CT) {
     const int ntok = static_cast<int>(blk.t_end - c0 < CT ? blk.t_end - c0 : CT);

@@ -25,7 +25,7 @@ def info() -> int:
     for name in ops:
         keys = [k for k in ("CPU", "CUDA")
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanformer::{name}", k)]
-        print(f"  leanformer::{name:<16} {', '.join(keys)}")
+        print(f"  leanformer::{name:<24} {', '.join(keys)}")
     return 0
 
 
