@@ -1,4 +1,5 @@
-"""RepBN against its eager composition (BatchNorm1d over every token + alpha * x)."""
+"""RepBN and PRepBN's progressive norm against their eager compositions
+(BatchNorm1d over every token + alpha * x; LayerNorm + that + the mix)."""
 from __future__ import annotations
 
 from typing import List
@@ -6,8 +7,8 @@ from typing import List
 import torch
 
 from bench.harness import Case
-from leanformer.ops import rep_batchnorm
-from leanformer.reference import rep_batchnorm_reference
+from leanformer.ops import progressive_norm, rep_batchnorm
+from leanformer.reference import progressive_norm_reference, rep_batchnorm_reference
 
 SHAPE = (64 * 197, 384)  # DeiT-S tokens of a batch of 64, as in the SLAB issue
 QUICK = (2 * 50, 32)
@@ -30,6 +31,12 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
             fn().backward(torch.ones(N, C, dtype=dtype))
         return run
 
+    lw, lb = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    pn = lambda: progressive_norm(x, lw, lb, w, b, alpha, rm, rv, 0.5, training=True)
+    pn_eager = lambda: progressive_norm_reference(x, lw, lb, w, b, alpha, rm, rv, 0.5, training=True)
     label = f"{N}x{C}"
     return [Case("rep_batchnorm", label, "fwd", ours, {"eager": eager}),
-            Case("rep_batchnorm", label, "fwd+bwd", fwd_bwd(ours), {"eager": fwd_bwd(eager)})]
+            Case("rep_batchnorm", label, "fwd+bwd", fwd_bwd(ours), {"eager": fwd_bwd(eager)}),
+            Case("progressive_norm", label, "fwd", pn, {"eager": pn_eager}),
+            Case("progressive_norm", label, "fwd+bwd", fwd_bwd(pn), {"eager": fwd_bwd(pn_eager)},
+                 {"eager": 2.0})]

@@ -39,4 +39,15 @@ TORCH_LIBRARY(leanformer, m) {
   m.def(
       "rep_batchnorm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor alpha, Tensor mean, "
       "Tensor invstd, bool training, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // PRepBN: gamma * LayerNorm(x) + (1 - gamma) * RepBN(x) in one pass over x (after the
+  // statistics pass in training). Returns (y, bn_mean, bn_invstd).
+  m.def(
+      "progressive_norm(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor alpha, Tensor running_mean, Tensor running_var, float gamma, "
+      "bool training, float ln_eps, float bn_eps, Tensor? mask) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_ln_weight, grad_ln_bias, grad_bn_weight, grad_bn_bias, grad_alpha).
+  m.def(
+      "progressive_norm_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor bn_weight, "
+      "Tensor alpha, Tensor bn_mean, Tensor bn_invstd, float gamma, bool training, "
+      "float ln_eps, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

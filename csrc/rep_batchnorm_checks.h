@@ -62,6 +62,20 @@ inline RepBNShape check_rep_batchnorm_inputs(const at::Tensor& x, const at::Tens
   return s;
 }
 
+inline RepBNShape check_progressive_norm_inputs(
+    const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& alpha,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double gamma,
+    const std::optional<at::Tensor>& mask) {
+  const RepBNShape s =
+      check_rep_batchnorm_inputs(x, bn_weight, bn_bias, alpha, running_mean, running_var, mask);
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(ln_weight, "ln_weight", s.C, dtype, x);
+  check_channel_vector(ln_bias, "ln_bias", s.C, dtype, x);
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
+  return s;
+}
+
 inline RepBNShape check_rep_batchnorm_backward_inputs(const at::Tensor& grad_y,
                                                       const at::Tensor& x,
                                                       const at::Tensor& weight,

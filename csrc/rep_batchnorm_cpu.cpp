@@ -1,6 +1,7 @@
-// RepBN on the CPU: x is read as [N, C] rows; per-channel statistics are reduced over row
-// blocks in parallel (fp64 partial sums per thread, two passes: mean, then centered squares),
-// and the normalization is one fused per-channel scale and shift.
+// RepBN and PRepBN's progressive norm on the CPU. x is read as [N, C] rows: per-channel
+// batch statistics are reduced over row blocks in parallel (fp64 partials per thread), and
+// one pass then writes gamma * LayerNorm(x) + (1 - gamma) * RepBN(x) per row; RepBN is the
+// gamma = 0 case, where the row statistics of LayerNorm are skipped.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,163 +55,300 @@ int64_t reduce_rows(int64_t N, int64_t C, const bool* mask, std::vector<double> 
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_cpu(
-    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& alpha, const at::Tensor& running_mean, const at::Tensor& running_var,
-    bool training, double eps, const std::optional<at::Tensor>& mask_in) {
-  const RepBNShape s = check_rep_batchnorm_inputs(x_in, weight, bias, alpha, running_mean,
-                                                  running_var, mask_in);
-  const auto x = x_in.contiguous();
-  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
-  const auto param_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// Batch statistics (training) or the running ones (eval): mean and 1 / sqrt(var + eps).
+template <typename scalar_t, typename acc_t>
+void bn_statistics(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp, bool training,
+                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                   acc_t* mp, acc_t* ip) {
+  if (!training) {
+    const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
+    for (int64_t c = 0; c < C; ++c) {
+      mp[c] = rm.data_ptr<acc_t>()[c];
+      ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv.data_ptr<acc_t>()[c]) + eps));
+    }
+    return;
+  }
+  // One pass with sums shifted by the first counted row: var = E[(x - s)^2] - E[x - s]^2
+  // keeps its precision in fp64 even when |mean| >> std.
+  int64_t first_row = 0;
+  while (maskp && first_row + 1 < N && !maskp[first_row]) ++first_row;
+  const scalar_t* first = xp + first_row * C;
+  const std::vector<acc_t> shift(first, first + C);
+  std::vector<double> m[2];
+  const int64_t count = reduce_rows<2, acc_t>(N, C, maskp, m, [&](int64_t n, acc_t* out) {
+    const scalar_t* row = xp + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
+      out[c] += d;
+      out[C + c] += d * d;
+    }
+  });
+  TORCH_CHECK(count > 1, "batch norm: training needs more than one ", maskp ? "unmasked " : "",
+              "token per channel to estimate statistics, got ", count);
+  for (int64_t c = 0; c < C; ++c) {
+    const double shifted_mean = m[0][c] / static_cast<double>(count);
+    const double var = std::max(0.0, m[1][c] / static_cast<double>(count) - shifted_mean * shifted_mean);
+    mp[c] = static_cast<acc_t>(shifted_mean + static_cast<double>(shift[c]));
+    ip[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+  }
+}
+
+// sum over c < C of f(c) with 8 independent partial sums: a single running sum is a chain
+// of dependent adds the compiler may not reorder (no -ffast-math), 4x slower here.
+template <typename acc_t, typename F>
+inline acc_t row_sum(int64_t C, const F& f) {
+  acc_t part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    for (int j = 0; j < 8; ++j) part[j] += f(c + j);
+  acc_t total = 0;
+  for (; c < C; ++c) total += f(c);
+  for (int j = 0; j < 8; ++j) total += part[j];
+  return total;
+}
+
+// LayerNorm's row statistics: mean and 1 / sqrt(var + eps) over the C values of a row.
+template <typename scalar_t, typename acc_t>
+void row_statistics(const scalar_t* row, int64_t C, double eps, acc_t& mean, acc_t& rstd) {
+  mean = row_sum<acc_t>(C, [&](int64_t c) { return static_cast<acc_t>(row[c]); }) / static_cast<acc_t>(C);
+  const acc_t m = mean;
+  const acc_t sq = row_sum<acc_t>(C, [&](int64_t c) {
+    const acc_t d = static_cast<acc_t>(row[c]) - m;
+    return d * d;
+  });
+  rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(sq) / C + eps));
+}
+
+struct NormArgs {
+  const at::Tensor& x;
+  const at::Tensor* ln_weight;  // null for RepBN alone
+  const at::Tensor* ln_bias;
+  const at::Tensor& bn_weight;
+  const at::Tensor& bn_bias;
+  const at::Tensor& alpha;
+  const at::Tensor& running_mean;
+  const at::Tensor& running_var;
+  double gamma;
+  bool training;
+  double ln_eps, bn_eps;
+  const std::optional<at::Tensor>& mask;
+};
+
+// y = gamma * (LN(x) * ln_w + ln_b) + (1 - gamma) * (BN(x) * bn_w + bn_b + alpha * x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args, int64_t N, int64_t C) {
+  const auto x = args.x.contiguous();
+  const auto mask = args.mask ? args.mask->contiguous() : at::Tensor();
+  const auto param_dtype = rep_batchnorm_param_dtype(x);
   auto y = at::empty(x.sizes(), x.options());
-  auto mean = at::empty({s.C}, x.options().dtype(param_dtype));
-  auto invstd = at::empty({s.C}, x.options().dtype(param_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rep_batchnorm_cpu", [&] {
+  auto mean = at::empty({C}, x.options().dtype(param_dtype));
+  auto invstd = at::empty({C}, x.options().dtype(param_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
-    const int64_t C = s.C;
-    if (training) {
-      const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-      // One pass with sums shifted by the first row: var = E[(x - s)^2] - E[x - s]^2 keeps
-      // its precision in fp64 even when |mean| >> std.
-      int64_t first_row = 0;
-      while (maskp && first_row + 1 < s.N && !maskp[first_row]) ++first_row;
-      const scalar_t* first = xp + first_row * C;
-      std::vector<double> m[2];
-      const std::vector<acc_t> shift(first, first + C);
-      const int64_t count = reduce_rows<2, acc_t>(s.N, C, maskp, m, [&](int64_t n, acc_t* out) {
-        const scalar_t* row = xp + n * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
-          out[c] += d;
-          out[C + c] += d * d;
-        }
-      });
-      TORCH_CHECK(count > 1, "rep_batchnorm: training needs more than one ",
-                  maskp ? "unmasked " : "", "token per channel to estimate statistics, got ", count);
-      std::vector<double> sums(C), sq(C);
-      for (int64_t c = 0; c < C; ++c) {
-        const double shifted_mean = m[0][c] / static_cast<double>(count);
-        sums[c] = shifted_mean + static_cast<double>(first[c]);
-        sq[c] = std::max(0.0, m[1][c] / static_cast<double>(count) - shifted_mean * shifted_mean) *
-                static_cast<double>(count);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        mp[c] = static_cast<acc_t>(sums[c]);
-        ip[c] = static_cast<acc_t>(1.0 / std::sqrt(sq[c] / static_cast<double>(count) + eps));
-      }
-    } else {
-      const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
-      for (int64_t c = 0; c < C; ++c) {
-        mp[c] = rm.data_ptr<acc_t>()[c];
-        ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv.data_ptr<acc_t>()[c]) + eps));
-      }
-    }
-    // y = x * (w * invstd + alpha) + (b - mean * invstd * w)
-    std::vector<acc_t> scale(C), shift(C);
-    const auto w = weight.contiguous(), b = bias.contiguous();
-    const acc_t a = alpha.item<acc_t>();
+    bn_statistics(xp, N, C, mask.defined() ? mask.data_ptr<bool>() : nullptr, args.training,
+                  args.running_mean, args.running_var, args.bn_eps, mp, ip);
+    // The BN branch, weighted by 1 - gamma: x * scale + shift per channel.
+    const double g = args.gamma;
+    std::vector<acc_t> scale(C), shift(C), lw(C, acc_t(0)), lb(C, acc_t(0));
+    const auto w = args.bn_weight.contiguous(), b = args.bn_bias.contiguous();
+    const double a = args.alpha.item<double>();
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t wi = w.data_ptr<acc_t>()[c] * ip[c];
-      scale[c] = wi + a;
-      shift[c] = b.data_ptr<acc_t>()[c] - mp[c] * wi;
+      const double wi = static_cast<double>(w.data_ptr<acc_t>()[c]) * ip[c];
+      scale[c] = static_cast<acc_t>((1 - g) * (wi + a));
+      shift[c] = static_cast<acc_t>((1 - g) * (b.data_ptr<acc_t>()[c] - mp[c] * wi));
+    }
+    const bool with_ln = g != 0.0;
+    if (with_ln) {
+      const auto lwt = args.ln_weight->contiguous(), lbt = args.ln_bias->contiguous();
+      for (int64_t c = 0; c < C; ++c) {
+        lw[c] = static_cast<acc_t>(g * lwt.data_ptr<acc_t>()[c]);
+        lb[c] = static_cast<acc_t>(g * lbt.data_ptr<acc_t>()[c]);
+      }
     }
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t c = 0; c < C; ++c)
-          yp[n * C + c] = static_cast<scalar_t>(static_cast<acc_t>(xp[n * C + c]) * scale[c] + shift[c]);
+    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* row = xp + n * C;
+        scalar_t* out = yp + n * C;
+        if (!with_ln) {
+          for (int64_t c = 0; c < C; ++c)
+            out[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * scale[c] + shift[c]);
+          continue;
+        }
+        acc_t mu, rstd;
+        row_statistics(row, C, args.ln_eps, mu, rstd);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t xv = static_cast<acc_t>(row[c]);
+          out[c] = static_cast<scalar_t>((xv - mu) * rstd * lw[c] + lb[c] + xv * scale[c] + shift[c]);
+        }
+      }
     });
   });
   return {y, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight,
-    const at::Tensor& alpha, const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    const std::optional<at::Tensor>& mask_in) {
-  const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y_in, x_in, weight, alpha, mean,
-                                                           invstd, mask_in);
-  const auto x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
-  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+// Gradients of norm_forward: (dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha); the LN ones are
+// undefined for RepBN alone.
+std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArgs& args,
+                                      const at::Tensor& mean, const at::Tensor& invstd, int64_t N,
+                                      int64_t C) {
+  const auto x = args.x.contiguous(), grad_y = grad_y_in.contiguous();
+  const auto mask = args.mask ? args.mask->contiguous() : at::Tensor();
+  const bool with_ln = args.gamma != 0.0;
+  const double g = args.gamma;
   auto dx = at::empty(x.sizes(), x.options());
-  auto dweight = at::empty({s.C}, weight.options());
-  auto dbias = at::empty({s.C}, weight.options());
-  auto dalpha = at::empty(alpha.sizes(), alpha.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rep_batchnorm_backward_cpu", [&] {
+  auto d_bn_w = at::empty({C}, args.bn_weight.options());
+  auto d_bn_b = at::empty({C}, args.bn_weight.options());
+  auto d_alpha = at::empty(args.alpha.sizes(), args.alpha.options());
+  at::Tensor d_ln_w, d_ln_b;
+  if (args.ln_weight) {
+    d_ln_w = at::zeros({C}, args.bn_weight.options());
+    d_ln_b = at::zeros({C}, args.bn_weight.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t C = s.C;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
-    const auto m = mean.contiguous(), is = invstd.contiguous(), w = weight.contiguous();
+    const auto m = mean.contiguous(), is = invstd.contiguous(), w = args.bn_weight.contiguous();
     const acc_t* mp = m.data_ptr<acc_t>();
     const acc_t* ip = is.data_ptr<acc_t>();
     const acc_t* wp = w.data_ptr<acc_t>();
-    const acc_t a = alpha.item<acc_t>();
-    // Over every row: the parameters' gradients.
-    std::vector<double> sums[3];
-    reduce_rows<3, acc_t>(s.N, C, nullptr, sums, [&](int64_t n, acc_t* out) {
+    const double a = args.alpha.item<double>();
+    std::vector<acc_t> lw(C, acc_t(0));
+    if (with_ln) {
+      const auto lwt = args.ln_weight->contiguous();
+      for (int64_t c = 0; c < C; ++c) lw[c] = lwt.data_ptr<acc_t>()[c];
+    }
+    // Pass 1, over every row: sum dy, sum dy * xhat_bn, sum dy * x, sum dy * xhat_ln.
+    std::vector<double> sums[4];
+    reduce_rows<4, acc_t>(N, C, nullptr, sums, [&](int64_t n, acc_t* out) {
       const scalar_t* row = xp + n * C;
       const scalar_t* grow = gp + n * C;
+      acc_t mu = 0, rstd = 0;
+      if (with_ln) row_statistics(row, C, args.ln_eps, mu, rstd);
       for (int64_t c = 0; c < C; ++c) {
         const acc_t dy = static_cast<acc_t>(grow[c]), xv = static_cast<acc_t>(row[c]);
         out[c] += dy;
         out[C + c] += dy * (xv - mp[c]) * ip[c];
         out[2 * C + c] += dy * xv;
+        out[3 * C + c] += dy * (xv - mu) * rstd;  // zero for RepBN alone (rstd = 0)
       }
     });
-    const std::vector<double>&sum_dy = sums[0], &sum_dy_xhat = sums[1], &sum_dy_x = sums[2];
     double total_dy_x = 0;
     for (int64_t c = 0; c < C; ++c) {
-      dbias.data_ptr<acc_t>()[c] = static_cast<acc_t>(sum_dy[c]);
-      dweight.data_ptr<acc_t>()[c] = static_cast<acc_t>(sum_dy_xhat[c]);
-      total_dy_x += sum_dy_x[c];
+      d_bn_b.data_ptr<acc_t>()[c] = static_cast<acc_t>((1 - g) * sums[0][c]);
+      d_bn_w.data_ptr<acc_t>()[c] = static_cast<acc_t>((1 - g) * sums[1][c]);
+      if (with_ln) {
+        d_ln_b.data_ptr<acc_t>()[c] = static_cast<acc_t>(g * sums[0][c]);
+        d_ln_w.data_ptr<acc_t>()[c] = static_cast<acc_t>(g * sums[3][c]);
+      }
+      total_dy_x += sums[2][c];
     }
-    dalpha.fill_(total_dy_x);
-    // Training: every row's output depends on the statistics of the unmasked rows, so those
-    // rows get -w * invstd * (sum(dy) + xhat * sum(dy * xhat)) / count, sums over all rows.
-    std::vector<double> corr_dy(C, 0.0), corr_dy_xhat(C, 0.0);
+    d_alpha.fill_((1 - g) * total_dy_x);
+    // BN branch: dx = (1 - gamma) * (dy * k1 + [counted, training] (x * k2 + k3)). Every
+    // row's output depends on the statistics of the counted rows, so those rows get
+    // -w * invstd * (sum(dy) + xhat * sum(dy * xhat)) / count, sums over all rows.
     const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    if (training) {
-      int64_t count = s.N;
-      if (maskp) {
-        count = 0;
-        for (int64_t n = 0; n < s.N; ++n) count += maskp[n];
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        corr_dy[c] = sum_dy[c] / static_cast<double>(std::max<int64_t>(count, 1));
-        corr_dy_xhat[c] = sum_dy_xhat[c] / static_cast<double>(std::max<int64_t>(count, 1));
-      }
+    int64_t count = N;
+    if (maskp) {
+      count = 0;
+      for (int64_t n = 0; n < N; ++n) count += maskp[n];
     }
-    // dx = dy * k1 + [unmasked, training] (x * k2 + k3), per-channel coefficients.
     std::vector<acc_t> k1(C), k2(C), k3(C);
     for (int64_t c = 0; c < C; ++c) {
       const double wi = static_cast<double>(wp[c]) * ip[c];
-      k1[c] = static_cast<acc_t>(wi + a);
-      k2[c] = static_cast<acc_t>(-wi * ip[c] * corr_dy_xhat[c]);
-      k3[c] = static_cast<acc_t>(-wi * corr_dy[c] + wi * mp[c] * ip[c] * corr_dy_xhat[c]);
+      const double mean_dy = args.training ? sums[0][c] / std::max<int64_t>(count, 1) : 0.0;
+      const double mean_dy_xhat = args.training ? sums[1][c] / std::max<int64_t>(count, 1) : 0.0;
+      k1[c] = static_cast<acc_t>((1 - g) * (wi + a));
+      k2[c] = static_cast<acc_t>((1 - g) * -wi * ip[c] * mean_dy_xhat);
+      k3[c] = static_cast<acc_t>((1 - g) * (-wi * mean_dy + wi * mp[c] * ip[c] * mean_dy_xhat));
     }
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* row = xp + n * C;
         const scalar_t* grow = gp + n * C;
         scalar_t* out = dxp + n * C;
-        if (training && (!maskp || maskp[n])) {
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = static_cast<scalar_t>(static_cast<acc_t>(grow[c]) * k1[c] +
-                                           static_cast<acc_t>(row[c]) * k2[c] + k3[c]);
-        } else {
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = static_cast<scalar_t>(static_cast<acc_t>(grow[c]) * k1[c]);
+        const bool counted = args.training && (!maskp || maskp[n]);
+        // LN branch, row-local: rstd * (h - mean(h) - xhat * mean(h * xhat)), h = gamma dy ln_w.
+        acc_t mu = 0, rstd = 0, mean_h = 0, mean_hx = 0;
+        if (with_ln) {
+          row_statistics(row, C, args.ln_eps, mu, rstd);
+          const acc_t gg = static_cast<acc_t>(g);
+          mean_h = row_sum<acc_t>(C, [&](int64_t c) { return gg * static_cast<acc_t>(grow[c]) * lw[c]; }) /
+                   static_cast<acc_t>(C);
+          mean_hx = row_sum<acc_t>(C, [&](int64_t c) {
+                      return gg * static_cast<acc_t>(grow[c]) * lw[c] * (static_cast<acc_t>(row[c]) - mu) * rstd;
+                    }) / static_cast<acc_t>(C);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t dy = static_cast<acc_t>(grow[c]), xv = static_cast<acc_t>(row[c]);
+          acc_t v = dy * k1[c];
+          if (counted) v += xv * k2[c] + k3[c];
+          if (with_ln) {
+            const acc_t h = static_cast<acc_t>(g) * dy * lw[c];
+            v += rstd * (h - mean_h - (xv - mu) * rstd * mean_hx);
+          }
+          out[c] = static_cast<scalar_t>(v);
         }
       }
     });
   });
-  return {dx, dweight, dbias, dalpha};
+  return {dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha,
+    const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps,
+    const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_rep_batchnorm_inputs(x, weight, bias, alpha, running_mean,
+                                                  running_var, mask);
+  return norm_forward({x, nullptr, nullptr, weight, bias, alpha, running_mean, running_var, 0.0,
+                       training, 0.0, eps, mask},
+                      s.N, s.C);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& alpha, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y, x, weight, alpha, mean, invstd,
+                                                           mask);
+  const at::Tensor none;
+  auto r = norm_backward(grad_y, {x, nullptr, nullptr, weight, none, alpha, none, none, 0.0,
+                                  training, 0.0, 0.0, mask},
+                         mean, invstd, s.N, s.C);
+  return {r[0], r[3], r[4], r[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> progressive_norm_cpu(
+    const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& alpha,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double gamma, bool training,
+    double ln_eps, double bn_eps, const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_progressive_norm_inputs(x, ln_weight, ln_bias, bn_weight, bn_bias,
+                                                     alpha, running_mean, running_var, gamma, mask);
+  return norm_forward({x, &ln_weight, &ln_bias, bn_weight, bn_bias, alpha, running_mean,
+                       running_var, gamma, training, ln_eps, bn_eps, mask},
+                      s.N, s.C);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+progressive_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                              const at::Tensor& ln_weight, const at::Tensor& bn_weight,
+                              const at::Tensor& alpha, const at::Tensor& mean,
+                              const at::Tensor& invstd, double gamma, bool training,
+                              double ln_eps, const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y, x, bn_weight, alpha, mean,
+                                                           invstd, mask);
+  check_channel_vector(ln_weight, "ln_weight", s.C, rep_batchnorm_param_dtype(x), x);
+  const at::Tensor none;
+  auto r = norm_backward(grad_y, {x, &ln_weight, &none, bn_weight, none, alpha, none, none, gamma,
+                                  training, ln_eps, 0.0, mask},
+                         mean, invstd, s.N, s.C);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 }  // namespace
@@ -218,6 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_backwar
 TORCH_LIBRARY_IMPL(leanformer, CPU, m) {
   m.impl("rep_batchnorm", &rep_batchnorm_cpu);
   m.impl("rep_batchnorm_backward", &rep_batchnorm_backward_cpu);
+  m.impl("progressive_norm", &progressive_norm_cpu);
+  m.impl("progressive_norm_backward", &progressive_norm_backward_cpu);
 }
 
 }  // namespace leanformer

@@ -1,5 +1,5 @@
 """Drop-in torch.nn modules built on leanformer's ops."""
 from leanformer.nn.linear_attention import SimplifiedLinearAttention, SLACache
-from leanformer.nn.rep_batchnorm import RepBN
+from leanformer.nn.rep_batchnorm import PRepBN, RepBN
 
-__all__ = ["RepBN", "SimplifiedLinearAttention", "SLACache"]
+__all__ = ["PRepBN", "RepBN", "SimplifiedLinearAttention", "SLACache"]

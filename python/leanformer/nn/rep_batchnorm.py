@@ -1,4 +1,4 @@
-"""RepBN: the BatchNorm of SLAB that replaces LayerNorm and folds away at inference."""
+"""RepBN and PRepBN: the BatchNorm of SLAB that replaces LayerNorm and folds away at inference."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from leanformer.ops.rep_batchnorm import rep_batchnorm
+from leanformer.ops.rep_batchnorm import progressive_norm, rep_batchnorm
 
 
 class RepBN(nn.Module):
@@ -48,3 +48,54 @@ class RepBN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+class PRepBN(nn.Module):
+    """Progressive RepBN: ``gamma * LayerNorm(x) + (1 - gamma) * RepBN(x)`` while training, with
+    gamma 1 for ``warmup_steps`` training steps, then decaying linearly to 0 over
+    ``total_steps`` steps, then 0. In eval it is pure RepBN (``self.bn``), which is what folds
+    into the neighbouring Linear.
+
+    The step counter is a buffer (``step``): it is saved and restored with the state_dict and
+    advances once per training forward. SLAB's authors warn the decay must end well before
+    training does (a user hit NaN until it ended at ~0.8 of the run).
+
+    The training forward reads the counter on the host (gamma is a Python float for the
+    kernel), so ``torch.compile(fullgraph=True)`` applies to the eval forward.
+    """
+
+    def __init__(self, num_features: int, total_steps: int, warmup_steps: int = 0, *,
+                 alpha_init: float = 1.0, weight_init: float = 1.0, momentum: float = 0.1,
+                 eps: float = 1e-5):
+        super().__init__()
+        if total_steps < 0 or warmup_steps < 0:
+            raise ValueError(f"total_steps ({total_steps}) and warmup_steps ({warmup_steps}) must be >= 0")
+        self.num_features, self.total_steps, self.warmup_steps = num_features, total_steps, warmup_steps
+        self.ln = nn.LayerNorm(num_features, eps=eps)
+        self.bn = RepBN(num_features, alpha_init=alpha_init, weight_init=weight_init,
+                        momentum=momentum, eps=eps)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def gamma(self) -> float:
+        step = int(self.step.item())
+        if step < self.warmup_steps:
+            return 1.0
+        if self.total_steps == 0:
+            return 0.0
+        return max(0.0, 1.0 - (step - self.warmup_steps) / self.total_steps)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if not self.training:
+            return self.bn(x, mask)
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"x must be [..., {self.num_features}] (channels last), got {tuple(x.shape)}")
+        gamma = self.gamma()
+        self.step.add_(1)
+        self.bn.num_batches_tracked.add_(1)
+        bn = self.bn
+        return progressive_norm(x, self.ln.weight, self.ln.bias, bn.weight, bn.bias, bn.alpha,
+                                bn.running_mean, bn.running_var, gamma, training=True,
+                                momentum=bn.momentum, ln_eps=self.ln.eps, bn_eps=bn.eps, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}"

@@ -1,7 +1,8 @@
-"""RepBN (SLAB, Guo et al. ICML 2024): BatchNorm over every token plus a learnable alpha * x.
+"""RepBN (SLAB, Guo et al. ICML 2024): BatchNorm over every token plus a learnable alpha * x,
+and PRepBN's progressive norm, gamma * LayerNorm + (1 - gamma) * RepBN.
 
-The kernels are torch.ops.leanformer.rep_batchnorm / rep_batchnorm_backward (C++ on CPU; no
-CUDA kernel yet: CUDA tensors raise the dispatcher's "could not run ... CUDA" error).
+The kernels are torch.ops.leanformer.rep_batchnorm / progressive_norm and their backward ops
+(C++ on CPU; no CUDA kernel yet: CUDA tensors raise the dispatcher's "could not run ... CUDA").
 """
 from __future__ import annotations
 
@@ -39,13 +40,42 @@ def rep_batchnorm(x: Tensor, weight: Tensor, bias: Tensor, alpha: Tensor, runnin
     y, mean, invstd = _ops.rep_batchnorm(x, weight, bias, alpha, running_mean, running_var,
                                          training, eps, mask)
     if training:
-        with torch.no_grad():
-            count = x.numel() // max(x.shape[-1], 1) if mask is None else mask.sum()
-            var = invstd.double().pow(-2) - eps
-            unbiased = var * count / (count - 1)
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        _update_running_stats(x, mask, mean, invstd, running_mean, running_var, momentum, eps)
     return y
+
+
+def progressive_norm(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                     alpha: Tensor, running_mean: Tensor, running_var: Tensor, gamma: float, *,
+                     training: bool, momentum: float = 0.1, ln_eps: float = 1e-5, bn_eps: float = 1e-5,
+                     mask: Optional[Tensor] = None) -> Tensor:
+    """``gamma * LayerNorm(x) + (1 - gamma) * RepBN(x)`` in one pass over ``x [..., C]``.
+
+    ``gamma`` in [0, 1] (PRepBN's schedule value, not learned); ``gamma = 1`` is LayerNorm and
+    ``gamma = 0`` RepBN. The RepBN part behaves as :func:`rep_batchnorm` (statistics of the
+    tokens where ``mask`` is true, running buffers updated in place when training).
+
+    Example::
+
+        >>> C = 8
+        >>> x = torch.randn(4, 10, C)
+        >>> y = progressive_norm(x, torch.ones(C), torch.zeros(C), torch.ones(C), torch.zeros(C),
+        ...                      torch.ones(1), torch.zeros(C), torch.ones(C), 0.5, training=True)
+    """
+    y, mean, invstd = _ops.progressive_norm(x, ln_weight, ln_bias, bn_weight, bn_bias, alpha,
+                                            running_mean, running_var, float(gamma), training,
+                                            ln_eps, bn_eps, mask)
+    if training:
+        _update_running_stats(x, mask, mean, invstd, running_mean, running_var, momentum, bn_eps)
+    return y
+
+
+def _update_running_stats(x, mask, mean, invstd, running_mean, running_var, momentum, eps):
+    """As nn.BatchNorm does: the running variance is the unbiased one."""
+    with torch.no_grad():
+        count = x.numel() // max(x.shape[-1], 1) if mask is None else mask.sum()
+        var = invstd.double().pow(-2) - eps
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
 
 
 @torch.library.register_fake("leanformer::rep_batchnorm")
@@ -75,3 +105,35 @@ def _backward(ctx, grad_y, _grad_mean, _grad_invstd):
 
 
 torch.library.register_autograd("leanformer::rep_batchnorm", _backward, setup_context=_setup)
+
+
+@torch.library.register_fake("leanformer::progressive_norm")
+def _progressive_norm_fake(x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
+                           gamma, training, ln_eps, bn_eps, mask):
+    C = x.shape[-1]
+    return x.new_empty(x.shape), bn_weight.new_empty(C), bn_weight.new_empty(C)
+
+
+@torch.library.register_fake("leanformer::progressive_norm_backward")
+def _progressive_norm_backward_fake(grad_y, x, ln_weight, bn_weight, alpha, mean, invstd, gamma,
+                                    training, ln_eps, mask):
+    C = x.shape[-1]
+    return (x.new_empty(x.shape), *(bn_weight.new_empty(C) for _ in range(4)), alpha.new_empty(alpha.shape))
+
+
+def _pn_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, rm, rv, gamma, training, ln_eps, bn_eps, mask = inputs
+    _, mean, invstd = output
+    ctx.gamma, ctx.training, ctx.ln_eps = gamma, training, ln_eps
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(x, ln_weight, bn_weight, alpha, mean, invstd, mask)
+
+
+def _pn_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+    x, ln_weight, bn_weight, alpha, mean, invstd, mask = ctx.saved_tensors
+    grads = _ops.progressive_norm_backward(grad_y, x, ln_weight, bn_weight, alpha, mean, invstd,
+                                           ctx.gamma, ctx.training, ctx.ln_eps, mask)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("leanformer::progressive_norm", _pn_backward, setup_context=_pn_setup)

@@ -5,9 +5,10 @@ from leanformer.reference.linear_attention import (
     sla_noncausal_reference,
     sla_step_reference,
 )
-from leanformer.reference.rep_batchnorm import rep_batchnorm_reference
+from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
 
 __all__ = [
+    "progressive_norm_reference",
     "rep_batchnorm_reference",
     "sla_causal_chunked_reference",
     "sla_causal_quadratic_reference",

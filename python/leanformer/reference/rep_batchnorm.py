@@ -30,3 +30,15 @@ def rep_batchnorm_reference(x: Tensor, weight: Tensor, bias: Tensor, alpha: Tens
             running_var.lerp_((var.detach() * n / (n - 1)).to(running_var.dtype), momentum)
     y = (rows - mean) * torch.rsqrt(var + eps) * weight + bias
     return y.view_as(x) + alpha * x
+
+
+def progressive_norm_reference(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, bn_weight: Tensor,
+                               bn_bias: Tensor, alpha: Tensor, running_mean: Tensor, running_var: Tensor,
+                               gamma: float, *, training: bool, momentum: float = 0.1,
+                               ln_eps: float = 1e-5, bn_eps: float = 1e-5,
+                               mask: Optional[Tensor] = None) -> Tensor:
+    """gamma * LayerNorm(x) + (1 - gamma) * RepBN(x), as three eager modules would compute it."""
+    ln = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps)
+    bn = rep_batchnorm_reference(x, bn_weight, bn_bias, alpha, running_mean, running_var,
+                                 training=training, momentum=momentum, eps=bn_eps, mask=mask)
+    return gamma * ln + (1 - gamma) * bn

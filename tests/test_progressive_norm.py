@@ -1,0 +1,128 @@
+"""progressive_norm and nn.PRepBN against the eager reference (CPU kernels; no CUDA kernel yet)."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanformer.nn import PRepBN, RepBN
+from leanformer.ops import progressive_norm, rep_batchnorm
+from leanformer.reference import progressive_norm_reference
+
+
+def make_params(C, dtype=torch.float32):
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    mk = lambda t: t.to(pd).requires_grad_(True)
+    return dict(ln_weight=mk(torch.rand(C) + 0.5), ln_bias=mk(torch.randn(C)),
+                bn_weight=mk(torch.rand(C) + 0.5), bn_bias=mk(torch.randn(C)),
+                alpha=mk(torch.tensor([0.6]))), (torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference(dtype, tol, gamma, training, masked):
+    shape = (3, 21, 10)
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_(True)
+    mask = torch.rand(shape[:-1]) > 0.3 if masked else None
+    p, (rm, rv) = make_params(shape[-1], dtype)
+    p2 = {k: v.detach().double().requires_grad_(True) for k, v in p.items()}
+    rm2, rv2 = rm.double().clone(), rv.double().clone()
+    x2 = x.detach().double().requires_grad_(True)
+    y = progressive_norm(x, **p, running_mean=rm, running_var=rv, gamma=gamma, training=training, mask=mask)
+    y_ref = progressive_norm_reference(x2, **p2, running_mean=rm2, running_var=rv2, gamma=gamma,
+                                       training=training, mask=mask)
+    assert (y.double() - y_ref).abs().max() <= tol * y_ref.abs().max()
+    torch.testing.assert_close(rm.double(), rm2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rv2, rtol=1e-5, atol=1e-6)
+    g = torch.randn(shape, dtype=torch.float64)
+    torch.autograd.backward(y, g.to(dtype))
+    torch.autograd.backward(y_ref, g)
+    for name, a, r in [("x", x, x2)] + [(k, p[k], p2[k]) for k in p]:
+        err = (a.grad.double() - r.grad).abs().max() / r.grad.abs().max().clamp_min(1)
+        assert err <= tol * 20, f"d{name}: {err}"
+
+
+def test_gamma_endpoints_are_layernorm_and_repbn():
+    x = torch.randn(4, 9, 12)
+    p, (rm, rv) = make_params(12)
+    with torch.no_grad():
+        y1 = progressive_norm(x, **p, running_mean=rm.clone(), running_var=rv.clone(), gamma=1.0, training=True)
+        y0 = progressive_norm(x, **p, running_mean=rm.clone(), running_var=rv.clone(), gamma=0.0, training=True)
+        bn = rep_batchnorm(x, p["bn_weight"], p["bn_bias"], p["alpha"], rm.clone(), rv.clone(), training=True)
+    torch.testing.assert_close(y1, F.layer_norm(x, (12,), p["ln_weight"], p["ln_bias"]), atol=1e-6, rtol=1e-6)
+    assert torch.equal(y0, bn)
+
+
+def test_gradcheck():
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 3) > 0.3
+    for gamma, training, msk in [(0.4, True, None), (0.4, True, mask), (0.7, False, None), (1.0, True, None)]:
+        p, (rm, rv) = make_params(5, torch.float64)
+        names = list(p)
+        torch.autograd.gradcheck(
+            lambda x, *ps: progressive_norm(x, **dict(zip(names, ps)), running_mean=rm.clone(),
+                                            running_var=rv.clone(), gamma=gamma, training=training, mask=msk),
+            (x, *p.values()))
+
+
+def test_opcheck():
+    x = torch.randn(6, 7, 8, requires_grad=True)
+    p, (rm, rv) = make_params(8)
+    for gamma, training in [(0.5, True), (0.2, False)]:
+        torch.library.opcheck(torch.ops.leanformer.progressive_norm.default,
+                              (x, *p.values(), rm, rv, gamma, training, 1e-5, 1e-5, torch.rand(6, 7) > 0.2))
+
+
+def test_prepbn_schedule_survives_save_and_load():
+    m = PRepBN(6, total_steps=4, warmup_steps=2)
+    x = torch.randn(5, 7, 6)
+    gammas = []
+    for _ in range(5):
+        gammas.append(m.gamma())
+        m(x)
+    assert gammas == [1.0, 1.0, 1.0, 0.75, 0.5]
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = PRepBN(6, total_steps=4, warmup_steps=2)
+    m2.load_state_dict(torch.load(buf))
+    assert m2.gamma() == 0.25 and int(m2.step) == 5
+    for _ in range(3):
+        m2(x)
+    assert m2.gamma() == 0.0
+    # In eval it is exactly RepBN with the trained statistics.
+    m2.eval()
+    ref = RepBN(6)
+    ref.load_state_dict(m2.bn.state_dict())
+    torch.testing.assert_close(m2(x), ref.eval()(x))
+
+
+def test_prepbn_training_equals_the_mix_and_compiles_in_eval():
+    m = PRepBN(8, total_steps=10)
+    m.step.fill_(3)
+    x = torch.randn(4, 5, 8)
+    rm, rv = m.bn.running_mean.clone(), m.bn.running_var.clone()
+    y = m(x)
+    ref = progressive_norm_reference(x, m.ln.weight, m.ln.bias, m.bn.weight, m.bn.bias, m.bn.alpha,
+                                     rm, rv, 0.7, training=True)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    m.eval()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 6, 8)
+    p, (rm, rv) = make_params(8)
+    with pytest.raises(RuntimeError, match="gamma must be in \\[0, 1\\]"):
+        progressive_norm(x, **p, running_mean=rm, running_var=rv, gamma=1.5, training=True)
+    with pytest.raises(RuntimeError, match="ln_weight must have shape \\[C\\] = \\[8\\]"):
+        progressive_norm(x, **{**p, "ln_weight": torch.ones(7)}, running_mean=rm, running_var=rv,
+                         gamma=0.5, training=True)
+    with pytest.raises(ValueError, match="x must be \\[..., 8\\]"):
+        PRepBN(8, 10)(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="RepBN in eval has no running statistics"):
+        PRepBN(8, 10).eval()(x)
+    with pytest.raises(ValueError, match="total_steps"):
+        PRepBN(8, -1)
