@@ -131,6 +131,21 @@ __device__ __forceinline__ acc_t load_state_slice(acc_t (&s)[RPT], const acc_t* 
   return (z_in != nullptr && zrow < Dk) ? z_in[blk.bh * Dk + zrow] : acc_t(0);
 }
 
+// The inverse of load_state_slice: atomically adds this thread's slice into (S_out, z_out),
+// z from the first v tile only. Atomic because time may be split over several blocks.
+template <int RPT, typename acc_t>
+__device__ __forceinline__ void add_state_slice(const acc_t (&s)[RPT], acc_t zi, acc_t* S_out,
+                                                acc_t* z_out, const ScanBlock& blk, int col,
+                                                int Dk, int Dv) {
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) {
+    const int i = blk.warp + r * kWarps;
+    if (i < Dk && col < Dv) atomicAdd(&S_out[(blk.bh * Dk + i) * Dv + col], s[r]);
+  }
+  const int zrow = threadIdx.x;
+  if (blockIdx.y == 0 && zrow < Dk) atomicAdd(&z_out[blk.bh * Dk + zrow], zi);
+}
+
 // Forward scan over the tokens [t_begin, t_end) of one (b, h, v tile), starting from state
 // (S_in, z_in) (nullptr: zero).
 //   UPDATE: add kf^T v and kf to the state per token, then atomically add the final state into
@@ -209,14 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
 
-  if constexpr (UPDATE) {
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) {
-      const int i = blk.warp + r * kWarps;
-      if (i < Dk && col < Dv) atomicAdd(&S_out[(blk.bh * Dk + i) * Dv + col], s[r]);
-    }
-    if (blockIdx.y == 0 && zrow < Dk) atomicAdd(&z_out[blk.bh * Dk + zrow], zi);
-  }
+  if constexpr (UPDATE) add_state_slice(s, zi, S_out, z_out, blk, col, Dk, Dv);
 }
 
 // out[row] = a[row, :] . b[row, :] for rows of length D: dO_t . o_t, the full-Dv reduction
@@ -454,14 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
 
-  if constexpr (UPDATE) {
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) {
-      const int i = blk.warp + r * kWarps;
-      if (i < Dk && col < Dv) atomicAdd(&G_out[(blk.bh * Dk + i) * Dv + col], G[r]);
-    }
-    if (blockIdx.y == 0 && zrow < Dk) atomicAdd(&g_out[blk.bh * Dk + zrow], gi);
-  }
+  if constexpr (UPDATE) add_state_slice(G, gi, G_out, g_out, blk, col, Dk, Dv);
 }
 
 // ---------------------------------------------------------------------------------------------
