@@ -233,8 +233,10 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
         out[c] += dy;
         out[C + c] += dy * (xv - mp[c]) * ip[c];
         out[2 * C + c] += dy * xv;
-        out[3 * C + c] += dy * (xv - mu) * rstd;  // zero for RepBN alone (rstd = 0)
       }
+      if (with_ln)
+        for (int64_t c = 0; c < C; ++c)
+          out[3 * C + c] += static_cast<acc_t>(grow[c]) * (static_cast<acc_t>(row[c]) - mu) * rstd;
     });
     double total_dy_x = 0;
     for (int64_t c = 0; c < C; ++c) {
