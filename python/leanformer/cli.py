@@ -1,4 +1,4 @@
-"""The `leanformer` command: `leanformer info` and `leanformer bench`."""
+"""The `leanformer` command: `leanformer info`, `leanformer bench` and `leanformer train NAME`."""
 from __future__ import annotations
 
 import argparse
@@ -46,13 +46,27 @@ def bench(argv: List[str]) -> int:
     return 2
 
 
+TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.train.lm_text"}
+
+
+def train(argv: List[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] not in TRAINERS:
+        print(f"usage: leanformer train {{{','.join(TRAINERS)}}} [options] (--help for each)", file=sys.stderr)
+        return 2
+    return importlib.import_module(TRAINERS[argv[0]]).main(argv[1:])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="leanformer")
-    parser.add_argument("command", choices=["info", "bench"])
+    parser.add_argument("command", choices=["info", "bench", "train"])
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info()
+    if args.command == "train":
+        return train(argv[1:])
     return bench(argv[1:])
 
 

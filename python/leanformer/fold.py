@@ -80,11 +80,10 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                     new_w, new_b = a[:, None] * W, a * bias + b
                 else:
                     raise ValueError(f"cannot fold {where}: direction must be 'forward' or 'backward', got {direction!r}")
-                lin.weight.copy_(new_w.to(lin.weight.dtype))
-                if lin.bias is None:
-                    lin.bias = nn.Parameter(new_b.to(lin.weight.dtype))
-                else:
-                    lin.bias.copy_(new_b.to(lin.bias.dtype))
+                # New parameters rather than in-place copies: a weight tied to another module
+                # (an LM head tied to the embedding) is untied instead of corrupting the other.
+                lin.weight = nn.Parameter(new_w.to(lin.weight.dtype), lin.weight.requires_grad)
+                lin.bias = nn.Parameter(new_b.to(lin.weight.dtype), lin.weight.requires_grad)
             parent_name, _, attr = norm_name.rpartition(".")
             setattr(owner.get_submodule(parent_name) if parent_name else owner, attr, nn.Identity())
             folded.add(where)

@@ -1,0 +1,57 @@
+"""Real data that ships with the machine (no downloads): scikit-learn's handwritten digits and
+Python's own pydoc topics as byte-level text."""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import torch
+from torch import Tensor
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 1,797 real 8x8 handwritten digit scans as ``(x_train, y_train, x_test,
+    y_test)``, x ``[N, 1, 8, 8]`` scaled to zero mean and unit variance (train statistics),
+    y int64 in 0..9; a stratified held-out split fixed by ``seed``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits data needs scikit-learn: pip install scikit-learn") from e
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):  # stratified: the same fraction of every class held out
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: round(len(idx) * test_fraction)]] = True
+    mean, std = x[~test].mean(), x[~test].std()
+    x = (x - mean) / std
+    return x[~test], y[~test], x[test], y[test]
+
+
+def pydoc_text(val_fraction: float = 0.1) -> Tuple[Tensor, Tensor]:
+    """Python's ``pydoc_data.topics`` (~465 KB of English technical text) as UTF-8 bytes,
+    ``(train, val)`` int64 token tensors; the last ``val_fraction`` of the topics (in sorted
+    order) is held out, so no topic straddles the split."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    n_val = max(1, round(len(names) * val_fraction))
+    enc = lambda keys: torch.tensor(list("\n\n".join(topics[k] for k in keys).encode("utf-8")), dtype=torch.long)
+    return enc(names[:-n_val]), enc(names[-n_val:])
+
+
+def random_windows(tokens: Tensor, batch: int, length: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless batches ``[batch, length + 1]`` of random windows (inputs and shifted targets)."""
+    if len(tokens) <= length + 1:
+        raise ValueError(f"the text ({len(tokens)} tokens) is shorter than one window ({length + 1})")
+    while True:
+        start = torch.randint(0, len(tokens) - length - 1, (batch,), generator=generator)
+        yield torch.stack([tokens[s:s + length + 1] for s in start.tolist()])
+
+
+def sequential_windows(tokens: Tensor, length: int) -> Tensor:
+    """Non-overlapping windows ``[n, length + 1]`` covering ``tokens`` (for evaluation)."""
+    n = (len(tokens) - 1) // length
+    return torch.stack([tokens[i * length:i * length + length + 1] for i in range(n)])

@@ -1,0 +1,1 @@
+"""Training scripts of the project's models on real data (`leanformer train ...`)."""

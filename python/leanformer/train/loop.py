@@ -1,0 +1,44 @@
+"""The training loop the scripts share: AdamW, linear warm-up then cosine decay, gradient
+clipping, a progress bar, and periodic evaluation recorded with step and wall time."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Dict, Iterator, List
+
+import torch
+from torch import Tensor, nn
+
+
+def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], Tensor], *,
+          steps: int, lr: float, evaluate: Callable[[nn.Module], Dict[str, float]], eval_every: int,
+          weight_decay: float = 0.05, warmup: int = 50, clip: float = 1.0, desc: str = "train") -> List[dict]:
+    """Trains ``model`` for ``steps`` steps; returns the history of evaluations, each
+    ``{"step", "time_s" (training time only), **evaluate(model)}``."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    history, train_time = [], 0.0
+    bar = tqdm(range(steps), desc=desc, unit="step", file=sys.stderr)
+    for step in bar:
+        model.train()
+        t0 = time.perf_counter()
+        loss = loss_fn(model, next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        train_time += time.perf_counter() - t0
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            model.eval()
+            with torch.no_grad():
+                metrics = evaluate(model)
+            history.append({"step": step + 1, "time_s": round(train_time, 2), **metrics})
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.4g}" for k, v in metrics.items()})
+    return history

@@ -1,0 +1,42 @@
+"""The training scripts run end to end on the real data (a few steps), write their results,
+and the folded SLAB models predict what the unfolded ones do."""
+import json
+
+import pytest
+
+from leanformer.cli import main as cli
+
+
+def only_json(tmp_path):
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_vit_digits(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits come from scikit-learn (a test dependency)")
+    assert cli(["train", "vit-digits", "--steps", "6", "--batch", "32", "--out", str(tmp_path),
+                "--save", str(tmp_path / "model")]) == 0
+    report = only_json(tmp_path)
+    s = report["summary"]
+    assert s["train_images"] + s["test_images"] == 1797
+    assert s["fold"]["same_predictions"] == s["fold"]["of"] == s["test_images"]
+    assert s["fold"]["max_abs_logit_diff"] < 1e-4
+    assert set(report["curves"]) == {"SLAB (SLA + PRepBN)", "twin (softmax + LayerNorm)"}
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_lm_text(tmp_path):
+    assert cli(["train", "lm-text", "--steps", "3", "--batch", "4", "--length", "32", "--eval-windows", "4",
+                "--out", str(tmp_path)]) == 0
+    s = only_json(tmp_path)["summary"]
+    assert s["train_bytes"] > 300_000 and s["val_bytes"] > 10_000
+    assert s["fold"]["max_abs_logit_diff"] < 1e-4
+    assert s["incremental_vs_full_max_abs_logit_diff"] < 1e-4
+    for name, final in s["final"].items():
+        assert 1 < final["val_ppl"] < 400, (name, final)
+
+
+def test_unknown_trainer_is_refused(capsys):
+    assert cli(["train", "nope"]) == 2
+    assert "usage: leanformer train" in capsys.readouterr().err
