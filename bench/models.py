@@ -20,11 +20,9 @@ def _with_statistics(model: SLABViT, images: torch.Tensor) -> SLABViT:
     return model.eval()
 
 
-def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
-    cfg = (ViTConfig.tiny(image_size=32, patch_size=8, depth=2, num_classes=10) if quick
-           else ViTConfig.tiny(num_classes=1000))
+def _case(cfg: ViTConfig, batch: int, device: str, dtype: torch.dtype, label: str) -> Case:
     torch.manual_seed(0)
-    images = torch.randn(BATCH if not quick else 4, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
+    images = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
     slab = _with_statistics(SLABViT(cfg).to(device), images).to(dtype)
     folded = fold_batchnorm(slab)
     twin = SLABViT(cfg.twin()).to(device).to(dtype).eval()
@@ -36,7 +34,12 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
                 model(x)
         return run
 
-    shape = f"ViT-T b{x.shape[0]} {cfg.image_size}px" if not quick else f"ViT b{x.shape[0]} {cfg.image_size}px"
-    return [Case("slab_vit_folded", shape, "fwd", infer(folded),
-                 {"softmax+LN twin": infer(twin), "unfolded SLAB": infer(slab)},
-                 {"softmax+LN twin": 1.3})]
+    return Case("slab_vit_folded", f"{label} b{batch} {cfg.image_size}px", "fwd", infer(folded),
+                {"softmax+LN twin": infer(twin), "unfolded SLAB": infer(slab)}, {"softmax+LN twin": 1.3})
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
+    if quick:
+        return [_case(ViTConfig.tiny(image_size=32, patch_size=8, depth=2, num_classes=10), 4, device, dtype, "ViT")]
+    # 224px is DeiT's resolution (196 tokens); at 384px (576 tokens) attention's share grows.
+    return [_case(ViTConfig.tiny(image_size=size), BATCH, device, dtype, "ViT-T") for size in (224, 384)]
