@@ -15,23 +15,22 @@ QUICK = (2 * 50, 32)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
-    if device != "cpu":
-        return []  # no CUDA kernel yet
     g = torch.Generator().manual_seed(0)
     N, C = QUICK if quick else SHAPE
-    x = (torch.randn(N, C, generator=g) * 2 + 1).to(dtype).requires_grad_(True)
-    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
-    alpha = torch.ones(1, requires_grad=True)
-    rm, rv = torch.zeros(C), torch.ones(C)
+    x = (torch.randn(N, C, generator=g) * 2 + 1).to(device, dtype).requires_grad_(True)
+    leaf = lambda t: t.to(device).requires_grad_(True)
+    w, b = leaf(torch.ones(C)), leaf(torch.zeros(C))
+    alpha = leaf(torch.ones(1))
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     ours = lambda: rep_batchnorm(x, w, b, alpha, rm, rv, training=True)
     eager = lambda: rep_batchnorm_reference(x, w, b, alpha, rm, rv, training=True)
 
     def fwd_bwd(fn):
         def run():
-            fn().backward(torch.ones(N, C, dtype=dtype))
+            fn().backward(torch.ones(N, C, dtype=dtype, device=device))
         return run
 
-    lw, lb = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    lw, lb = leaf(torch.ones(C)), leaf(torch.zeros(C))
     pn = lambda: progressive_norm(x, lw, lb, w, b, alpha, rm, rv, 0.5, training=True)
     pn_eager = lambda: progressive_norm_reference(x, lw, lb, w, b, alpha, rm, rv, 0.5, training=True)
     label = f"{N}x{C}"

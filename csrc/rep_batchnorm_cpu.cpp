@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "rep_batchnorm_checks.h"
+#include "rep_batchnorm_ops.h"
 
 namespace leanformer {
 namespace {
@@ -118,21 +118,6 @@ void row_statistics(const scalar_t* row, int64_t C, double eps, acc_t& mean, acc
   });
   rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(sq) / C + eps));
 }
-
-struct NormArgs {
-  const at::Tensor& x;
-  const at::Tensor* ln_weight;  // null for RepBN alone
-  const at::Tensor* ln_bias;
-  const at::Tensor& bn_weight;
-  const at::Tensor& bn_bias;
-  const at::Tensor& alpha;
-  const at::Tensor& running_mean;
-  const at::Tensor& running_var;
-  double gamma;
-  bool training;
-  double ln_eps, bn_eps;
-  const std::optional<at::Tensor>& mask;
-};
 
 // y = gamma * (LN(x) * ln_w + ln_b) + (1 - gamma) * (BN(x) * bn_w + bn_b + alpha * x).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args, int64_t N, int64_t C) {
@@ -301,65 +286,10 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
   return {dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha,
-    const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps,
-    const std::optional<at::Tensor>& mask) {
-  const RepBNShape s = check_rep_batchnorm_inputs(x, weight, bias, alpha, running_mean,
-                                                  running_var, mask);
-  return norm_forward({x, nullptr, nullptr, weight, bias, alpha, running_mean, running_var, 0.0,
-                       training, 0.0, eps, mask},
-                      s.N, s.C);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rep_batchnorm_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& alpha, const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    const std::optional<at::Tensor>& mask) {
-  const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y, x, weight, alpha, mean, invstd,
-                                                           mask);
-  const at::Tensor none;
-  auto r = norm_backward(grad_y, {x, nullptr, nullptr, weight, none, alpha, none, none, 0.0,
-                                  training, 0.0, 0.0, mask},
-                         mean, invstd, s.N, s.C);
-  return {r[0], r[3], r[4], r[5]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> progressive_norm_cpu(
-    const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& alpha,
-    const at::Tensor& running_mean, const at::Tensor& running_var, double gamma, bool training,
-    double ln_eps, double bn_eps, const std::optional<at::Tensor>& mask) {
-  const RepBNShape s = check_progressive_norm_inputs(x, ln_weight, ln_bias, bn_weight, bn_bias,
-                                                     alpha, running_mean, running_var, gamma, mask);
-  return norm_forward({x, &ln_weight, &ln_bias, bn_weight, bn_bias, alpha, running_mean,
-                       running_var, gamma, training, ln_eps, bn_eps, mask},
-                      s.N, s.C);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-progressive_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                              const at::Tensor& ln_weight, const at::Tensor& bn_weight,
-                              const at::Tensor& alpha, const at::Tensor& mean,
-                              const at::Tensor& invstd, double gamma, bool training,
-                              double ln_eps, const std::optional<at::Tensor>& mask) {
-  const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y, x, bn_weight, alpha, mean,
-                                                           invstd, mask);
-  check_channel_vector(ln_weight, "ln_weight", s.C, rep_batchnorm_param_dtype(x), x);
-  const at::Tensor none;
-  auto r = norm_backward(grad_y, {x, &ln_weight, &none, bn_weight, none, alpha, none, none, gamma,
-                                  training, ln_eps, 0.0, mask},
-                         mean, invstd, s.N, s.C);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(leanformer, CPU, m) {
-  m.impl("rep_batchnorm", &rep_batchnorm_cpu);
-  m.impl("rep_batchnorm_backward", &rep_batchnorm_backward_cpu);
-  m.impl("progressive_norm", &progressive_norm_cpu);
-  m.impl("progressive_norm_backward", &progressive_norm_backward_cpu);
+  register_norm_ops<&norm_forward, &norm_backward>(m);
 }
 
 }  // namespace leanformer

@@ -1,32 +1,39 @@
-"""progressive_norm and nn.PRepBN against the eager reference (CPU kernels; no CUDA kernel yet)."""
+"""progressive_norm and nn.PRepBN against the eager reference, on every device in DEVICES."""
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES, dtypes_for
 from leanformer.nn import PRepBN, RepBN
 from leanformer.ops import progressive_norm, rep_batchnorm
 from leanformer.reference import progressive_norm_reference
 
 
-def make_params(C, dtype=torch.float32):
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float64: 1e-10}
+CASES = [(d, dt) for d in DEVICES for dt in dtypes_for(d) + [torch.float64]]
+
+
+def make_params(C, dtype=torch.float32, device="cpu"):
     pd = torch.float64 if dtype == torch.float64 else torch.float32
-    mk = lambda t: t.to(pd).requires_grad_(True)
+    mk = lambda t: t.to(device=device, dtype=pd).requires_grad_(True)
     return dict(ln_weight=mk(torch.rand(C) + 0.5), ln_bias=mk(torch.randn(C)),
                 bn_weight=mk(torch.rand(C) + 0.5), bn_bias=mk(torch.randn(C)),
-                alpha=mk(torch.tensor([0.6]))), (torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5)
+                alpha=mk(torch.tensor([0.6]))), (torch.randn(C, dtype=pd, device=device),
+                                                 torch.rand(C, dtype=pd, device=device) + 0.5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape", [(3, 21, 10), (4, 65, 32)])
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_reference(dtype, tol, gamma, training, masked):
-    shape = (3, 21, 10)
-    x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_(True)
-    mask = torch.rand(shape[:-1]) > 0.3 if masked else None
-    p, (rm, rv) = make_params(shape[-1], dtype)
+def test_matches_reference(device, dtype, shape, gamma, training, masked):
+    tol = TOL[dtype]
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device=device) > 0.3 if masked else None
+    p, (rm, rv) = make_params(shape[-1], dtype, device)
     p2 = {k: v.detach().double().requires_grad_(True) for k, v in p.items()}
     rm2, rv2 = rm.double().clone(), rv.double().clone()
     x2 = x.detach().double().requires_grad_(True)
@@ -36,7 +43,7 @@ def test_matches_reference(dtype, tol, gamma, training, masked):
     assert (y.double() - y_ref).abs().max() <= tol * y_ref.abs().max()
     torch.testing.assert_close(rm.double(), rm2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rv.double(), rv2, rtol=1e-5, atol=1e-6)
-    g = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
     torch.autograd.backward(y, g.to(dtype))
     torch.autograd.backward(y_ref, g)
     for name, a, r in [("x", x, x2)] + [(k, p[k], p2[k]) for k in p]:
@@ -55,11 +62,12 @@ def test_gamma_endpoints_are_layernorm_and_repbn():
     assert torch.equal(y0, bn)
 
 
-def test_gradcheck():
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(4, 3) > 0.3
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(4, 3, device=device) > 0.3
     for gamma, training, msk in [(0.4, True, None), (0.4, True, mask), (0.7, False, None), (1.0, True, None)]:
-        p, (rm, rv) = make_params(5, torch.float64)
+        p, (rm, rv) = make_params(5, torch.float64, device)
         names = list(p)
         torch.autograd.gradcheck(
             lambda x, *ps: progressive_norm(x, **dict(zip(names, ps)), running_mean=rm.clone(),
@@ -67,12 +75,14 @@ def test_gradcheck():
             (x, *p.values()))
 
 
-def test_opcheck():
-    x = torch.randn(6, 7, 8, requires_grad=True)
-    p, (rm, rv) = make_params(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(6, 7, 8, device=device, requires_grad=True)
+    p, (rm, rv) = make_params(8, device=device)
     for gamma, training in [(0.5, True), (0.2, False)]:
         torch.library.opcheck(torch.ops.leanformer.progressive_norm.default,
-                              (x, *p.values(), rm, rv, gamma, training, 1e-5, 1e-5, torch.rand(6, 7) > 0.2))
+                              (x, *p.values(), rm, rv, gamma, training, 1e-5, 1e-5,
+                               torch.rand(6, 7, device=device) > 0.2))
 
 
 def test_prepbn_schedule_survives_save_and_load():
@@ -126,3 +136,34 @@ def test_bad_inputs_raise_clear_errors():
         PRepBN(8, 10).eval()(x)
     with pytest.raises(ValueError, match="total_steps"):
         PRepBN(8, -1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels at a DeiT-S size")
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_large_batch_matches_reference_and_reruns_bitwise(masked):
+    """64 x 197 tokens of 384 channels: many row blocks in the column reductions, 16-byte
+    packs in the row passes; the reductions use no atomics, so a rerun is bitwise equal."""
+    shape = (64, 197, 384)
+    x = (torch.randn(shape, device="cuda") * 2 + 3).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device="cuda") > 0.2 if masked else None
+    p, (rm, rv) = make_params(384, device="cuda")
+    g = torch.randn(shape, device="cuda")
+    runs = []
+    for _ in range(2):
+        for t in [x, *p.values()]:
+            t.grad = None
+        y = progressive_norm(x, **p, running_mean=rm.clone(), running_var=rv.clone(), gamma=0.3,
+                             training=True, mask=mask)
+        y.backward(g)
+        runs.append([y.detach()] + [t.grad.clone() for t in [x, *p.values()]])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    p2 = {k: v.detach().double().requires_grad_(True) for k, v in p.items()}
+    x2 = x.detach().double().requires_grad_(True)
+    y_ref = progressive_norm_reference(x2, **p2, running_mean=rm.double(), running_var=rv.double(),
+                                       gamma=0.3, training=True, mask=mask)
+    y_ref.backward(g.double())
+    assert (runs[0][0].double() - y_ref).abs().max() <= 2e-5 * y_ref.abs().max()
+    for name, a, r in [("x", runs[0][1], x2.grad)] + [(k, v, p2[k].grad) for k, v in zip(p, runs[0][2:])]:
+        err = (a.double() - r).abs().max() / r.abs().max().clamp_min(1)
+        assert err <= 1e-4, f"d{name}: {err}"

@@ -1,31 +1,32 @@
-"""rep_batchnorm and nn.RepBN against the eager reference (CPU kernels; no CUDA kernel yet)."""
+"""rep_batchnorm and nn.RepBN against the eager reference, on every device in DEVICES."""
 import pytest
 import torch
 
+from conftest import DEVICES, dtypes_for
 from leanformer.nn import RepBN
 from leanformer.ops import rep_batchnorm
 from leanformer.reference import rep_batchnorm_reference
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float64: 1e-10}
+CASES = [(d, dt) for d in DEVICES for dt in dtypes_for(d) + [torch.float64]]
 
 
-def params(C, dtype=torch.float32):
+def params(C, dtype=torch.float32, device="cpu"):
     pd = torch.float64 if dtype == torch.float64 else torch.float32
-    w = (torch.rand(C, dtype=pd) + 0.5).requires_grad_(True)
-    b = torch.randn(C, dtype=pd).requires_grad_(True)
-    alpha = torch.tensor([0.7], dtype=pd).requires_grad_(True)
-    rm, rv = torch.randn(C, dtype=pd), torch.rand(C, dtype=pd) + 0.5
+    leaf = lambda t: t.to(device=device, dtype=pd).requires_grad_(True)
+    w, b, alpha = leaf(torch.rand(C) + 0.5), leaf(torch.randn(C)), leaf(torch.tensor([0.7]))
+    rm, rv = torch.randn(C, dtype=pd, device=device), torch.rand(C, dtype=pd, device=device) + 0.5
     return w, b, alpha, rm, rv
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 17, 5), (64, 33), (2, 3, 4, 7)])
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape", [(3, 17, 5), (64, 33), (2, 3, 4, 7), (6, 50, 24)])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_reference(dtype, shape, training, masked):
-    x = (torch.randn(shape) * 3 + 1).to(dtype).requires_grad_(True)
-    mask = torch.rand(shape[:-1]) > 0.3 if masked else None
-    w, b, alpha, rm, rv = params(shape[-1], dtype)
+def test_matches_reference(device, dtype, shape, training, masked):
+    x = (torch.randn(shape, device=device) * 3 + 1).to(dtype).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device=device) > 0.3 if masked else None
+    w, b, alpha, rm, rv = params(shape[-1], dtype, device)
     leaves = [w, b, alpha]
     w2, b2, alpha2 = (t.detach().clone().requires_grad_(True) for t in leaves)
     rm2, rv2 = rm.clone(), rv.clone()
@@ -38,18 +39,20 @@ def test_matches_reference(dtype, shape, training, masked):
     tol = TOL[dtype]
     scale = y_ref.abs().max()
     assert (y.double() - y_ref).abs().max() <= tol * scale
-    g = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
     torch.autograd.backward(y, g.to(dtype))
     torch.autograd.backward(y_ref, g)
     for name, a, r in (("x", x, x2), ("weight", w, w2), ("bias", b, b2), ("alpha", alpha, alpha2)):
         err = (a.grad.double() - r.grad).abs().max() / r.grad.abs().max().clamp_min(1)
-        assert err <= max(tol, 1e-5) * (50 if dtype == torch.bfloat16 else 10), f"d{name}: {err}"
+        low = dtype in (torch.bfloat16, torch.float16)
+        assert err <= max(tol, 1e-5) * (50 if low else 10), f"d{name}: {err}"
 
 
-def test_running_statistics_follow_batchnorm():
-    x = torch.randn(8, 20, 6) * 2 + 3
-    bn = torch.nn.BatchNorm1d(6)
-    m = RepBN(6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_statistics_follow_batchnorm(device):
+    x = torch.randn(8, 20, 6, device=device) * 2 + 3
+    bn = torch.nn.BatchNorm1d(6).to(device)
+    m = RepBN(6).to(device)
     for _ in range(3):
         bn(x.reshape(-1, 6))
         m(x)
@@ -60,13 +63,14 @@ def test_running_statistics_follow_batchnorm():
     torch.testing.assert_close(m(x), bn(x.reshape(-1, 6)).view_as(x) + x)
 
 
-def test_mask_excludes_padding_from_statistics():
-    x = torch.randn(4, 10, 5)
-    mask = torch.ones(4, 10, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_excludes_padding_from_statistics(device):
+    x = torch.randn(4, 10, 5, device=device)
+    mask = torch.ones(4, 10, dtype=torch.bool, device=device)
     mask[:, 7:] = False
     padded = x.clone()
     padded[:, 7:] = 1e4  # garbage in the padding must not move the statistics
-    m1, m2 = RepBN(5), RepBN(5)
+    m1, m2 = RepBN(5).to(device), RepBN(5).to(device)
     y1 = m1(x, mask=mask)
     y2 = m2(padded, mask=mask)
     torch.testing.assert_close(y1[:, :7], y2[:, :7])
@@ -74,27 +78,30 @@ def test_mask_excludes_padding_from_statistics():
     torch.testing.assert_close(m1.running_var, m2.running_var)
 
 
-def test_gradcheck():
-    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(5, 3) > 0.3
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(5, 3, device=device) > 0.3
     for training in (True, False):
         for msk in (None, mask):
-            w, b, alpha, rm, rv = params(4, torch.float64)
+            w, b, alpha, rm, rv = params(4, torch.float64, device)
             torch.autograd.gradcheck(
                 lambda x, w, b, a: rep_batchnorm(x, w, b, a, rm.clone(), rv.clone(), training=training, mask=msk),
                 (x, w, b, alpha))
 
 
-def test_opcheck_and_compile():
-    x = torch.randn(6, 7, 8, requires_grad=True)
-    w, b, alpha, rm, rv = params(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    x = torch.randn(6, 7, 8, device=device, requires_grad=True)
+    w, b, alpha, rm, rv = params(8, device=device)
     for training in (True, False):
         torch.library.opcheck(torch.ops.leanformer.rep_batchnorm.default,
-                              (x, w, b, alpha, rm, rv, training, 1e-5, torch.rand(6, 7) > 0.2))
-    m = RepBN(8)
+                              (x, w, b, alpha, rm, rv, training, 1e-5, torch.rand(6, 7, device=device) > 0.2))
+    m = RepBN(8).to(device)
     compiled = torch.compile(m, fullgraph=True)
     y = compiled(x)
-    torch.testing.assert_close(y, rep_batchnorm_reference(x, m.weight, m.bias, m.alpha, torch.zeros(8), torch.ones(8), training=True))
+    torch.testing.assert_close(y, rep_batchnorm_reference(x, m.weight, m.bias, m.alpha, torch.zeros(8, device=device),
+                                                          torch.ones(8, device=device), training=True))
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
 
@@ -123,3 +130,17 @@ def test_bad_inputs_raise_clear_errors():
         m(x)
     with pytest.raises(ValueError, match="x must be \\[..., 8\\]"):
         RepBN(8)(torch.randn(3, 7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's behaviour")
+def test_cuda_mask_with_one_token_gives_nan_statistics():
+    """The CPU kernel raises; the CUDA one would need a device sync to read the mask's count,
+    so it returns NaN statistics instead (the unmasked case is still checked from the shape)."""
+    x = torch.randn(4, 6, 8, device="cuda")
+    w, b, alpha, rm, rv = params(8, device="cuda")
+    mask = torch.zeros(4, 6, dtype=torch.bool, device="cuda")
+    mask[1, 2] = True
+    y, mean, invstd = torch.ops.leanformer.rep_batchnorm(x, w, b, alpha, rm, rv, True, 1e-5, mask)
+    assert mean.isnan().all() and invstd.isnan().all() and y.isnan().all()
+    with pytest.raises(RuntimeError, match="more than one token per channel"):
+        rep_batchnorm(torch.randn(1, 8, device="cuda"), w, b, alpha, rm, rv, training=True)

@@ -1,8 +1,11 @@
 """RepBN (SLAB, Guo et al. ICML 2024): BatchNorm over every token plus a learnable alpha * x,
 and PRepBN's progressive norm, gamma * LayerNorm + (1 - gamma) * RepBN.
 
-The kernels are torch.ops.leanformer.rep_batchnorm / progressive_norm and their backward ops
-(C++ on CPU; no CUDA kernel yet: CUDA tensors raise the dispatcher's "could not run ... CUDA").
+The kernels are torch.ops.leanformer.rep_batchnorm / progressive_norm and their backward ops,
+in C++ on CPU and CUDA. One difference: in training, a mask that leaves at most one token
+raises on CPU, while the CUDA kernels return NaN statistics (so NaN outputs) instead, as
+the count is on the device and checking it on the host would sync every step; too few
+tokens in all (x.shape) raise on both.
 """
 from __future__ import annotations
 
