@@ -50,4 +50,21 @@ TORCH_LIBRARY(leanformer, m) {
       "progressive_norm_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor bn_weight, "
       "Tensor alpha, Tensor bn_mean, Tensor bn_invstd, float gamma, bool training, "
       "float ln_eps, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Data-parallel (synchronized) statistics, as SyncBatchNorm splits its kernels. The forward
+  // all-reduces rep_batchnorm_stats (fp64 [2C + 1]: sum x, sum x^2 over the tokens where mask
+  // is true, count) and runs rep_batchnorm / progressive_norm in eval mode with the global
+  // mean and biased variance. The backward: progressive_norm_backward_reduce gives the fp64
+  // column sums [4, C] over every token (dy, dy * xhat_bn, dy * x, dy * xhat_ln; the parameter
+  // gradients are these scaled by 1 - gamma or gamma), the first two are all-reduced and
+  // divided by the global count, and progressive_norm_backward_elemt writes grad_x with them.
+  // RepBN is gamma = 0 (ln_weight may then be None).
+  m.def("rep_batchnorm_stats(Tensor x, Tensor? mask) -> Tensor");
+  m.def(
+      "progressive_norm_backward_reduce(Tensor grad_y, Tensor x, Tensor bn_mean, "
+      "Tensor bn_invstd, float gamma, float ln_eps) -> Tensor");
+  m.def(
+      "progressive_norm_backward_elemt(Tensor grad_y, Tensor x, Tensor? ln_weight, "
+      "Tensor bn_weight, Tensor alpha, Tensor bn_mean, Tensor bn_invstd, Tensor mean_dy, "
+      "Tensor mean_dy_xhat, float gamma, float ln_eps, Tensor? mask) -> Tensor");
 }

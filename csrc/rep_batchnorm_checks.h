@@ -25,19 +25,12 @@ inline at::ScalarType rep_batchnorm_param_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline RepBNShape check_rep_batchnorm_common(const at::Tensor& x, const at::Tensor& weight,
-                                             const at::Tensor& alpha,
-                                             const std::optional<at::Tensor>& mask) {
+// x [..., C] and the optional bool mask over its leading dims.
+inline RepBNShape check_norm_input(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() >= 1, "x must be [..., C] with at least one dimension, got a scalar");
   auto s = x.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
               "x must be float32, float16, bfloat16 or float64, got ", s);
-  const int64_t C = x.size(-1);
-  const auto dtype = rep_batchnorm_param_dtype(x);
-  check_channel_vector(weight, "weight", C, dtype, x);
-  TORCH_CHECK(alpha.numel() == 1, "alpha must hold one value, got shape ", alpha.sizes());
-  TORCH_CHECK(alpha.scalar_type() == dtype, "alpha must be ", dtype, ", got ", alpha.scalar_type());
-  TORCH_CHECK(alpha.device() == x.device(), "alpha is on ", alpha.device(), " but x is on ", x.device());
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool, got ", mask->scalar_type());
     TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1),
@@ -46,7 +39,20 @@ inline RepBNShape check_rep_batchnorm_common(const at::Tensor& x, const at::Tens
     TORCH_CHECK(mask->device() == x.device(), "mask is on ", mask->device(), " but x is on ",
                 x.device());
   }
+  const int64_t C = x.size(-1);
   return {C == 0 ? 0 : x.numel() / C, C};
+}
+
+inline RepBNShape check_rep_batchnorm_common(const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& alpha,
+                                             const std::optional<at::Tensor>& mask) {
+  const RepBNShape shape = check_norm_input(x, mask);
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(weight, "weight", shape.C, dtype, x);
+  TORCH_CHECK(alpha.numel() == 1, "alpha must hold one value, got shape ", alpha.sizes());
+  TORCH_CHECK(alpha.scalar_type() == dtype, "alpha must be ", dtype, ", got ", alpha.scalar_type());
+  TORCH_CHECK(alpha.device() == x.device(), "alpha is on ", alpha.device(), " but x is on ", x.device());
+  return shape;
 }
 
 inline RepBNShape check_rep_batchnorm_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -76,6 +82,17 @@ inline RepBNShape check_progressive_norm_inputs(
   return s;
 }
 
+inline void check_grad_and_statistics(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& mean, const at::Tensor& invstd, int64_t C) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                  grad_y.device() == x.device(),
+              "grad_y must match x in shape, dtype and device (", x.sizes(), ", ",
+              x.scalar_type(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type());
+  const auto dtype = rep_batchnorm_param_dtype(x);
+  check_channel_vector(mean, "mean", C, dtype, x);
+  check_channel_vector(invstd, "invstd", C, dtype, x);
+}
+
 inline RepBNShape check_rep_batchnorm_backward_inputs(const at::Tensor& grad_y,
                                                       const at::Tensor& x,
                                                       const at::Tensor& weight,
@@ -84,13 +101,35 @@ inline RepBNShape check_rep_batchnorm_backward_inputs(const at::Tensor& grad_y,
                                                       const at::Tensor& invstd,
                                                       const std::optional<at::Tensor>& mask) {
   const RepBNShape s = check_rep_batchnorm_common(x, weight, alpha, mask);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
-                  grad_y.device() == x.device(),
-              "grad_y must match x in shape, dtype and device (", x.sizes(), ", ",
-              x.scalar_type(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type());
-  const auto dtype = rep_batchnorm_param_dtype(x);
-  check_channel_vector(mean, "mean", s.C, dtype, x);
-  check_channel_vector(invstd, "invstd", s.C, dtype, x);
+  check_grad_and_statistics(grad_y, x, mean, invstd, s.C);
+  return s;
+}
+
+// The backward column sums: grad_y like x, the BN statistics of the forward.
+inline RepBNShape check_norm_backward_reduce_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                    double gamma) {
+  const RepBNShape s = check_norm_input(x, std::nullopt);
+  check_grad_and_statistics(grad_y, x, mean, invstd, s.C);
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
+  return s;
+}
+
+// dx from the column means of the whole (distributed) batch: the backward's inputs, ln_weight
+// when gamma != 0, and mean_dy, mean_dy_xhat fp64 [C].
+inline RepBNShape check_norm_backward_elemt_inputs(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& ln_weight,
+    const at::Tensor& bn_weight, const at::Tensor& alpha, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& mean_dy, const at::Tensor& mean_dy_xhat,
+    double gamma, const std::optional<at::Tensor>& mask) {
+  const RepBNShape s =
+      check_rep_batchnorm_backward_inputs(grad_y, x, bn_weight, alpha, mean, invstd, mask);
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
+  TORCH_CHECK(gamma == 0.0 || ln_weight, "ln_weight is required when gamma != 0 (got gamma ",
+              gamma, ")");
+  if (ln_weight) check_channel_vector(*ln_weight, "ln_weight", s.C, rep_batchnorm_param_dtype(x), x);
+  check_channel_vector(mean_dy, "mean_dy", s.C, at::kDouble, x);
+  check_channel_vector(mean_dy_xhat, "mean_dy_xhat", s.C, at::kDouble, x);
   return s;
 }
 

@@ -2,10 +2,13 @@
 // batch statistics are reduced over row blocks in parallel (fp64 partials per thread), and
 // one pass then writes gamma * LayerNorm(x) + (1 - gamma) * RepBN(x) per row; RepBN is the
 // gamma = 0 case, where the row statistics of LayerNorm are skipped.
+// For data parallelism the same passes are exposed apart (rep_batchnorm_stats, and the
+// backward's column sums and grad_x pass), so that the statistics can be all-reduced between.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -55,6 +58,27 @@ int64_t reduce_rows(int64_t N, int64_t C, const bool* mask, std::vector<double> 
   return total;
 }
 
+// Per-channel sums over the counted rows, shifted by the first counted row s (the last row
+// when none is): sums[0] = sum (x - s), sums[1] = sum (x - s)^2. A sum of squares about a
+// value near the mean keeps its precision in the fp32 blocks of reduce_rows even when
+// |mean| >> std. Returns the count.
+template <typename scalar_t, typename acc_t>
+int64_t shifted_sums(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp,
+                     std::vector<acc_t>& shift, std::vector<double> (&sums)[2]) {
+  int64_t first_row = 0;
+  while (maskp && first_row + 1 < N && !maskp[first_row]) ++first_row;
+  shift.assign(C, acc_t(0));
+  if (N > 0) std::copy(xp + first_row * C, xp + first_row * C + C, shift.begin());
+  return reduce_rows<2, acc_t>(N, C, maskp, sums, [&](int64_t n, acc_t* out) {
+    const scalar_t* row = xp + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
+      out[c] += d;
+      out[C + c] += d * d;
+    }
+  });
+}
+
 // Batch statistics (training) or the running ones (eval): mean and 1 / sqrt(var + eps).
 template <typename scalar_t, typename acc_t>
 void bn_statistics(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp, bool training,
@@ -68,21 +92,10 @@ void bn_statistics(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp, 
     }
     return;
   }
-  // One pass with sums shifted by the first counted row: var = E[(x - s)^2] - E[x - s]^2
-  // keeps its precision in fp64 even when |mean| >> std.
-  int64_t first_row = 0;
-  while (maskp && first_row + 1 < N && !maskp[first_row]) ++first_row;
-  const scalar_t* first = xp + first_row * C;
-  const std::vector<acc_t> shift(first, first + C);
+  // var = E[(x - s)^2] - E[x - s]^2, in fp64.
+  std::vector<acc_t> shift;
   std::vector<double> m[2];
-  const int64_t count = reduce_rows<2, acc_t>(N, C, maskp, m, [&](int64_t n, acc_t* out) {
-    const scalar_t* row = xp + n * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
-      out[c] += d;
-      out[C + c] += d * d;
-    }
-  });
+  const int64_t count = shifted_sums(xp, N, C, maskp, shift, m);
   TORCH_CHECK(count > 1, "batch norm: training needs more than one ", maskp ? "unmasked " : "",
               "token per channel to estimate statistics, got ", count);
   for (int64_t c = 0; c < C; ++c) {
@@ -174,25 +187,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
   return {y, mean, invstd};
 }
 
-// Gradients of norm_forward: (dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha); the LN ones are
-// undefined for RepBN alone.
-std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArgs& args,
-                                      const at::Tensor& mean, const at::Tensor& invstd, int64_t N,
-                                      int64_t C) {
-  const auto x = args.x.contiguous(), grad_y = grad_y_in.contiguous();
+// Pass 1 of the backward, over every row (masked or not): the fp64 column sums [4, C] of dy,
+// dy * xhat_bn, dy * x and, when gamma != 0, dy * xhat_ln (zeros otherwise). The parameter
+// gradients are these sums scaled; the BN part of dx needs the first two over the whole batch.
+at::Tensor backward_sums(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& invstd, double gamma, double ln_eps, int64_t N, int64_t C) {
+  auto out = at::zeros({4, C}, x.options().dtype(at::kDouble));
+  const bool with_ln = gamma != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_sums_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const auto m = mean.contiguous(), is = invstd.contiguous();
+    const acc_t* mp = m.data_ptr<acc_t>();
+    const acc_t* ip = is.data_ptr<acc_t>();
+    std::vector<double> sums[4];
+    reduce_rows<4, acc_t>(N, C, nullptr, sums, [&](int64_t n, acc_t* out) {
+      const scalar_t* row = xp + n * C;
+      const scalar_t* grow = gp + n * C;
+      acc_t mu = 0, rstd = 0;
+      if (with_ln) row_statistics(row, C, ln_eps, mu, rstd);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t dy = static_cast<acc_t>(grow[c]), xv = static_cast<acc_t>(row[c]);
+        out[c] += dy;
+        out[C + c] += dy * (xv - mp[c]) * ip[c];
+        out[2 * C + c] += dy * xv;
+      }
+      if (with_ln)
+        for (int64_t c = 0; c < C; ++c)
+          out[3 * C + c] += static_cast<acc_t>(grow[c]) * (static_cast<acc_t>(row[c]) - mu) * rstd;
+    });
+    double* op = out.data_ptr<double>();
+    for (int k = 0; k < 4; ++k) std::copy(sums[k].begin(), sums[k].end(), op + k * C);
+  });
+  return out;
+}
+
+// Pass 2: dx = (1 - gamma) * (dy * k1 + [counted] (x * k2 + k3)) + the row-local LN branch.
+// Every row's output depends on the statistics of the counted rows, so those rows (mask true,
+// all when it is undefined; none when mean_dy is null, as in eval) get
+// -w * invstd * (mean_dy + xhat * mean_dy_xhat), the column sums of dy and dy * xhat over every
+// row divided by the count of counted rows.
+// x and grad_y are contiguous (args.x is not read).
+at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const NormArgs& args,
+                       const at::Tensor& mean, const at::Tensor& invstd, const double* mean_dy,
+                       const double* mean_dy_xhat, int64_t N, int64_t C) {
   const auto mask = args.mask ? args.mask->contiguous() : at::Tensor();
   const bool with_ln = args.gamma != 0.0;
   const double g = args.gamma;
   auto dx = at::empty(x.sizes(), x.options());
-  auto d_bn_w = at::empty({C}, args.bn_weight.options());
-  auto d_bn_b = at::empty({C}, args.bn_weight.options());
-  auto d_alpha = at::empty(args.alpha.sizes(), args.alpha.options());
-  at::Tensor d_ln_w, d_ln_b;
-  if (args.ln_weight) {
-    d_ln_w = at::zeros({C}, args.bn_weight.options());
-    d_ln_b = at::zeros({C}, args.bn_weight.options());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_dx_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
@@ -206,51 +250,14 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
       const auto lwt = args.ln_weight->contiguous();
       for (int64_t c = 0; c < C; ++c) lw[c] = lwt.data_ptr<acc_t>()[c];
     }
-    // Pass 1, over every row: sum dy, sum dy * xhat_bn, sum dy * x, sum dy * xhat_ln.
-    std::vector<double> sums[4];
-    reduce_rows<4, acc_t>(N, C, nullptr, sums, [&](int64_t n, acc_t* out) {
-      const scalar_t* row = xp + n * C;
-      const scalar_t* grow = gp + n * C;
-      acc_t mu = 0, rstd = 0;
-      if (with_ln) row_statistics(row, C, args.ln_eps, mu, rstd);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t dy = static_cast<acc_t>(grow[c]), xv = static_cast<acc_t>(row[c]);
-        out[c] += dy;
-        out[C + c] += dy * (xv - mp[c]) * ip[c];
-        out[2 * C + c] += dy * xv;
-      }
-      if (with_ln)
-        for (int64_t c = 0; c < C; ++c)
-          out[3 * C + c] += static_cast<acc_t>(grow[c]) * (static_cast<acc_t>(row[c]) - mu) * rstd;
-    });
-    double total_dy_x = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      d_bn_b.data_ptr<acc_t>()[c] = static_cast<acc_t>((1 - g) * sums[0][c]);
-      d_bn_w.data_ptr<acc_t>()[c] = static_cast<acc_t>((1 - g) * sums[1][c]);
-      if (with_ln) {
-        d_ln_b.data_ptr<acc_t>()[c] = static_cast<acc_t>(g * sums[0][c]);
-        d_ln_w.data_ptr<acc_t>()[c] = static_cast<acc_t>(g * sums[3][c]);
-      }
-      total_dy_x += sums[2][c];
-    }
-    d_alpha.fill_((1 - g) * total_dy_x);
-    // BN branch: dx = (1 - gamma) * (dy * k1 + [counted, training] (x * k2 + k3)). Every
-    // row's output depends on the statistics of the counted rows, so those rows get
-    // -w * invstd * (sum(dy) + xhat * sum(dy * xhat)) / count, sums over all rows.
     const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    int64_t count = N;
-    if (maskp) {
-      count = 0;
-      for (int64_t n = 0; n < N; ++n) count += maskp[n];
-    }
     std::vector<acc_t> k1(C), k2(C), k3(C);
     for (int64_t c = 0; c < C; ++c) {
       const double wi = static_cast<double>(wp[c]) * ip[c];
-      const double mean_dy = args.training ? sums[0][c] / std::max<int64_t>(count, 1) : 0.0;
-      const double mean_dy_xhat = args.training ? sums[1][c] / std::max<int64_t>(count, 1) : 0.0;
+      const double mdy = mean_dy ? mean_dy[c] : 0.0, mdyx = mean_dy ? mean_dy_xhat[c] : 0.0;
       k1[c] = static_cast<acc_t>((1 - g) * (wi + a));
-      k2[c] = static_cast<acc_t>((1 - g) * -wi * ip[c] * mean_dy_xhat);
-      k3[c] = static_cast<acc_t>((1 - g) * (-wi * mean_dy + wi * mp[c] * ip[c] * mean_dy_xhat));
+      k2[c] = static_cast<acc_t>((1 - g) * -wi * ip[c] * mdyx);
+      k3[c] = static_cast<acc_t>((1 - g) * (-wi * mdy + wi * mp[c] * ip[c] * mdyx));
     }
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -258,7 +265,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
         const scalar_t* row = xp + n * C;
         const scalar_t* grow = gp + n * C;
         scalar_t* out = dxp + n * C;
-        const bool counted = args.training && (!maskp || maskp[n]);
+        const bool counted = mean_dy && (!maskp || maskp[n]);
         // LN branch, row-local: rstd * (h - mean(h) - xhat * mean(h * xhat)), h = gamma dy ln_w.
         acc_t mu = 0, rstd = 0, mean_h = 0, mean_hx = 0;
         if (with_ln) {
@@ -283,13 +290,114 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
       }
     });
   });
+  return dx;
+}
+
+// Gradients of norm_forward: (dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha); the LN ones are
+// undefined for RepBN alone.
+std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArgs& args,
+                                      const at::Tensor& mean, const at::Tensor& invstd, int64_t N,
+                                      int64_t C) {
+  const auto x = args.x.contiguous(), grad_y = grad_y_in.contiguous();
+  const double g = args.gamma;
+  const auto sums = backward_sums(grad_y, x, mean, invstd, g, args.ln_eps, N, C);
+  const double* sp = sums.data_ptr<double>();
+  const auto popts = args.bn_weight.options();
+  auto d_bn_w = at::empty({C}, popts), d_bn_b = at::empty({C}, popts);
+  auto d_alpha = at::empty(args.alpha.sizes(), args.alpha.options());
+  at::Tensor d_ln_w, d_ln_b;
+  if (args.ln_weight) {
+    d_ln_w = at::empty({C}, popts);
+    d_ln_b = at::empty({C}, popts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(d_bn_w.scalar_type(), "norm_backward_params_cpu", [&] {
+    double total_dy_x = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      d_bn_b.data_ptr<scalar_t>()[c] = static_cast<scalar_t>((1 - g) * sp[c]);
+      d_bn_w.data_ptr<scalar_t>()[c] = static_cast<scalar_t>((1 - g) * sp[C + c]);
+      if (args.ln_weight) {
+        d_ln_b.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(g * sp[c]);
+        d_ln_w.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(g * sp[3 * C + c]);
+      }
+      total_dy_x += sp[2 * C + c];
+    }
+    d_alpha.fill_((1 - g) * total_dy_x);
+  });
+  // The statistics term: column means over the counted rows (training only).
+  std::vector<double> mean_dy(C), mean_dy_xhat(C);
+  if (args.training) {
+    int64_t count = N;
+    if (args.mask) {
+      const auto mask = args.mask->contiguous();
+      const bool* maskp = mask.data_ptr<bool>();
+      count = std::count(maskp, maskp + N, true);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      mean_dy[c] = sp[c] / std::max<int64_t>(count, 1);
+      mean_dy_xhat[c] = sp[C + c] / std::max<int64_t>(count, 1);
+    }
+  }
+  auto dx = backward_dx(grad_y, x, args, mean, invstd, args.training ? mean_dy.data() : nullptr,
+                        mean_dy_xhat.data(), N, C);
   return {dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha};
+}
+
+// The local statistics of a data-parallel shard, fp64 [2C + 1]: sum x and sum x^2 over the
+// counted rows per channel, then the count, ready to be all-reduced in one collective.
+at::Tensor rep_batchnorm_stats_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in) {
+  const RepBNShape s = check_norm_input(x_in, mask_in);
+  const auto x = x_in.contiguous();
+  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  const int64_t C = s.C;
+  auto out = at::empty({2 * C + 1}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rep_batchnorm_stats_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<acc_t> shift;
+    std::vector<double> m[2];
+    const int64_t count = shifted_sums(x.data_ptr<scalar_t>(), s.N, C,
+                                       mask.defined() ? mask.data_ptr<bool>() : nullptr, shift, m);
+    // Unshift in fp64: sum x = S1 + n s, sum x^2 = S2 + 2 s S1 + n s^2.
+    double* op = out.data_ptr<double>();
+    const double n = static_cast<double>(count);
+    for (int64_t c = 0; c < C; ++c) {
+      const double sh = shift[c];
+      op[c] = m[0][c] + n * sh;
+      op[C + c] = m[1][c] + 2 * sh * m[0][c] + n * sh * sh;
+    }
+    op[2 * C] = n;
+  });
+  return out;
+}
+
+at::Tensor progressive_norm_backward_reduce_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                const at::Tensor& mean, const at::Tensor& invstd,
+                                                double gamma, double ln_eps) {
+  const RepBNShape s = check_norm_backward_reduce_inputs(grad_y, x, mean, invstd, gamma);
+  return backward_sums(grad_y.contiguous(), x.contiguous(), mean, invstd, gamma, ln_eps, s.N, s.C);
+}
+
+at::Tensor progressive_norm_backward_elemt_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& ln_weight,
+    const at::Tensor& bn_weight, const at::Tensor& alpha, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& mean_dy, const at::Tensor& mean_dy_xhat,
+    double gamma, double ln_eps, const std::optional<at::Tensor>& mask) {
+  const RepBNShape s = check_norm_backward_elemt_inputs(grad_y, x, ln_weight, bn_weight, alpha, mean,
+                                                        invstd, mean_dy, mean_dy_xhat, gamma, mask);
+  const at::Tensor none;
+  const auto xc = x.contiguous(), mdy = mean_dy.contiguous(), mdyx = mean_dy_xhat.contiguous();
+  const NormArgs args{xc, ln_weight ? &*ln_weight : nullptr, nullptr, bn_weight, none, alpha, none,
+                      none, gamma, true, ln_eps, 0.0, mask};
+  return backward_dx(grad_y.contiguous(), xc, args, mean, invstd, mdy.data_ptr<double>(),
+                     mdyx.data_ptr<double>(), s.N, s.C);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(leanformer, CPU, m) {
   register_norm_ops<&norm_forward, &norm_backward>(m);
+  m.impl("rep_batchnorm_stats", &rep_batchnorm_stats_cpu);
+  m.impl("progressive_norm_backward_reduce", &progressive_norm_backward_reduce_cpu);
+  m.impl("progressive_norm_backward_elemt", &progressive_norm_backward_elemt_cpu);
 }
 
 }  // namespace leanformer

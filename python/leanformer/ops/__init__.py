@@ -1,8 +1,10 @@
 """Typed wrappers over torch.ops.leanformer, with fake kernels and autograd registered."""
 from leanformer.ops.rep_batchnorm import progressive_norm, rep_batchnorm
+from leanformer.ops.sync_batchnorm import sync_progressive_norm, sync_rep_batchnorm
 from leanformer.ops.linear_attention import (
     simplified_linear_attention,
     simplified_linear_attention_step,
 )
 
-__all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step"]
+__all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step",
+           "sync_progressive_norm", "sync_rep_batchnorm"]

@@ -140,3 +140,19 @@ def _pn_backward(ctx, grad_y, _grad_mean, _grad_invstd):
 
 
 torch.library.register_autograd("leanformer::progressive_norm", _pn_backward, setup_context=_pn_setup)
+
+
+@torch.library.register_fake("leanformer::rep_batchnorm_stats")
+def _rep_batchnorm_stats_fake(x, mask):
+    return x.new_empty(2 * x.shape[-1] + 1, dtype=torch.float64)
+
+
+@torch.library.register_fake("leanformer::progressive_norm_backward_reduce")
+def _progressive_norm_backward_reduce_fake(grad_y, x, bn_mean, bn_invstd, gamma, ln_eps):
+    return x.new_empty((4, x.shape[-1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("leanformer::progressive_norm_backward_elemt")
+def _progressive_norm_backward_elemt_fake(grad_y, x, ln_weight, bn_weight, alpha, bn_mean, bn_invstd,
+                                          mean_dy, mean_dy_xhat, gamma, ln_eps, mask):
+    return x.new_empty(x.shape)
