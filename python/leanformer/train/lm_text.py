@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report.write(os.path.join(args.out, f"train-lm-text-{stamp}"), summary, curves, "val_ppl",
-                 "validation perplexity (bytes)")
+                 "validation perplexity (bytes)", logy=True)
     if args.save:
         save_pretrained(slab, args.save)
     for name, hist in curves.items():

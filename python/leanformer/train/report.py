@@ -20,7 +20,8 @@ def commit() -> str:
         return "unknown"
 
 
-def write(stem: str, summary: dict, curves: Dict[str, List[dict]], metric: str, ylabel: str) -> None:
+def write(stem: str, summary: dict, curves: Dict[str, List[dict]], metric: str, ylabel: str,
+          logy: bool = False) -> None:
     """``stem.json`` (summary, curves, machine) and ``stem.png`` (``metric`` against step and time)."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     report = {"summary": summary, "curves": curves, "torch": torch.__version__, "commit": commit(),
@@ -28,22 +29,34 @@ def write(stem: str, summary: dict, curves: Dict[str, List[dict]], metric: str, 
                           "threads": torch.get_num_threads()}}
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
+    plot(stem, metric, ylabel, logy)
+
+
+def plot(stem: str, metric: str, ylabel: str, logy: bool = False) -> None:
+    """``stem.png`` from ``stem.json``: ``metric`` against training step and training time."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    with open(stem + ".json") as f:
+        report = json.load(f)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, hist in curves.items():
+    for name, hist in report["curves"].items():
         axes[0].plot([h["step"] for h in hist], [h[metric] for h in hist], label=name)
         axes[1].plot([h["time_s"] for h in hist], [h[metric] for h in hist], label=name)
     for ax, xl in zip(axes, ("training step", "training time (s)")):
         ax.set_xlabel(xl)
         ax.set_ylabel(ylabel)
+        if logy:  # an eval while PRepBN still decays can be off the chart: keep the others readable
+            ax.set_yscale("log")
+            top = min(max(h[metric] for h in hist) for hist in report["curves"].values())
+            bottom = min(min(h[metric] for h in hist) for hist in report["curves"].values())
+            ax.set_ylim(bottom * 0.8, top * 1.5)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{os.path.basename(stem)} · torch {torch.__version__} · commit {report['commit']}", fontsize=9)
+    fig.suptitle(f"{os.path.basename(stem)} · torch {report['torch']} · commit {report['commit']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=100)
     plt.close(fig)
