@@ -145,3 +145,10 @@ def test_load_errors_name_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['dims'\]"):
         load_pretrained(tmp_path)
+
+
+def test_folded_vit_compiles_fullgraph():
+    folded = fold_batchnorm(trained(SLABViT(VIT), images, steps=1))
+    x = images(3)
+    compiled = torch.compile(folded, fullgraph=True)
+    torch.testing.assert_close(compiled(x), folded(x), atol=1e-5, rtol=1e-5)
