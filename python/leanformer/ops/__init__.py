@@ -4,5 +4,7 @@ from leanformer.ops.linear_attention import (
     simplified_linear_attention,
     simplified_linear_attention_step,
 )
+from leanformer.ops.topk_mlp import sparse_down_projection, topk_activation, topk_mlp
 
-__all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step"]
+__all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step",
+           "sparse_down_projection", "topk_activation", "topk_mlp"]
