@@ -1,5 +1,5 @@
 // The top-k sparse MLP ops, written once for every backend. Each op checks its arguments,
-// flattens the leading dims to rows, allocates, and calls four backend kernels; only those
+// flattens the leading dims to rows, allocates, and calls the backend kernels; only those
 // differ between CPU (topk_mlp_cpu.cpp) and CUDA (cuda/topk_mlp_cuda.cu):
 //
 //   select(h [N, d_ff], k, act, values [N, k], indices [N, k], pre [N, k] or undefined)
@@ -12,9 +12,11 @@
 //       out[n, j] = g[n] . table[indices[n, j]]
 //   scatter_rows(v [N, k] acc, indices, g [N, C] acc, out [d_ff, C] acc, zero on entry)
 //       out[indices[n, j]] += v[n, j] * g[n]
+//   up_projection(x [N, d_model], w_up, b_up) -> h [N, d_ff] in x's dtype (a GEMM; the
+//       backend may use its own for the shapes where at::linear is slow)
 //
 // Every tensor handed to a kernel is contiguous; acc is fp32 (fp64 for fp64 inputs).
-// The backward of topk_mlp is the same four kernels: grad_x is a gather of w_up's rows,
+// The backward of topk_mlp is the same gather/scatter kernels: grad_x is a gather of w_up's rows,
 // grad_w_up and grad_w_down_t are scatters, so only the k selected neurons cost anything.
 #pragma once
 
@@ -147,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mlp_op(
   const Activation act = parse_activation(activation);
   const int64_t d_model = x.size(-1);
   const at::Tensor x2 = rows_of(x);
-  const at::Tensor h = at::linear(x2, w_up, b_up).contiguous();
+  const at::Tensor h = Backend::up_projection(x2, w_up, b_up).contiguous();
   const int64_t N = h.size(0);
   at::Tensor values = at::empty({N, k}, x.options());
   at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));

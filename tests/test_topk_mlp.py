@@ -161,13 +161,15 @@ def _separated(shape, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_gradcheck(device, activation):
+    # CUDA's scatter-add into the weight gradients is atomic: its sum order varies by ulps.
+    gradcheck = lambda fn, args: torch.autograd.gradcheck(fn, args, nondet_tol=1e-10 if device == "cuda" else 0.0)
     h = _separated(torch.Size((3, 23)), device).requires_grad_(True)
-    torch.autograd.gradcheck(lambda h: topk_activation(h, 5, activation=activation)[0], (h,))
+    gradcheck(lambda h: topk_activation(h, 5, activation=activation)[0], (h,))
     values = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
     indices = torch.randint(0, 20, (4, 6), device=device)
     w = torch.randn(20, 9, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)
-    torch.autograd.gradcheck(lambda v, w, b: sparse_down_projection(v, indices, w, b), (values, w, b))
+    gradcheck(lambda v, w, b: sparse_down_projection(v, indices, w, b), (values, w, b))
     # x = e_0 makes h = w_up[:, 0] + b_up exactly the separated values; gradcheck's small
     # perturbations keep the same neurons.
     d_model, d_ff = 6, 23
@@ -180,7 +182,7 @@ def test_gradcheck(device, activation):
     w_down_t = torch.randn(d_ff, d_model, dtype=torch.float64, device=device)
     b_down = torch.randn(d_model, dtype=torch.float64, device=device)
     args = [t.requires_grad_(True) for t in (x, w_up, b_up, w_down_t, b_down)]
-    torch.autograd.gradcheck(lambda *a: topk_mlp(*a, 7, activation=activation), args)
+    gradcheck(lambda *a: topk_mlp(*a, 7, activation=activation), args)
 
 
 def _opcheck_samples(device):
@@ -246,8 +248,6 @@ def test_bad_inputs_raise_clear_errors(device):
         (lambda: topk_activation(h.int(), 3), "h must be float32, float16, bfloat16 or float64"),
         (lambda: sparse_down_projection(v, i.int(), w_down_t), "indices must be int64"),
         (lambda: sparse_down_projection(v, i[:, :4], w_down_t), "indices must have the shape of values"),
-        (lambda: sparse_down_projection(v, i + 40, w_down_t), "indices must be in \\[0, d_ff\\) = \\[0, 40\\), got 4"),
-        (lambda: sparse_down_projection(v, i - 40, w_down_t), "indices must be in \\[0, d_ff\\) = \\[0, 40\\), got -"),
         (lambda: sparse_down_projection(v, i, w_down_t[0]), "w_down_t must be \\[d_ff, d_model\\]"),
         (lambda: sparse_down_projection(v, i, w_down_t.double()), "w_down_t must have the dtype of values"),
         (lambda: sparse_down_projection(v, i, w_down_t, b_down[:3]), "bias must have shape \\[d_model\\] = \\[16\\]"),
@@ -262,6 +262,11 @@ def test_bad_inputs_raise_clear_errors(device):
         (lambda: topk_mlp(x, w_up, b_up, w_down_t, b_down, 41), "k must be in \\[0, d_ff\\]"),
         (lambda: topk_mlp(x, w_up, b_up, w_down_t, b_down, -2), "k must be in \\[0, d_ff\\]"),
     ]
+    if device == "cpu":  # on CUDA an index out of range is a device-side assert (no host sync)
+        cases += [
+            (lambda: sparse_down_projection(v, i + 40, w_down_t), "indices must be in \\[0, d_ff\\) = \\[0, 40\\), got 4"),
+            (lambda: sparse_down_projection(v, i - 40, w_down_t), "indices must be in \\[0, d_ff\\) = \\[0, 40\\), got -"),
+        ]
     if device == "cuda":
         cases.append((lambda: topk_mlp(x, w_up.cpu(), b_up, w_down_t, b_down, 4), "w_up is on cpu but x is on cuda"))
         cases.append((lambda: sparse_down_projection(v, i.cpu(), w_down_t), "indices is on cpu but values is on cuda"))
