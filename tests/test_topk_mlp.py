@@ -304,7 +304,7 @@ def test_topkmlp_paths_agree_and_train(mode):
 
 
 def test_topkmlp_switches_to_dense_and_logs_it(caplog):
-    m = TopKMLP(32, 128, k=4, max_sparse_rows=8, max_sparse_ratio=0.2)
+    m = TopKMLP(32, 128, k=40, max_sparse_rows=8, max_sparse_ratio=0.2)  # 31% > 20%
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="leanformer.nn.topk_mlp"):
         m(torch.randn(1, 32))
         assert m.last_path == "sparse"
@@ -315,11 +315,12 @@ def test_topkmlp_switches_to_dense_and_logs_it(caplog):
         assert m.last_path == "sparse"
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
-    assert "dense" in messages[1] and "18 rows > max_sparse_rows=8" in messages[1]
-    m_ratio = TopKMLP(32, 128, k=40, max_sparse_rows=8, max_sparse_ratio=0.2)  # 31% > 20%
+    assert "dense path" in messages[1] and "18 rows > max_sparse_rows=8" in messages[1]
+    assert "k/hidden = 31.2% > max_sparse_ratio=20%" in messages[1]
+    low_ratio = TopKMLP(32, 128, k=4, max_sparse_rows=8, max_sparse_ratio=0.2)  # 3%: sparse at any N
     with torch.no_grad():
-        m_ratio(torch.randn(1, 32))
-    assert m_ratio.last_path == "dense"
+        low_ratio(torch.randn(100, 32))
+    assert low_ratio.last_path == "sparse"
 
 
 def test_topkmlp_caches_the_transposed_weight_only_without_grad():

@@ -12,13 +12,15 @@ from leanformer.ops.topk_mlp import ACTIVATIONS, topk_activation, topk_mlp
 
 logger = logging.getLogger(__name__)
 
-# Crossover measured with bench/topk_mlp.py on a 2-core CPU (fp32, d_model 1024, d_ff 4096):
-# the fused op beats the dense MLP up to 64 rows at every ratio up to 30% (its down projection
-# reads k rows per token, the dense one d_ff rows once), so the limits are set where the
-# sparse down projection stops paying for itself: more rows than this, or a larger ratio, and
-# F.linear's GEMM reuses each weight row over the tokens better than a per-token gather.
-MAX_SPARSE_ROWS = 64
-MAX_SPARSE_RATIO = 0.3
+# Crossover measured with a TopKMLP(1024, 4096) in inference on a 2-core CPU, fp32, sparse
+# path vs dense path (both top-k; see bench/topk_mlp.py for the op-level table). Up to 8
+# tokens the sparse path won at every ratio up to 30% (1.3-2.4x): the dense GEMM of a few
+# rows is a GEMV per row there. From 64 tokens on (64 and 256 measured) it won at 3% and 10%
+# (1.2-1.5x) and lost at 20% and 30% (0.7-0.95x): a per-token gather of k rows then costs more
+# than the GEMM's share of one pass over d_ff rows. So dense is taken when a call has more
+# than MAX_SPARSE_ROWS tokens AND k / hidden > MAX_SPARSE_RATIO.
+MAX_SPARSE_ROWS = 8
+MAX_SPARSE_RATIO = 0.15
 MODES = ("auto", "sparse", "dense")
 
 
@@ -36,8 +38,8 @@ class TopKMLP(nn.Module):
     Paths: the sparse one is :func:`leanformer.ops.topk_mlp` (dense up projection, top-k,
     sparse down projection); the dense one computes the same top-k MLP with a dense down
     projection of the zero-filled activations. ``mode="auto"`` takes the dense path when a
-    call has more than ``max_sparse_rows`` tokens (rows of ``x``) or ``k / hidden >
-    max_sparse_ratio``, where dense is faster; both give the same result. Every change of path
+    call has more than ``max_sparse_rows`` tokens (rows of ``x``) and ``k / hidden >
+    max_sparse_ratio``, where dense was measured faster; both give the same result. Every change of path
     is logged (logger ``leanformer.nn.topk_mlp``, INFO) and ``last_path`` holds the last one.
 
     Args:
@@ -71,12 +73,12 @@ class TopKMLP(nn.Module):
         if self.mode != "auto":
             return self.mode, f"mode={self.mode!r}"
         ratio = self.k / self.fc1.out_features if self.fc1.out_features else 0.0
-        if rows > self.max_sparse_rows:
-            return "dense", f"{rows} rows > max_sparse_rows={self.max_sparse_rows}"
-        if ratio > self.max_sparse_ratio:
-            return "dense", f"k/hidden = {ratio:.1%} > max_sparse_ratio={self.max_sparse_ratio:.0%}"
-        return "sparse", (f"{rows} rows <= max_sparse_rows={self.max_sparse_rows}, "
-                          f"k/hidden = {ratio:.1%} <= max_sparse_ratio={self.max_sparse_ratio:.0%}")
+        rows_text = f"{rows} rows {'>' if rows > self.max_sparse_rows else '<='} max_sparse_rows={self.max_sparse_rows}"
+        ratio_text = (f"k/hidden = {ratio:.1%} {'>' if ratio > self.max_sparse_ratio else '<='} "
+                      f"max_sparse_ratio={self.max_sparse_ratio:.0%}")
+        if rows > self.max_sparse_rows and ratio > self.max_sparse_ratio:
+            return "dense", f"{rows_text} and {ratio_text}"
+        return "sparse", f"{rows_text}, {ratio_text}"
 
     def w_down_t(self) -> Tensor:
         """fc2's weight transposed and contiguous, ``[hidden, dim]``."""
