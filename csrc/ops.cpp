@@ -67,4 +67,31 @@ TORCH_LIBRARY(leanformer, m) {
       "progressive_norm_backward_elemt(Tensor grad_y, Tensor x, Tensor? ln_weight, "
       "Tensor bn_weight, Tensor alpha, Tensor bn_mean, Tensor bn_invstd, Tensor mean_dy, "
       "Tensor mean_dy_xhat, float gamma, float ln_eps, Tensor? mask) -> Tensor");
+  // Top-k sparse MLP activation (Lazy Neuron). Per row of h [..., d_ff]: the k largest
+  // act(h) (act = "relu" or "gelu"; ties -> lowest index) as (values [..., k] in h's dtype,
+  // indices [..., k] int64 ascending).
+  m.def("topk_activation(Tensor h, int k, str activation) -> (Tensor, Tensor)");
+  // grad_h [..., d_ff]: grad_values * act'(h) at the selected entries, zero elsewhere.
+  m.def("topk_activation_backward(Tensor grad_values, Tensor h, Tensor indices, str activation) "
+        "-> Tensor");
+  // y [..., d_model] = bias + sum_j values[..., j] * w_down_t[indices[..., j]];
+  // w_down_t [d_ff, d_model]. Only the selected rows of w_down_t are read.
+  m.def("sparse_down_projection(Tensor values, Tensor indices, Tensor w_down_t, Tensor? bias) "
+        "-> Tensor");
+  // Returns (grad_values, grad_w_down_t, grad_bias); the ones output_mask leaves out are empty.
+  m.def(
+      "sparse_down_projection_backward(Tensor grad_y, Tensor values, Tensor indices, "
+      "Tensor w_down_t, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The whole MLP: h = x w_up^T + b_up (dense GEMM), top-k of act(h), sparse down projection.
+  // w_up [d_ff, d_model] (nn.Linear layout), w_down_t [d_ff, d_model] (transposed).
+  // Returns (y [..., d_model], indices [..., k], h_selected [..., k] = h at the indices).
+  m.def(
+      "topk_mlp(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down_t, Tensor? b_down, int k, "
+      "str activation) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_w_up, grad_b_up, grad_w_down_t, grad_b_down); gradients flow
+  // through the selected neurons only. Entries output_mask leaves out are empty.
+  m.def(
+      "topk_mlp_backward(Tensor grad_y, Tensor x, Tensor w_up, Tensor w_down_t, "
+      "Tensor h_selected, Tensor indices, str activation, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

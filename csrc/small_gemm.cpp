@@ -5,10 +5,6 @@
 namespace leanformer {
 namespace {
 
-// 256-bit GCC/Clang vectors: AVX2 registers in the x86-64-v3 clone, two SSE registers
-// (or NEON pairs) elsewhere, with no intrinsics tied to one ISA.
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
 template <typename T> struct Vec;
 template <> struct Vec<float> { using type = v8f; static constexpr int width = 8; };
 template <> struct Vec<double> { using type = v4d; static constexpr int width = 4; };
@@ -69,13 +65,6 @@ __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64
 }
 
 }  // namespace
-
-// One binary for every x86-64 CPU: the loader picks the AVX2+FMA clone where it runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LEANFORMER_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LEANFORMER_CLONES
-#endif
 
 LEANFORMER_CLONES void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A,
                             int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,

@@ -7,6 +7,18 @@
 
 namespace leanformer {
 
+// 256-bit GCC/Clang vectors: AVX2 registers in the x86-64-v3 clone, two SSE registers
+// (or NEON pairs) elsewhere, with no intrinsics tied to one ISA.
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+
+// One binary for every x86-64 CPU: the loader picks the AVX2+FMA clone where it runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LEANFORMER_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LEANFORMER_CLONES
+#endif
+
 // Tile requirement: N % kGemmColBlock == 0 (callers pad); any M and K.
 constexpr int64_t kGemmColBlock = 16;
 

@@ -6,12 +6,24 @@ from leanformer.reference.linear_attention import (
     sla_step_reference,
 )
 from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
+from leanformer.reference.topk_mlp import (
+    dense_mlp_reference,
+    sparse_down_projection_reference,
+    topk_activation_reference,
+    topk_mask_dense,
+    topk_mlp_reference,
+)
 
 __all__ = [
+    "dense_mlp_reference",
     "progressive_norm_reference",
     "rep_batchnorm_reference",
     "sla_causal_chunked_reference",
     "sla_causal_quadratic_reference",
     "sla_noncausal_reference",
     "sla_step_reference",
+    "sparse_down_projection_reference",
+    "topk_activation_reference",
+    "topk_mask_dense",
+    "topk_mlp_reference",
 ]

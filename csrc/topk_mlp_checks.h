@@ -1,0 +1,152 @@
+// Argument checks of the top-k sparse MLP ops (topk_activation, sparse_down_projection,
+// topk_mlp and their backward ops), shared by every backend, plus the few scalar helpers
+// both backends need: the activation, and the total order that makes the selection
+// deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+namespace leanformer {
+
+// kIdentity is internal: the kernels select on already activated values (GELU is applied by
+// at::gelu first, so the ranking sees exactly F.gelu's values).
+enum class Activation { kRelu, kGelu, kIdentity };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  TORCH_CHECK(false, "activation must be \"relu\" or \"gelu\", got \"", std::string(name), "\"");
+}
+
+// k largest-first ranking key of an activation value, as an unsigned integer whose order is
+// the value's order: NaN ranks above +inf (as in torch.sort / torch.topk) and -0 equals +0.
+// Ties are then broken by the lowest index, so every element has a distinct rank.
+C10_HOST_DEVICE inline uint32_t order_key(float v) {
+  if (v != v) return 0xFFFFFFFFu;
+  v += 0.0f;  // -0 -> +0
+#ifdef __CUDA_ARCH__
+  const uint32_t u = __float_as_uint(v);
+#else
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+#endif
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+C10_HOST_DEVICE inline uint64_t order_key(double v) {
+  if (v != v) return ~uint64_t(0);
+  v += 0.0;
+#ifdef __CUDA_ARCH__
+  const uint64_t u = static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+#endif
+  return (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
+}
+
+inline void check_floating_input(const at::Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+              " must be float32, float16, bfloat16 or float64, got ", s);
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+inline void check_vector(const std::optional<at::Tensor>& t, const char* name, int64_t size,
+                         const char* size_name, const at::Tensor& ref, const char* ref_name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape [", size_name,
+              "] = [", size, "], got ", t->sizes());
+  check_like(*t, name, ref, ref_name);
+}
+
+inline void check_k(int64_t k, int64_t d_ff) {
+  TORCH_CHECK(k >= 0 && k <= d_ff, "k must be in [0, d_ff] = [0, ", d_ff, "], got ", k);
+  // Ranks pack the index into 32 bits.
+  TORCH_CHECK(d_ff < std::numeric_limits<int32_t>::max(), "d_ff must be below 2^31, got ", d_ff);
+}
+
+// Rows of h [..., d_ff] -> (rows, d_ff).
+inline void check_topk_activation_inputs(const at::Tensor& h, int64_t k) {
+  TORCH_CHECK(h.dim() >= 1, "h must be [..., d_ff] with at least one dimension, got a scalar");
+  check_floating_input(h, "h");
+  check_k(k, h.size(-1));
+}
+
+// values [..., k] and indices [..., k] (int64) selecting rows of a table [d_ff, d_model].
+inline void check_selection(const at::Tensor& values, const at::Tensor& indices,
+                            const at::Tensor& table, const char* table_name) {
+  TORCH_CHECK(values.dim() >= 1, "values must be [..., k] with at least one dimension, got a scalar");
+  TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ",
+              values.sizes(), ", got ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64 (torch.long), got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.device() == values.device(), "indices is on ", indices.device(),
+              " but values is on ", values.device());
+  TORCH_CHECK(table.dim() == 2, table_name, " must be [d_ff, d_model], got shape ", table.sizes());
+  TORCH_CHECK(values.size(-1) <= table.size(0), "values must have at most d_ff = ",
+              table.size(0), " (", table_name, ".shape[0]) entries per row, got k = ",
+              values.size(-1));
+  check_floating_input(values, "values");
+  check_like(table, table_name, values, "values");
+}
+
+inline void check_sparse_down_projection_inputs(const at::Tensor& values,
+                                                const at::Tensor& indices,
+                                                const at::Tensor& w_down_t,
+                                                const std::optional<at::Tensor>& bias) {
+  check_selection(values, indices, w_down_t, "w_down_t");
+  check_vector(bias, "bias", w_down_t.size(1), "d_model", values, "values");
+}
+
+// Per-element check of the kernels (they read the indices anyway; a separate min/max pass
+// would cost more than the gather at decode sizes).
+inline void check_index(int64_t index, int64_t d_ff) {
+  TORCH_CHECK(index >= 0 && index < d_ff, "indices must be in [0, d_ff) = [0, ", d_ff,
+              "), got ", index);
+}
+
+// x [..., d_model], w_up [d_ff, d_model] (nn.Linear's weight), b_up [d_ff],
+// w_down_t [d_ff, d_model] (the transpose of the down projection's nn.Linear weight),
+// b_down [d_model].
+inline void check_topk_mlp_inputs(const at::Tensor& x, const at::Tensor& w_up,
+                                  const std::optional<at::Tensor>& b_up,
+                                  const at::Tensor& w_down_t,
+                                  const std::optional<at::Tensor>& b_down, int64_t k) {
+  TORCH_CHECK(x.dim() >= 1, "x must be [..., d_model] with at least one dimension, got a scalar");
+  check_floating_input(x, "x");
+  const int64_t d_model = x.size(-1);
+  TORCH_CHECK(w_up.dim() == 2 && w_up.size(1) == d_model, "w_up must be [d_ff, d_model] with d_model = ",
+              d_model, " (x.shape[-1]), got ", w_up.sizes());
+  const int64_t d_ff = w_up.size(0);
+  TORCH_CHECK(w_down_t.dim() == 2 && w_down_t.size(0) == d_ff && w_down_t.size(1) == d_model,
+              "w_down_t must be [d_ff, d_model] = [", d_ff, ", ", d_model,
+              "] (the transpose of the down projection's weight), got ", w_down_t.sizes());
+  check_like(w_up, "w_up", x, "x");
+  check_like(w_down_t, "w_down_t", x, "x");
+  check_vector(b_up, "b_up", d_ff, "d_ff", x, "x");
+  check_vector(b_down, "b_down", d_model, "d_model", x, "x");
+  check_k(k, d_ff);
+}
+
+inline void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
+                       const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(grad.sizes() == shape, name, " must have shape ", shape, ", got ", grad.sizes());
+  check_like(grad, name, ref, ref_name);
+}
+
+}  // namespace leanformer

@@ -1,0 +1,224 @@
+"""Top-k sparse MLP activation (Lazy Neuron Phenomenon, Li et al. ICLR 2023).
+
+``MLP(x) = W_down TopK_k(act(W_up x + b_up)) + b_down``: per token only the k largest
+activations are kept, so the down projection reads only k rows of ``W_down^T``.
+
+The kernels are torch.ops.leanformer.topk_activation / sparse_down_projection / topk_mlp and
+their backward ops (C++ on CPU, CUDA on GPU). This file gives them typed wrappers, fake
+kernels for torch.compile and export, and autograd.
+
+Conventions shared by the three ops:
+
+* Selection: the k largest activation values of each row, ranked as they are returned
+  (rounded to the input dtype); ties go to the lowest index, NaN ranks above everything
+  (as in ``torch.topk``). ``indices`` are int64 (what ``gather``/``index_select``/``scatter``
+  take without a cast; the k indices of a row are a negligible share of the traffic) and
+  sorted ascending, so the gathered rows of ``w_down_t`` are read in address order and the
+  result does not depend on how ties among the values were ordered.
+* ``w_down_t`` is the down projection's ``nn.Linear`` weight transposed, ``[d_ff, d_model]``
+  and contiguous, so each selected neuron's row is one contiguous read.
+* Sums accumulate in fp32 (fp64 for fp64 inputs); outputs are in the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.leanformer
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+def topk_activation(h: Tensor, k: int, *, activation: str = "relu") -> Tuple[Tensor, Tensor]:
+    """The k largest ``act(h)`` of every row of ``h``, and their column indices.
+
+    Args:
+        h: ``[..., d_ff]`` pre-activations, float32/bfloat16 (float16 on CUDA, float64 for
+            gradcheck).
+        k: ``0 <= k <= d_ff``.
+        activation: ``"relu"`` or ``"gelu"`` (exact, erf form), applied before the selection.
+
+    Returns:
+        ``(values [..., k], indices [..., k])``: ``values = act(h)`` at ``indices`` in h's
+        dtype; indices int64, ascending within a row; ties go to the lowest index.
+        Differentiable in ``h``: the gradient is ``grad_values * act'(h)`` at the selected
+        entries and zero elsewhere.
+
+    Example::
+
+        >>> h = torch.tensor([[0.5, -1.0, 2.0, 0.5]])
+        >>> topk_activation(h, 2)
+        (tensor([[0.5000, 2.0000]]), tensor([[0, 2]]))
+    """
+    return _ops.topk_activation(h, k, activation)
+
+
+def sparse_down_projection(values: Tensor, indices: Tensor, w_down_t: Tensor,
+                           bias: Optional[Tensor] = None) -> Tensor:
+    """``y = bias + sum_j values[..., j] * w_down_t[indices[..., j]]``, reading only those rows.
+
+    The same as ``F.linear(h_sparse, w_down_t.T, bias)`` for the dense ``h_sparse`` that is
+    ``values`` at ``indices`` and zero elsewhere, at the cost of k rows instead of d_ff.
+
+    Args:
+        values: ``[..., k]``, float32/bfloat16 (float16 on CUDA, float64 for gradcheck).
+        indices: ``[..., k]`` int64 in ``[0, d_ff)``, e.g. from :func:`topk_activation`.
+            Repeated indices add up.
+        w_down_t: ``[d_ff, d_model]``, values' dtype; contiguous for speed (a strided one is
+            copied on every call).
+        bias: ``[d_model]`` or None.
+
+    Returns:
+        ``y [..., d_model]`` in values' dtype. Differentiable in values (the dot product of
+        grad_y with each gathered row), w_down_t (a scatter-add into the selected rows) and
+        bias; not in indices.
+
+    Example::
+
+        >>> h = torch.randn(4, 4096)
+        >>> w_down = torch.randn(1024, 4096)  # nn.Linear(4096, 1024).weight
+        >>> values, indices = topk_activation(h, 128)
+        >>> y = sparse_down_projection(values, indices, w_down.t().contiguous())
+    """
+    return _ops.sparse_down_projection(values, indices, w_down_t, bias)
+
+
+def topk_mlp(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down_t: Tensor,
+             b_down: Optional[Tensor], k: int, *, activation: str = "relu",
+             return_indices: bool = False):
+    """The whole top-k MLP in one op: dense up projection, top-k of the activations, sparse
+    down projection.
+
+    ``y = sparse_down_projection(*topk_activation(x @ w_up.T + b_up, k), w_down_t, b_down)``.
+    The up projection is a dense GEMM, so with top-k alone this beats the dense MLP by less
+    than 2x; the saving is the down projection.
+
+    Args:
+        x: ``[..., d_model]``, float32/bfloat16 (float16 on CUDA, float64 for gradcheck).
+        w_up: ``[d_ff, d_model]`` (``nn.Linear(d_model, d_ff).weight``); b_up ``[d_ff]`` or None.
+        w_down_t: ``[d_ff, d_model]`` (``nn.Linear(d_ff, d_model).weight.T``, contiguous);
+            b_down ``[d_model]`` or None.
+        k: neurons kept per token, ``0 <= k <= d_ff``.
+        activation: ``"relu"`` or ``"gelu"``.
+        return_indices: also return the selected neurons ``[..., k]`` (int64, ascending).
+
+    Returns:
+        ``y [..., d_model]`` in x's dtype (and the indices). Differentiable in x, w_up, b_up,
+        w_down_t and b_down; gradients flow through the selected neurons only (the gradient
+        of the activations is zero outside the top-k set), so a top-k MLP can be trained.
+
+    Example::
+
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(4096, 1024))
+        >>> x = torch.randn(1, 1024)
+        >>> y = topk_mlp(x, mlp[0].weight, mlp[0].bias, mlp[2].weight.t().contiguous(),
+        ...              mlp[2].bias, 123)
+    """
+    y, indices, _ = _ops.topk_mlp(x, w_up, b_up, w_down_t, b_down, k, activation)
+    return (y, indices) if return_indices else y
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
+
+def _with_last(t: Tensor, last) -> list:
+    return [*t.shape[:-1], last]
+
+
+@torch.library.register_fake("leanformer::topk_activation")
+def _topk_activation_fake(h, k, activation):
+    shape = _with_last(h, k)
+    return h.new_empty(shape), h.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("leanformer::topk_activation_backward")
+def _topk_activation_backward_fake(grad_values, h, indices, activation):
+    return h.new_empty(h.shape)
+
+
+@torch.library.register_fake("leanformer::sparse_down_projection")
+def _sparse_down_projection_fake(values, indices, w_down_t, bias):
+    return values.new_empty(_with_last(values, w_down_t.shape[1]))
+
+
+def _maybe(needed: bool, shape, like: Tensor) -> Tensor:
+    return like.new_empty(shape if needed else (0,))
+
+
+@torch.library.register_fake("leanformer::sparse_down_projection_backward")
+def _sparse_down_projection_backward_fake(grad_y, values, indices, w_down_t, output_mask):
+    return (_maybe(output_mask[0], values.shape, values),
+            _maybe(output_mask[1], w_down_t.shape, values),
+            _maybe(output_mask[2], (w_down_t.shape[1],), values))
+
+
+@torch.library.register_fake("leanformer::topk_mlp")
+def _topk_mlp_fake(x, w_up, b_up, w_down_t, b_down, k, activation):
+    shape = _with_last(x, k)
+    return x.new_empty(x.shape), x.new_empty(shape, dtype=torch.long), x.new_empty(shape)
+
+
+@torch.library.register_fake("leanformer::topk_mlp_backward")
+def _topk_mlp_backward_fake(grad_y, x, w_up, w_down_t, h_selected, indices, activation, output_mask):
+    return (_maybe(output_mask[0], x.shape, x), _maybe(output_mask[1], w_up.shape, x),
+            _maybe(output_mask[2], (w_up.shape[0],), x), _maybe(output_mask[3], w_down_t.shape, x),
+            _maybe(output_mask[4], (w_down_t.shape[1],), x))
+
+
+# ---- autograd: each backward is itself a custom op ----
+
+def _topk_activation_setup(ctx, inputs, output):
+    h, k, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(h, output[1])
+
+
+def _topk_activation_backward(ctx, grad_values, grad_indices):
+    h, indices = ctx.saved_tensors
+    if grad_values is None:
+        return None, None, None
+    return _ops.topk_activation_backward(grad_values, h, indices, ctx.activation), None, None
+
+
+torch.library.register_autograd("leanformer::topk_activation", _topk_activation_backward,
+                                setup_context=_topk_activation_setup)
+
+
+def _sparse_down_projection_setup(ctx, inputs, output):
+    values, indices, w_down_t, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(values, indices, w_down_t)
+
+
+def _sparse_down_projection_backward(ctx, grad_y):
+    values, indices, w_down_t = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
+    gv, gw, gb = _ops.sparse_down_projection_backward(grad_y, values, indices, w_down_t, need)
+    return (gv if need[0] else None, None, gw if need[1] else None, gb if need[2] else None)
+
+
+torch.library.register_autograd("leanformer::sparse_down_projection", _sparse_down_projection_backward,
+                                setup_context=_sparse_down_projection_setup)
+
+
+def _topk_mlp_setup(ctx, inputs, output):
+    x, w_up, b_up, w_down_t, b_down, k, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = (b_up is not None, b_down is not None)
+    ctx.mark_non_differentiable(output[2])  # h_selected: saved for the backward, not a result
+    ctx.save_for_backward(x, w_up, w_down_t, output[2], output[1])
+
+
+def _topk_mlp_backward(ctx, grad_y, grad_indices, grad_h_selected):
+    x, w_up, w_down_t, h_selected, indices = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need = [n[0], n[1], ctx.has_bias[0] and n[2], n[3], ctx.has_bias[1] and n[4]]
+    if grad_y is None or not any(need):
+        return (None,) * 7
+    grads = _ops.topk_mlp_backward(grad_y, x, w_up, w_down_t, h_selected, indices, ctx.activation, need)
+    return (*(g if m else None for g, m in zip(grads, need)), None, None)
+
+
+torch.library.register_autograd("leanformer::topk_mlp", _topk_mlp_backward, setup_context=_topk_mlp_setup)
