@@ -1,8 +1,8 @@
-"""Real data that ships with the machine (no downloads): scikit-learn's handwritten digits and
-Python's own pydoc topics as byte-level text."""
+"""Real data that ships with the machine (no downloads): scikit-learn's handwritten digits, and
+Python's own pydoc topics as byte-level text or as English sentences."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,3 +55,34 @@ def sequential_windows(tokens: Tensor, length: int) -> Tensor:
     """Non-overlapping windows ``[n, length + 1]`` covering ``tokens`` (for evaluation)."""
     n = (len(tokens) - 1) // length
     return torch.stack([tokens[i * length:i * length + length + 1] for i in range(n)])
+
+
+def pydoc_sentences(n: Optional[int] = None, seed: int = 0, *, min_words: int = 4,
+                    max_words: int = 80) -> List[str]:
+    """Real English sentences from Python's ``pydoc_data.topics``: the prose paragraphs of every
+    topic (code blocks, grammar rules and headings left out) split into sentences of
+    ``min_words`` to ``max_words`` words, without duplicates. ``n`` of them drawn at random
+    with ``seed`` (all of them, in sorted order, when ``n`` is None). The text is that of the
+    running Python, so the sentences differ between Python versions."""
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    found = set()
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            lines = para.split("\n")
+            if not para.strip() or lines[0].startswith((" ", "\t")) or any(
+                    set(line.strip()) <= set("*=-~^") for line in lines):
+                continue  # a code block, a grammar rule or a heading
+            prose = " ".join(line.strip() for line in lines)
+            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", prose):
+                if min_words <= len(s.split()) <= max_words:
+                    found.add(s)
+    sentences = sorted(found)
+    if n is None:
+        return sentences
+    if n > len(sentences):
+        raise ValueError(f"asked for {n} sentences, pydoc_data.topics has {len(sentences)}")
+    return random.Random(seed).sample(sentences, n)

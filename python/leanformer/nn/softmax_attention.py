@@ -2,6 +2,8 @@
 SLAB's linear attention replaces, used by the models' softmax twins."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,15 +40,25 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask`` (optional, bool ``[B, T]``): True on the real tokens; padded keys are left
+        out of every query's softmax (padded queries still get an output, to be ignored)."""
         B, T, C = x.shape
         if C != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got {tuple(x.shape)}")
+        attn_mask, causal = None, self.causal
+        if mask is not None:
+            if mask.shape != (B, T):
+                raise ValueError(f"mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
+            attn_mask = mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+            if causal:  # scaled_dot_product_attention takes is_causal or a mask, not both
+                attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                causal = False
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).unbind(2)
         if self.rope:
             q, k = rotary(q), rotary(k)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=self.causal)
+                                           attn_mask=attn_mask, is_causal=causal)
         return self.proj(o.transpose(1, 2).reshape(B, T, C))
 
     def extra_repr(self) -> str:
