@@ -1,4 +1,5 @@
-"""The `leanformer` command: `leanformer info`, `leanformer bench` and `leanformer train NAME`."""
+"""The `leanformer` command: `leanformer info`, `leanformer bench`, `leanformer train NAME` and
+`leanformer experiment NAME`."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,18 @@ def bench(argv: List[str]) -> int:
 TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.train.lm_text"}
 
 
+EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm"}
+
+
+def experiment(argv: List[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] not in EXPERIMENTS:
+        print(f"usage: leanformer experiment {{{','.join(EXPERIMENTS)}}} [options] (--help for each)", file=sys.stderr)
+        return 2
+    return importlib.import_module(EXPERIMENTS[argv[0]]).main(argv[1:])
+
+
 def train(argv: List[str]) -> int:
     import importlib
 
@@ -61,12 +74,14 @@ def train(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="leanformer")
-    parser.add_argument("command", choices=["info", "bench", "train"])
+    parser.add_argument("command", choices=["info", "bench", "train", "experiment"])
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info()
     if args.command == "train":
         return train(argv[1:])
+    if args.command == "experiment":
+        return experiment(argv[1:])
     return bench(argv[1:])
 
 

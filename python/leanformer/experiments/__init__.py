@@ -1,0 +1,2 @@
+"""Experiments on real models and data that reproduce the papers' measurements
+(`leanformer experiment NAME`)."""
