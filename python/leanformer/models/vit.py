@@ -87,7 +87,9 @@ class SLABViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (c.in_chans, c.image_size, c.image_size):
             raise ValueError(f"images must be [B, {c.in_chans}, {c.image_size}, {c.image_size}], "
                              f"got {tuple(images.shape)}")
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+        # Contiguous tokens: a transposed residual stream would reach every Linear (after folding
+        # nothing copies it) and turn each into a strided matmul.
+        x = self.patch_embed(images).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         hw = (c.grid, c.grid)
         for block in self.blocks:
             x = block(x, hw=hw)
