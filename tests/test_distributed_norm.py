@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import leanformer
+from conftest import DEVICES
 from leanformer.nn import PRepBN, RepBN
 from leanformer.ops import progressive_norm, rep_batchnorm, sync_rep_batchnorm
 
@@ -39,9 +40,10 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch():
     assert "9 cases x 2 steps compared, 0 mismatches" in proc.stdout, out
 
 
-def make_params(C):
-    return dict(ln_weight=torch.rand(C) + 0.5, ln_bias=torch.randn(C), bn_weight=torch.rand(C) + 0.5,
-                bn_bias=torch.randn(C), alpha=torch.tensor([0.6]))
+def make_params(C, device="cpu"):
+    p = dict(ln_weight=torch.rand(C) + 0.5, ln_bias=torch.randn(C), bn_weight=torch.rand(C) + 0.5,
+             bn_bias=torch.randn(C), alpha=torch.tensor([0.6]))
+    return {k: v.to(device) for k, v in p.items()}
 
 
 def test_without_a_process_group_the_modules_are_unchanged():
@@ -75,37 +77,41 @@ def test_bad_process_group_raises_clear_errors():
         sync_rep_batchnorm(x, torch.ones(8), torch.zeros(8), torch.ones(1), torch.zeros(8), torch.ones(8))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_stats_are_the_sums_over_counted_tokens(dtype, masked):
-    x = (torch.randn(5, 13, 11, dtype=torch.float64) * 3 + 40).to(dtype)
-    mask = torch.rand(5, 13) > 0.4 if masked else None
+def test_stats_are_the_sums_over_counted_tokens(device, dtype, masked):
+    x = (torch.randn(5, 13, 11, dtype=torch.float64) * 3 + 40).to(device, dtype)
+    mask = (torch.rand(5, 13) > 0.4).to(device) if masked else None
     s = _ops.rep_batchnorm_stats(x, mask)
-    assert s.dtype == torch.float64 and s.shape == (23,)
+    assert s.dtype == torch.float64 and s.shape == (23,) and s.device == x.device
     rows = x.double().reshape(-1, 11)
     if masked:
         rows = rows[mask.reshape(-1)]
-    want = torch.cat([rows.sum(0), (rows * rows).sum(0), torch.tensor([float(rows.shape[0])], dtype=torch.float64)])
-    tol = 1e-12 if dtype == torch.float64 else 1e-6  # fp32 blocks inside, shifted by a row
+    count = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=device)
+    want = torch.cat([rows.sum(0), (rows * rows).sum(0), count])
+    tol = 1e-12 if dtype == torch.float64 else 1e-6  # fp32 blocks inside, about shifts in the data
     torch.testing.assert_close(s, want, rtol=tol, atol=tol)
     # no token counted (one rank may have none)
-    s0 = _ops.rep_batchnorm_stats(x, torch.zeros(5, 13, dtype=torch.bool))
-    assert torch.equal(s0, torch.zeros(23, dtype=torch.float64))
+    s0 = _ops.rep_batchnorm_stats(x, torch.zeros(5, 13, dtype=torch.bool, device=device))
+    assert torch.equal(s0, torch.zeros(23, dtype=torch.float64, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gamma", [0.0, 0.35])
 @pytest.mark.parametrize("masked", [False, True])
-def test_backward_reduce_and_elemt_compose_to_the_backward(gamma, masked):
+def test_backward_reduce_and_elemt_compose_to_the_backward(device, gamma, masked):
     """One rank's split backward (column sums, then dx from their means) is the fused one."""
-    x = torch.randn(4, 9, 10) * 2 + 1
-    dy = torch.randn(4, 9, 10)
-    mask = torch.rand(4, 9) > 0.3 if masked else None
-    p = make_params(10)
-    rm, rv = torch.zeros(10), torch.ones(10)
+    x = (torch.randn(4, 9, 10) * 2 + 1).to(device)
+    dy = torch.randn(4, 9, 10).to(device)
+    mask = (torch.rand(4, 9) > 0.3).to(device) if masked else None
+    p = make_params(10, device)
+    rm, rv = torch.zeros(10, device=device), torch.ones(10, device=device)
     _, mean, invstd = _ops.progressive_norm(x, *p.values(), rm, rv, gamma, True, 1e-5, 1e-5, mask)
     want = _ops.progressive_norm_backward(dy, x, p["ln_weight"], p["bn_weight"], p["alpha"], mean, invstd,
                                           gamma, True, 1e-5, mask)
     sums = _ops.progressive_norm_backward_reduce(dy, x, mean, invstd, gamma, 1e-5)
+    assert sums.dtype == torch.float64 and sums.shape == (4, 10) and sums.device == x.device
     count = mask.sum() if masked else 36
     ln_weight = p["ln_weight"] if gamma else None
     dx = _ops.progressive_norm_backward_elemt(dy, x, ln_weight, p["bn_weight"], p["alpha"], mean, invstd,
@@ -117,13 +123,15 @@ def test_backward_reduce_and_elemt_compose_to_the_backward(gamma, masked):
         torch.testing.assert_close(got.float(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_sync_ops_opcheck_and_bad_inputs():
-    x = torch.randn(6, 7, 8)
-    dy = torch.randn(6, 7, 8)
-    mask = torch.rand(6, 7) > 0.2
-    p = make_params(8)
-    mean, invstd = torch.randn(8), torch.rand(8) + 0.5
-    m1, m2 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sync_ops_opcheck_and_bad_inputs(device):
+    x = torch.randn(6, 7, 8, device=device)
+    dy = torch.randn(6, 7, 8, device=device)
+    mask = (torch.rand(6, 7) > 0.2).to(device)
+    p = make_params(8, device)
+    mean, invstd = torch.randn(8, device=device), torch.rand(8, device=device) + 0.5
+    m1 = torch.randn(8, dtype=torch.float64, device=device)
+    m2 = torch.randn(8, dtype=torch.float64, device=device)
     torch.library.opcheck(_ops.rep_batchnorm_stats.default, (x, mask))
     torch.library.opcheck(_ops.progressive_norm_backward_reduce.default, (dy, x, mean, invstd, 0.3, 1e-5))
     torch.library.opcheck(_ops.progressive_norm_backward_elemt.default,

@@ -1,6 +1,7 @@
 // CUDA kernels of RepBN and PRepBN's progressive norm: the ops, semantics and structure of
 // rep_batchnorm_cpu.cpp. One core writes gamma * LayerNorm(x) + (1 - gamma) * RepBN(x);
-// RepBN is the gamma = 0 case, which skips LayerNorm's row statistics.
+// RepBN is the gamma = 0 case, which skips LayerNorm's row statistics. The ops of
+// synchronized (data-parallel) statistics run the same kernels, their passes apart.
 //
 // x is read as [N, C] rows, C contiguous, in two access patterns:
 //   * Column reductions (BN's batch statistics; the backward's column sums): a block owns
@@ -87,6 +88,20 @@ __device__ __forceinline__ void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, i
   mean += delta * frac;
   m2 += m2_b + delta * delta * static_cast<acc_t>(n) * frac;
   n = total;
+}
+
+// Column c's (count, mean, M2) over every row: the num_parts partials of
+// bn_stats_partial_kernel ([num_parts][C] each, counts [num_parts]) merged in order, in fp64.
+template <typename acc_t>
+__device__ __forceinline__ void merge_column_stats(const acc_t* __restrict__ part_mean,
+                                                   const acc_t* __restrict__ part_m2,
+                                                   const int64_t* __restrict__ part_count,
+                                                   int num_parts, int C, int c, int64_t& n,
+                                                   double& mean, double& m2) {
+  n = 0, mean = 0, m2 = 0;
+  for (int p = 0; p < num_parts; ++p)
+    chan_merge<double>(n, mean, m2, part_count[p], part_mean[static_cast<int64_t>(p) * C + c],
+                       part_m2[static_cast<int64_t>(p) * C + c]);
 }
 
 // LayerNorm's row statistics as row_statistics of the CPU file computes them: the mean, then
@@ -197,11 +212,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (c >= C) return;
   acc_t m, is;
   if (training) {
-    int64_t n = 0;
-    double mean = 0, m2 = 0;
-    for (int p = 0; p < num_parts; ++p)
-      chan_merge<double>(n, mean, m2, part_count[p], part_mean[static_cast<int64_t>(p) * C + c],
-                         part_m2[static_cast<int64_t>(p) * C + c]);
+    int64_t n;
+    double mean, m2;
+    merge_column_stats(part_mean, part_m2, part_count, num_parts, C, c, n, mean, m2);
     const double nan = std::numeric_limits<double>::quiet_NaN();
     m = static_cast<acc_t>(n > 1 ? mean : nan);
     is = static_cast<acc_t>(n > 1 ? 1.0 / sqrt(m2 / static_cast<double>(n) + eps) : nan);
@@ -217,6 +230,25 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   coef[C + c] = static_cast<acc_t>((1 - g) * (static_cast<double>(bn_b[c]) - m * wi));
   coef[2 * C + c] = ln_w != nullptr ? static_cast<acc_t>(g * ln_w[c]) : acc_t(0);
   coef[3 * C + c] = ln_b != nullptr ? static_cast<acc_t>(g * ln_b[c]) : acc_t(0);
+}
+
+// rep_batchnorm_stats: per column c the merged (count, mean, M2) unshifted in fp64,
+// out = [sum x] x C, [sum x^2] x C, count. Every partial is about its own mean, so only this
+// merge of fp64 values sees |mean| >> std. No counted row gives exact zeros.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    bn_sums_finalize_kernel(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
+                            const int64_t* __restrict__ part_count, int num_parts, int C,
+                            double* __restrict__ out) {
+  const int c = blockIdx.x * kFinalizeThreads + threadIdx.x;
+  if (c >= C) return;
+  int64_t n;
+  double mean, m2;
+  merge_column_stats(part_mean, part_m2, part_count, num_parts, C, c, n, mean, m2);
+  const double count = static_cast<double>(n);
+  out[c] = count * mean;
+  out[C + c] = m2 + count * mean * mean;
+  if (c == 0) out[2 * C] = count;
 }
 
 // y = gamma * LN(x) + (1 - gamma) * RepBN(x), one warp per row; coef as the finalize wrote it.
@@ -252,7 +284,8 @@ __global__ void __launch_bounds__(kRowPassThreads)
 // Backward.
 
 // LayerNorm's backward per row: rowstat[n] = {mu, rstd, mean(h), mean(h * xhat)} with
-// h = gamma * dy * ln_w, used by the column sums (dy * xhat) and by the dx pass.
+// h = gamma * dy * ln_w, used by the column sums (dy * xhat) and by the dx pass. A null ln_w
+// gives the row statistics alone (the h means 0): all the column sums need.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kRowPassThreads)
     ln_backward_row_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
@@ -265,7 +298,7 @@ __global__ void __launch_bounds__(kRowPassThreads)
     acc_t mu, rstd;
     row_mean_rstd<VEC>(row, C, lane, ln_eps, mu, rstd);
     acc_t sum_h = 0, sum_hx = 0;
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    for (int c = lane * VEC; ln_w != nullptr && c < C; c += 32 * VEC) {
       acc_t v[VEC], g[VEC];
       load_pack<VEC>(row + c, v);
       load_pack<VEC>(grow + c, g);
@@ -342,6 +375,36 @@ __global__ void __launch_bounds__(kColThreads)
   }
 }
 
+// Column c's K sums over every row: the num_parts partials of norm_grad_partial_kernel
+// ([num_parts][K][C]) added in order, in fp64.
+template <int K, typename acc_t>
+__device__ __forceinline__ void sum_column_parts(const acc_t* __restrict__ part, int num_parts,
+                                                 int C, int c, double (&s)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) s[k] = 0;
+  for (int p = 0; p < num_parts; ++p)
+#pragma unroll
+    for (int k = 0; k < K; ++k) s[k] += part[(static_cast<int64_t>(p) * K + k) * C + c];
+}
+
+// Column c's coefficients of the dx pass, coef = [k1, k2, k3] x C, as backward_dx of the CPU
+// file: dx_bn = (1 - gamma) * (dy * k1 + [counted] (x * k2 + k3)), from the column means of
+// dy and dy * xhat_bn over the counted rows (0 in eval). Every row's output depends on the
+// statistics of the counted rows, hence sums over all rows divided by the count.
+template <typename acc_t>
+__device__ __forceinline__ void write_dx_coef(int C, int c, double gamma, double alpha,
+                                              const acc_t* __restrict__ bn_w,
+                                              const acc_t* __restrict__ bn_mean,
+                                              const acc_t* __restrict__ bn_invstd, double mean_dy,
+                                              double mean_dy_xhat, acc_t* __restrict__ coef) {
+  const double g = gamma;
+  const double ip = bn_invstd[c], mp = bn_mean[c];
+  const double wi = static_cast<double>(bn_w[c]) * ip;
+  coef[c] = static_cast<acc_t>((1 - g) * (wi + alpha));
+  coef[C + c] = static_cast<acc_t>((1 - g) * -wi * ip * mean_dy_xhat);
+  coef[2 * C + c] = static_cast<acc_t>((1 - g) * (-wi * mean_dy + wi * mp * ip * mean_dy_xhat));
+}
+
 // One block: merges the column sums of the num_parts partials in order, writes the parameter
 // gradients, and coef = [k1, k2, k3] x C of the dx pass, as norm_backward of the CPU file:
 //   dx_bn = (1 - gamma) * (dy * k1 + [counted, training] (x * k2 + k3)).
@@ -368,11 +431,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   double dy_x = 0;
   for (int c = threadIdx.x; c < C; c += kFinalizeThreads) {
     double s[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) s[k] = 0;
-    for (int p = 0; p < num_parts; ++p)
-#pragma unroll
-      for (int k = 0; k < K; ++k) s[k] += part[(static_cast<int64_t>(p) * K + k) * C + c];
+    sum_column_parts(part, num_parts, C, c, s);
     d_bn_b[c] = static_cast<acc_t>((1 - g) * s[0]);
     d_bn_w[c] = static_cast<acc_t>((1 - g) * s[1]);
     if (d_ln_w != nullptr) {
@@ -380,15 +439,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       d_ln_w[c] = with_ln ? static_cast<acc_t>(g * s[K - 1]) : acc_t(0);
     }
     dy_x += s[2];
-    // Every row's output depends on the statistics of the counted rows, hence sums over all
-    // rows divided by the count.
-    const double ip = bn_invstd[c], mp = bn_mean[c];
-    const double wi = static_cast<double>(bn_w[c]) * ip;
-    const double mean_dy = training ? s[0] * inv_count : 0.0;
-    const double mean_dy_xhat = training ? s[1] * inv_count : 0.0;
-    coef[c] = static_cast<acc_t>((1 - g) * (wi + a));
-    coef[C + c] = static_cast<acc_t>((1 - g) * -wi * ip * mean_dy_xhat);
-    coef[2 * C + c] = static_cast<acc_t>((1 - g) * (-wi * mean_dy + wi * mp * ip * mean_dy_xhat));
+    write_dx_coef(C, c, g, a, bn_w, bn_mean, bn_invstd, training ? s[0] * inv_count : 0.0,
+                  training ? s[1] * inv_count : 0.0, coef);
   }
   // A fixed tree over the threads' partial sums: deterministic.
   __shared__ double sh[kFinalizeThreads];
@@ -399,6 +451,36 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     __syncthreads();
   }
   if (threadIdx.x == 0) d_alpha[0] = static_cast<acc_t>((1 - g) * sh[0]);
+}
+
+// progressive_norm_backward_reduce: column c's sums over every row in fp64, out [4, C] as
+// norm_grad_partial_kernel orders them; the dy * xhat_ln row is 0 without LayerNorm (K = 3).
+template <typename acc_t, int K>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    norm_grad_sums_finalize_kernel(const acc_t* __restrict__ part, int num_parts, int C,
+                                   double* __restrict__ out) {
+  const int c = blockIdx.x * kFinalizeThreads + threadIdx.x;
+  if (c >= C) return;
+  double s[K];
+  sum_column_parts(part, num_parts, C, c, s);
+#pragma unroll
+  for (int k = 0; k < K; ++k) out[k * C + c] = s[k];
+  if constexpr (K == 3) out[3 * C + c] = 0;
+}
+
+// progressive_norm_backward_elemt: coef of the dx pass from the column means of the whole
+// (distributed) batch, mean_dy and mean_dy_xhat fp64 [C].
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    norm_dx_coef_kernel(const acc_t* __restrict__ bn_w, const acc_t* __restrict__ bn_mean,
+                        const acc_t* __restrict__ bn_invstd, const acc_t* __restrict__ alpha,
+                        const double* __restrict__ mean_dy,
+                        const double* __restrict__ mean_dy_xhat, double gamma, int C,
+                        acc_t* __restrict__ coef) {
+  const int c = blockIdx.x * kFinalizeThreads + threadIdx.x;
+  if (c >= C) return;
+  write_dx_coef(C, c, gamma, static_cast<double>(alpha[0]), bn_w, bn_mean, bn_invstd, mean_dy[c],
+                mean_dy_xhat[c], coef);
 }
 
 // dx, one warp per row: the BN branch with coef = [k1, k2, k3] and, WITH_LN, LayerNorm's
@@ -444,13 +526,15 @@ __global__ void __launch_bounds__(kRowPassThreads)
 
 // The row split of the column reductions: at least kMinRowsPerBlock rows a block (a multiple
 // of kRowThreads) and about kTargetColBlocks blocks in all; a function of (N, C) alone.
+// parts = 0 (nothing to launch) when x is empty.
 struct ColumnSplit {
   dim3 grid;
-  int64_t rows_per_block;
-  int parts;  // row blocks
+  int64_t rows_per_block = 0;
+  int parts = 0;  // row blocks
 };
 
 ColumnSplit column_split(int64_t N, int C) {
+  if (N == 0 || C == 0) return {};
   const int64_t col_tiles = (C + kColTile - 1) / kColTile;
   const int64_t max_parts = std::max<int64_t>(1, kTargetColBlocks / col_tiles);
   const int64_t parts = std::min((N + kMinRowsPerBlock - 1) / kMinRowsPerBlock, max_parts);
@@ -465,6 +549,10 @@ unsigned row_pass_blocks(int64_t N) {
   return static_cast<unsigned>(std::min((N + kRowWarps - 1) / kRowWarps, kMaxRowPassBlocks));
 }
 
+unsigned finalize_blocks(int C) {
+  return static_cast<unsigned>((C + kFinalizeThreads - 1) / kFinalizeThreads);
+}
+
 // 16-byte accesses need C to be a multiple of the pack and every row pointer 16-byte aligned.
 template <typename scalar_t>
 bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
@@ -475,17 +563,21 @@ bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// Calls f(std::bool_constant<WITH_LN>{}): the kernel variant with or without LayerNorm.
+template <typename F>
+void with_ln_variant(bool with_ln, const F& f) {
+  if (with_ln)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 // Calls f(std::integral_constant<int, VEC>{}, std::bool_constant<WITH_LN>{}) for the row
 // pass variant: the 16-byte pack or one element, with or without the LayerNorm branch.
 template <typename scalar_t, typename F>
 void with_row_variant(bool vectorize, bool with_ln, const F& f) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  auto ln = [&](auto vec) {
-    if (with_ln)
-      f(vec, std::true_type{});
-    else
-      f(vec, std::false_type{});
-  };
+  auto ln = [&](auto vec) { with_ln_variant(with_ln, [&](auto l) { f(vec, l); }); };
   if (vectorize)
     ln(std::integral_constant<int, kVec>{});
   else
@@ -497,13 +589,96 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-void check_sizes(int64_t N, int64_t C, bool training, bool masked) {
+int checked_columns(int64_t C) {
   TORCH_CHECK(C <= INT_MAX, "x.shape[-1] = ", C, " is over the CUDA kernels' limit of ", INT_MAX);
+  return static_cast<int>(C);
+}
+
+void check_sizes(int64_t N, int64_t C, bool training, bool masked) {
+  checked_columns(C);
   // The count of a mask is on the device: kernels turn a count <= 1 into NaN statistics.
   TORCH_CHECK(!training || N > 1, "batch norm: training needs more than one ",
               masked ? "unmasked " : "", "token per channel to estimate statistics, got ", N,
               masked ? " tokens in all" : "");
 }
+
+// The per-row-block statistics of the counted rows: part_stats [2, split.parts, C] (mean, M2
+// per row block and column) and part_count [split.parts].
+template <typename scalar_t, typename acc_t>
+void launch_bn_stats_partials(const scalar_t* x, const bool* mask, int64_t N, int C,
+                              const ColumnSplit& split, acc_t* part_stats, int64_t* part_count,
+                              cudaStream_t stream) {
+  if (split.parts == 0) return;
+  bn_stats_partial_kernel<scalar_t, acc_t><<<split.grid, dim3(kColTile, kRowThreads), 0, stream>>>(
+      x, mask, N, C, split.rows_per_block, part_stats,
+      part_stats + static_cast<int64_t>(split.parts) * C, part_count);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernel launches of a backward over x and dy [N, C] (contiguous) on one stream; rowstat
+// [N, 4] holds LayerNorm's per-row backward statistics when with_ln.
+template <typename scalar_t, typename acc_t>
+struct BackwardPasses {
+  const scalar_t* x;
+  const scalar_t* dy;
+  const bool* mask;  // the counted rows; null: all
+  int64_t N;
+  int C;
+  bool with_ln;
+  bool vectorize;  // the row passes' 16-byte accesses (x, dy and dx aligned)
+  acc_t* rowstat;
+  cudaStream_t stream;
+
+  // Over x and dy [N, C] (contiguous) on the current stream; dx, when defined, the output the
+  // row passes write (in the alignment check of their 16-byte accesses).
+  static BackwardPasses make(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mask,
+                             const at::Tensor& dx, int64_t N, int C, bool with_ln,
+                             const at::Tensor& rowstat) {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = dy.data_ptr<scalar_t>();
+    const void* out = dx.defined() ? dx.data_ptr() : nullptr;
+    return {xp, gp, ptr_or_null<bool>(mask), N, C, with_ln,
+            can_vectorize<scalar_t>(C, {xp, gp, out}), rowstat.data_ptr<acc_t>(),
+            at::cuda::getCurrentCUDAStream()};
+  }
+
+  // rowstat (with_ln); ln_w null: the row statistics alone, for the column sums.
+  void ln_rows(const acc_t* ln_w, acc_t gamma, double ln_eps) const {
+    if (!with_ln || N == 0 || C == 0) return;
+    with_row_variant<scalar_t>(vectorize, false, [&](auto vec, auto) {
+      ln_backward_row_kernel<scalar_t, acc_t, decltype(vec)::value>
+          <<<row_pass_blocks(N), kRowPassThreads, 0, stream>>>(x, dy, ln_w, gamma, N, C, ln_eps,
+                                                               rowstat);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  // The column sums per row block, part [split.parts, with_ln ? 4 : 3, C], and with a mask the
+  // counted rows per row block, part_count [split.parts]. After ln_rows.
+  void column_sums(const ColumnSplit& split, const acc_t* bn_mean, const acc_t* bn_invstd,
+                   acc_t* part, int64_t* part_count) const {
+    if (split.parts == 0) return;
+    with_ln_variant(with_ln, [&](auto ln) {
+      norm_grad_partial_kernel<scalar_t, acc_t, decltype(ln)::value>
+          <<<split.grid, dim3(kColTile, kRowThreads), 0, stream>>>(
+              x, dy, mask, bn_mean, bn_invstd, rowstat, N, C, split.rows_per_block, part,
+              mask != nullptr ? part_count : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  // dx with coef = [k1, k2, k3] x C; counted rows get the statistics term when training.
+  // After ln_rows with ln_w.
+  void dx(bool training, const acc_t* coef, const acc_t* ln_w, acc_t gamma, scalar_t* out) const {
+    if (N == 0 || C == 0) return;
+    with_row_variant<scalar_t>(vectorize, with_ln, [&](auto vec, auto ln) {
+      norm_dx_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(ln)::value>
+          <<<row_pass_blocks(N), kRowPassThreads, 0, stream>>>(x, dy, mask, training, coef, ln_w,
+                                                               gamma, rowstat, N, C, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args, int64_t N,
                                                             int64_t C64) {
@@ -525,8 +700,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
   const at::Tensor rm = args.training ? at::Tensor() : args.running_mean.contiguous();
   const at::Tensor rv = args.training ? at::Tensor() : args.running_var.contiguous();
   if (C == 0) return {y, mean, invstd};
-  const ColumnSplit split = column_split(N, C);
-  const int parts = args.training ? split.parts : 0;
+  const ColumnSplit split = args.training ? column_split(N, C) : ColumnSplit{};
+  const int parts = split.parts;
   auto part_stats = at::empty({2, parts, C}, popts);
   auto part_count = at::empty({parts}, x.options().dtype(at::kLong));
   auto coef = at::empty({4, C}, popts);
@@ -535,20 +710,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     acc_t* part_mean = part_stats.data_ptr<acc_t>();
-    acc_t* part_m2 = part_mean + static_cast<int64_t>(parts) * C;
-    if (parts > 0) {
-      bn_stats_partial_kernel<scalar_t, acc_t><<<split.grid, dim3(kColTile, kRowThreads), 0, stream>>>(
-          xp, ptr_or_null<bool>(mask), N, C, split.rows_per_block, part_mean, part_m2,
-          part_count.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    norm_forward_finalize_kernel<acc_t>
-        <<<(C + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0, stream>>>(
-            part_mean, part_m2, part_count.data_ptr<int64_t>(), parts, C, args.training,
-            ptr_or_null<acc_t>(rm), ptr_or_null<acc_t>(rv), args.bn_eps, w.data_ptr<acc_t>(),
-            b.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), with_ln ? lw.data_ptr<acc_t>() : nullptr,
-            with_ln ? lb.data_ptr<acc_t>() : nullptr, args.gamma, mean.data_ptr<acc_t>(),
-            invstd.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
+    launch_bn_stats_partials(xp, ptr_or_null<bool>(mask), N, C, split, part_mean,
+                             part_count.data_ptr<int64_t>(), stream);
+    norm_forward_finalize_kernel<acc_t><<<finalize_blocks(C), kFinalizeThreads, 0, stream>>>(
+        part_mean, part_mean + static_cast<int64_t>(parts) * C, part_count.data_ptr<int64_t>(),
+        parts, C, args.training, ptr_or_null<acc_t>(rm), ptr_or_null<acc_t>(rv), args.bn_eps,
+        w.data_ptr<acc_t>(), b.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(),
+        with_ln ? lw.data_ptr<acc_t>() : nullptr, with_ln ? lb.data_ptr<acc_t>() : nullptr,
+        args.gamma, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (N == 0) return;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -567,9 +736,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
 std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArgs& args,
                                       const at::Tensor& mean_in, const at::Tensor& invstd_in,
                                       int64_t N, int64_t C64) {
-  TORCH_CHECK(C64 <= INT_MAX, "x.shape[-1] = ", C64, " is over the CUDA kernels' limit of ", INT_MAX);
+  const int C = checked_columns(C64);
   const at::cuda::CUDAGuard device_guard(args.x.device());
-  const int C = static_cast<int>(C64);
   const auto x = args.x.contiguous(), grad_y = grad_y_in.contiguous();
   const auto mask = args.mask ? args.mask->contiguous() : at::Tensor();
   const auto mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
@@ -588,7 +756,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
   }
   const int K = with_ln ? 4 : 3;
   const ColumnSplit split = column_split(N, C);
-  const int parts = N > 0 && C > 0 ? split.parts : 0;
+  const int parts = split.parts;
   auto part = at::empty({parts, K, C}, popts);
   auto part_count = at::empty({mask.defined() ? parts : 0}, x.options().dtype(at::kLong));
   auto coef = at::empty({3, C}, popts);
@@ -596,38 +764,16 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
     const acc_t* lwp = ptr_or_null<acc_t>(lw);
     const acc_t g = static_cast<acc_t>(args.gamma);
-    const bool* maskp = ptr_or_null<bool>(mask);
-    const bool vectorize = can_vectorize<scalar_t>(C, {xp, gp, dxp});
-    acc_t* rowp = rowstat.data_ptr<acc_t>();
-    if (with_ln && N > 0) {
-      with_row_variant<scalar_t>(vectorize, false, [&](auto vec, auto) {
-        ln_backward_row_kernel<scalar_t, acc_t, decltype(vec)::value>
-            <<<row_pass_blocks(N), kRowPassThreads, 0, stream>>>(xp, gp, lwp, g, N, C,
-                                                                 args.ln_eps, rowp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    if (parts > 0) {
-      auto launch = [&](auto ln) {
-        norm_grad_partial_kernel<scalar_t, acc_t, decltype(ln)::value>
-            <<<split.grid, dim3(kColTile, kRowThreads), 0, stream>>>(
-                xp, gp, maskp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), rowp, N, C,
-                split.rows_per_block, part.data_ptr<acc_t>(),
-                mask.defined() ? part_count.data_ptr<int64_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (with_ln)
-        launch(std::true_type{});
-      else
-        launch(std::false_type{});
-    }
-    auto finalize = [&](auto k) {
-      norm_backward_finalize_kernel<acc_t, decltype(k)::value><<<1, kFinalizeThreads, 0, stream>>>(
+    const auto pass =
+        BackwardPasses<scalar_t, acc_t>::make(x, grad_y, mask, dx, N, C, with_ln, rowstat);
+    pass.ln_rows(lwp, g, args.ln_eps);
+    pass.column_sums(split, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                     part.data_ptr<acc_t>(), part_count.data_ptr<int64_t>());
+    with_ln_variant(with_ln, [&](auto ln) {
+      constexpr int K = decltype(ln)::value ? 4 : 3;
+      norm_backward_finalize_kernel<acc_t, K><<<1, kFinalizeThreads, 0, stream>>>(
           part.data_ptr<acc_t>(), mask.defined() ? part_count.data_ptr<int64_t>() : nullptr,
           parts, N, C, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
           alpha.data_ptr<acc_t>(), args.gamma, args.training, d_bn_w.data_ptr<acc_t>(),
@@ -635,27 +781,134 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
           d_ln_b.defined() ? d_ln_b.data_ptr<acc_t>() : nullptr, d_alpha.data_ptr<acc_t>(),
           coef.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (with_ln)
-      finalize(std::integral_constant<int, 4>{});
-    else
-      finalize(std::integral_constant<int, 3>{});
-    if (N == 0 || C == 0) return;
-    with_row_variant<scalar_t>(vectorize, with_ln, [&](auto vec, auto ln) {
-      norm_dx_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(ln)::value>
-          <<<row_pass_blocks(N), kRowPassThreads, 0, stream>>>(xp, gp, maskp, args.training,
-                                                               coef.data_ptr<acc_t>(), lwp, g,
-                                                               rowp, N, C, dxp);
+    });
+    pass.dx(args.training, coef.data_ptr<acc_t>(), lwp, g, dx.data_ptr<scalar_t>());
+  });
+  return {dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops of synchronized (data-parallel) statistics, as rep_batchnorm_cpu.cpp defines them:
+// the passes of the two cores above apart, so that a collective can run between them.
+
+// fp64 [2C + 1]: sum x and sum x^2 over the counted rows per channel, then the count.
+at::Tensor rep_batchnorm_stats_cuda(const at::Tensor& x_in,
+                                    const std::optional<at::Tensor>& mask_in) {
+  const RepBNShape s = check_norm_input(x_in, mask_in);
+  const int C = checked_columns(s.C);
+  const at::cuda::CUDAGuard device_guard(x_in.device());
+  if (C == 0) return at::zeros({1}, x_in.options().dtype(at::kDouble));
+  const auto x = x_in.contiguous();
+  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  auto out = at::empty({2 * static_cast<int64_t>(C) + 1}, x.options().dtype(at::kDouble));
+  const ColumnSplit split = column_split(s.N, C);
+  const auto popts = x.options().dtype(rep_batchnorm_param_dtype(x));
+  auto part_stats = at::empty({2, split.parts, C}, popts);
+  auto part_count = at::empty({split.parts}, x.options().dtype(at::kLong));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rep_batchnorm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* part_mean = part_stats.data_ptr<acc_t>();
+    launch_bn_stats_partials(x.data_ptr<scalar_t>(), ptr_or_null<bool>(mask), s.N, C, split,
+                             part_mean, part_count.data_ptr<int64_t>(), stream);
+    bn_sums_finalize_kernel<acc_t><<<finalize_blocks(C), kFinalizeThreads, 0, stream>>>(
+        part_mean, part_mean + static_cast<int64_t>(split.parts) * C,
+        part_count.data_ptr<int64_t>(), split.parts, C, out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// fp64 [4, C]: the column sums over every row of dy, dy * xhat_bn, dy * x and (gamma != 0)
+// dy * xhat_ln, zeros otherwise.
+at::Tensor progressive_norm_backward_reduce_cuda(const at::Tensor& grad_y_in,
+                                                 const at::Tensor& x_in, const at::Tensor& mean_in,
+                                                 const at::Tensor& invstd_in, double gamma,
+                                                 double ln_eps) {
+  const RepBNShape s =
+      check_norm_backward_reduce_inputs(grad_y_in, x_in, mean_in, invstd_in, gamma);
+  const int C = checked_columns(s.C);
+  const int64_t N = s.N;
+  const at::cuda::CUDAGuard device_guard(x_in.device());
+  const auto x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const auto mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  auto out = at::empty({4, C}, x.options().dtype(at::kDouble));
+  if (C == 0) return out;
+  const bool with_ln = gamma != 0.0;
+  const auto popts = mean.options();
+  const ColumnSplit split = column_split(N, C);
+  auto part = at::empty({split.parts, with_ln ? 4 : 3, C}, popts);
+  auto rowstat = at::empty({with_ln ? N : 0, 4}, popts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor none;  // every row counts: no mask; no dx
+    const auto pass =
+        BackwardPasses<scalar_t, acc_t>::make(x, grad_y, none, none, N, C, with_ln, rowstat);
+    pass.ln_rows(nullptr, acc_t(0), ln_eps);
+    pass.column_sums(split, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                     part.data_ptr<acc_t>(), nullptr);
+    with_ln_variant(with_ln, [&](auto ln) {
+      constexpr int K = decltype(ln)::value ? 4 : 3;
+      norm_grad_sums_finalize_kernel<acc_t, K>
+          <<<finalize_blocks(C), kFinalizeThreads, 0, stream>>>(part.data_ptr<acc_t>(), split.parts,
+                                                                C, out.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {dx, d_ln_w, d_ln_b, d_bn_w, d_bn_b, d_alpha};
+  return out;
+}
+
+// dx with the column means of the whole batch (mean_dy, mean_dy_xhat fp64 [C]); the rows
+// where mask is true (all without one) get the statistics term.
+at::Tensor progressive_norm_backward_elemt_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const std::optional<at::Tensor>& ln_weight,
+    const at::Tensor& bn_weight, const at::Tensor& alpha_in, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, const at::Tensor& mean_dy_in, const at::Tensor& mean_dy_xhat_in,
+    double gamma, double ln_eps, const std::optional<at::Tensor>& mask_in) {
+  const RepBNShape s = check_norm_backward_elemt_inputs(grad_y_in, x_in, ln_weight, bn_weight,
+                                                        alpha_in, mean_in, invstd_in, mean_dy_in,
+                                                        mean_dy_xhat_in, gamma, mask_in);
+  const int C = checked_columns(s.C);
+  const int64_t N = s.N;
+  const at::cuda::CUDAGuard device_guard(x_in.device());
+  const auto x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  auto dx = at::empty(x.sizes(), x.options());
+  if (N == 0 || C == 0) return dx;
+  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  const auto mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const auto w = bn_weight.contiguous(), alpha = alpha_in.contiguous();
+  const auto mdy = mean_dy_in.contiguous(), mdyx = mean_dy_xhat_in.contiguous();
+  const bool with_ln = gamma != 0.0;
+  const at::Tensor lw = with_ln ? ln_weight->contiguous() : at::Tensor();
+  const auto popts = w.options();
+  auto coef = at::empty({3, C}, popts);
+  auto rowstat = at::empty({with_ln ? N : 0, 4}, popts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* lwp = ptr_or_null<acc_t>(lw);
+    const acc_t g = static_cast<acc_t>(gamma);
+    const auto pass =
+        BackwardPasses<scalar_t, acc_t>::make(x, grad_y, mask, dx, N, C, with_ln, rowstat);
+    pass.ln_rows(lwp, g, ln_eps);
+    norm_dx_coef_kernel<acc_t><<<finalize_blocks(C), kFinalizeThreads, 0, stream>>>(
+        w.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+        alpha.data_ptr<acc_t>(), mdy.data_ptr<double>(), mdyx.data_ptr<double>(), gamma, C,
+        coef.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pass.dx(true, coef.data_ptr<acc_t>(), lwp, g, dx.data_ptr<scalar_t>());
+  });
+  return dx;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(leanformer, CUDA, m) {
   register_norm_ops<&norm_forward, &norm_backward>(m);
+  m.impl("rep_batchnorm_stats", &rep_batchnorm_stats_cuda);
+  m.impl("progressive_norm_backward_reduce", &progressive_norm_backward_reduce_cuda);
+  m.impl("progressive_norm_backward_elemt", &progressive_norm_backward_elemt_cuda);
 }
 
 }  // namespace leanformer

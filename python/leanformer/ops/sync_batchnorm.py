@@ -14,9 +14,14 @@ dy * xhat over every token (the output of every token depends on the statistics)
 grad_x with them divided by the global count. Parameter gradients stay local (DDP averages
 them). Every rank of the group must call forward and backward, as with SyncBatchNorm.
 
-Precision: the shard sums are unshifted fp64 (each accumulated about a per-channel shift, then
-unshifted), so the variance E[x^2] - E[x]^2 loses about log10(mean^2 / var) of fp64's 16 digits:
-below fp32 resolution unless |mean| / std exceeds ~1e4.
+The three ops have CPU and CUDA kernels, for x (and mask) on either device with a process
+group whose backend serves it (gloo on CPU, NCCL on CUDA). The CUDA ones are deterministic
+(no atomics) and do not sync with the host; the forward here reads the global count once.
+
+Precision: the shard sums are unshifted fp64 (each accumulated about shifts taken from the
+data, near the channel's values, then unshifted in fp64), so the variance E[x^2] - E[x]^2
+loses about log10(mean^2 / var) of fp64's 16 digits: below fp32 resolution unless |mean| / std
+exceeds ~1e4.
 """
 from __future__ import annotations
 
