@@ -50,7 +50,8 @@ def bench(argv: List[str]) -> int:
 TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.train.lm_text"}
 
 
-EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm"}
+EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm",
+               "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm"}
 
 
 def experiment(argv: List[str]) -> int:

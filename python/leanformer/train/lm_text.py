@@ -24,9 +24,10 @@ from leanformer.train import report
 from leanformer.train.loop import train
 
 
-def config(steps: int) -> LMConfig:
+def config(steps: int, activation: str = "gelu") -> LMConfig:
     # PRepBN's decay ends at 60% of the run (SLAB's authors warn it must end well before training does).
-    return LMConfig(vocab_size=256, dim=192, depth=4, num_heads=3, prepbn_steps=int(0.6 * steps))
+    return LMConfig(vocab_size=256, dim=192, depth=4, num_heads=3, activation=activation,
+                    prepbn_steps=int(0.6 * steps))
 
 
 def lm_loss(model, batch):
@@ -44,6 +45,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
     p.add_argument("--out", default=os.path.join("bench", "results"))
+    p.add_argument("--activation", default="gelu", choices=["gelu", "relu"],
+                   help="MLP activation (relu for the Lazy Neuron measurement)")
     p.add_argument("--save", default=None, help="folder to save the trained SLAB LM in")
     args = p.parse_args(argv)
 
@@ -55,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"val_ppl": math.exp(sum(losses) / len(losses))}
 
     curves, models = {}, {}
-    for name, cfg in (("SLAB (SLA + PRepBN)", config(args.steps)), ("twin (softmax + LayerNorm)", config(args.steps).twin())):
+    for name, cfg in (("SLAB (SLA + PRepBN)", config(args.steps, args.activation)),
+                      ("twin (softmax + LayerNorm)", config(args.steps, args.activation).twin())):
         torch.manual_seed(args.seed)
         model = SLABLM(cfg)
         data = random_windows(train_tokens, args.batch, args.length, torch.Generator().manual_seed(args.seed))
@@ -75,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = {
         "train_bytes": len(train_tokens), "val_bytes": len(val_tokens),
         "val_bytes_evaluated": val.shape[0] * args.length, "steps": args.steps, "batch": args.batch,
-        "length": args.length, "config": vars(config(args.steps)),
+        "length": args.length, "config": vars(config(args.steps, args.activation)),
         "final": {k: v[-1] for k, v in curves.items()},
         "fold": {"max_abs_logit_diff": (after - before).abs().max().item(),
                  "same_next_byte": int((after.argmax(-1) == before.argmax(-1)).sum()),
