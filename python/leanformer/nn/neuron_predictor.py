@@ -14,6 +14,7 @@ and :class:`PredictedSparseMLP` computes only those k rows of ``W_up`` and ``W_d
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Dict, Optional
@@ -70,9 +71,9 @@ def _true_topk(mlp: nn.Module, x: Tensor, k: int, activation: str) -> Tensor:
 
 
 def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, rank: int = 64,
-                  predictor: Optional[NeuronPredictor] = None, batch_size: int = 256, lr: float = 3e-3,
-                  activation: Optional[str] = None, svd_init: bool = True, seed: int = 0,
-                  progress: bool = False) -> NeuronPredictor:
+                  predictor: Optional[NeuronPredictor] = None, batch_size: int = 256, lr: float = 1e-3,
+                  activation: Optional[str] = None, svd_init: bool = True, holdout: float = 0.1,
+                  seed: int = 0, progress: bool = False) -> NeuronPredictor:
     """Trains a :class:`NeuronPredictor` on ``mlp``'s own activations.
 
     Targets: the top-k set of ``act(mlp.fc1(x))`` per row (multi-hot); loss: binary cross
@@ -90,6 +91,9 @@ def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, r
         activation: defaults to ``mlp.activation``.
         svd_init: start from the truncated SVD of ``fc1`` (see
             :meth:`NeuronPredictor.init_from_svd`), which converges much faster.
+        holdout: share of ``inputs`` (the last rows) kept out of training to measure the
+            recall at the start and every ``steps // 5`` steps; the best state is returned
+            (BCE is a proxy of the top-k recall and can lower it, e.g. from a good SVD start).
     """
     activation = activation or getattr(mlp, "activation", "relu")
     dim, hidden = mlp.fc1.in_features, mlp.fc1.out_features
@@ -100,6 +104,17 @@ def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, r
         predictor = NeuronPredictor(dim, hidden, rank).to(inputs)
         if svd_init:
             predictor.init_from_svd(mlp.fc1.weight, mlp.fc1.bias)
+    n_val = int(holdout * inputs.shape[0]) if inputs.shape[0] > 1 else 0
+    inputs, val = (inputs[:-n_val], inputs[-n_val:]) if n_val else (inputs, None)
+
+    def score() -> float:
+        predictor.eval()
+        r = recall(predictor, mlp, val, k, activation=activation)["recall"]
+        predictor.train()
+        return r
+
+    best = (score(), copy.deepcopy(predictor.state_dict())) if val is not None else None
+    check_every = max(1, steps // 5)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(predictor.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
@@ -109,7 +124,7 @@ def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, r
         from tqdm import tqdm
         it = tqdm(it, desc="fit predictor", unit="step", file=sys.stderr, leave=False)
     predictor.train()
-    for _ in it:
+    for step in it:
         x = inputs[torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=g)]
         with torch.no_grad():
             target = torch.zeros(x.shape[0], hidden, dtype=x.dtype, device=x.device)
@@ -119,6 +134,12 @@ def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, r
         loss.backward()
         opt.step()
         sched.step()
+        if best is not None and ((step + 1) % check_every == 0 or step + 1 == steps):
+            r = score()
+            if r > best[0]:
+                best = (r, copy.deepcopy(predictor.state_dict()))
+    if best is not None:
+        predictor.load_state_dict(best[1])
     return predictor.eval()
 
 

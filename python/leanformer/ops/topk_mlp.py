@@ -275,6 +275,10 @@ def _predicted_sparse_mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w_up, w_down_t, output[1], indices)
 
 
-# The same gradients as topk_mlp's (x, w_up, w_down_t, h_selected, indices saved alike).
-torch.library.register_autograd("leanformer::predicted_sparse_mlp", _topk_mlp_backward,
+def _predicted_sparse_mlp_backward(ctx, grad_y, grad_h_selected):
+    # The same gradients as topk_mlp's (x, w_up, w_down_t, h_selected, indices saved alike).
+    return _topk_mlp_backward(ctx, grad_y, None, grad_h_selected)
+
+
+torch.library.register_autograd("leanformer::predicted_sparse_mlp", _predicted_sparse_mlp_backward,
                                 setup_context=_predicted_sparse_mlp_setup)
