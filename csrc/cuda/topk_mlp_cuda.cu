@@ -237,10 +237,11 @@ __global__ void __launch_bounds__(kColTile)
 // products x . w_up[idx]), h = act(round(h + b_up[idx])), and pre = round(h + b_up[idx]).
 template <typename scalar_t, typename acc_t>
 __global__ void bias_activation_kernel(acc_t* __restrict__ h, const int64_t* __restrict__ idx,
-                                       int64_t pairs, const scalar_t* __restrict__ b_up,
+                                       int64_t pairs, int64_t d_ff, const scalar_t* __restrict__ b_up,
                                        bool gelu, scalar_t* __restrict__ pre) {
   const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (p >= pairs) return;
+  CUDA_KERNEL_ASSERT(idx[p] >= 0 && idx[p] < d_ff && "indices must be in [0, d_ff)");
   const scalar_t v = static_cast<scalar_t>(h[p] + (b_up ? static_cast<acc_t>(b_up[idx[p]]) : acc_t(0)));
   pre[p] = v;
   const acc_t a = static_cast<acc_t>(v);
@@ -337,7 +338,7 @@ struct CudaKernels {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_up.scalar_type(), "bias_activation_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         bias_activation_kernel<scalar_t, acc_t><<<blocks_for(pairs, 256), 256, 0, stream>>>(
-            h.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs,
+            h.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, w_up.size(0),
             b_up.defined() ? b_up.data_ptr<scalar_t>() : nullptr, act == Activation::kGelu,
             pre.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
