@@ -6,6 +6,9 @@ Shapes of the issue: d_model 1024, d_ff 4096, N tokens in {1, 4, 64}, k / d_ff i
   dense (zero-filled) activations with the down projection's weight;
 - topk_mlp: the fused op vs the dense eager MLP (F.linear + ReLU + F.linear, no top-k) and vs
   dense + torch.topk masking (the same math as the op, in eager PyTorch);
+- predicted_sparse_mlp: Deja Vu's predicted sparse MLP, predictor included (a NeuronPredictor
+  of rank d_model / 8, the top-k of its scores, then predicted_sparse_mlp reading k rows of
+  each weight) vs the dense eager MLP;
 plus topk_activation vs torch.topk at 3%, and one training step (fwd+bwd) at N = 64.
 """
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case
-from leanformer.ops import sparse_down_projection, topk_activation, topk_mlp
+from leanformer.nn import NeuronPredictor
+from leanformer.ops import predicted_sparse_mlp, sparse_down_projection, topk_activation, topk_mlp
 
 D_MODEL, D_FF = 1024, 4096
 ROWS = (1, 4, 64)
@@ -45,10 +49,14 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
     w_down_t = w_down.t().contiguous()
     weights = (w_up, b_up, w_down_t, w_down, b_down)
     on_cpu = device == "cpu"
+    torch.manual_seed(0)
+    predictor = NeuronPredictor(d_model, d_ff, max(1, d_model // 8)).to(device=device, dtype=dtype).eval()
     out = []
     for n, ratio in itertools.product(rows, ratios):
         k = max(1, round(ratio * d_ff))
-        out += _shape_cases(randn(n, d_model), weights, k, ratio, on_cpu)
+        x = randn(n, d_model)
+        out += _shape_cases(x, weights, k, ratio, on_cpu)
+        out += _predicted_cases(x, weights, predictor, k, ratio, on_cpu)
     out += _activation_cases(randn(rows[0], d_ff), round(0.03 * d_ff) or 1)
     out += _training_cases(randn(rows[-1], d_model), weights, round(0.1 * d_ff) or 1)
     return out
@@ -70,6 +78,21 @@ def _shape_cases(x, weights, k, ratio, on_cpu):
               "dense_torch_topk": lambda: _dense_topk_mlp(x, w_up, b_up, w_down, b_down, k)},
              {"dense_eager": 1.8} if targets else {}),
     ]
+
+
+def _predicted_cases(x, weights, predictor, k, ratio, on_cpu):
+    w_up, b_up, w_down_t, w_down, b_down = weights
+    n, d_ff = x.shape[0], w_up.shape[0]
+    label = f"N={n} k={k}/{d_ff} ({ratio:.0%}) rank={predictor.down.out_features}"
+
+    def ours():
+        with torch.no_grad():
+            return predicted_sparse_mlp(x, w_up, b_up, w_down_t, b_down, predictor.predict(x, k))
+
+    targets = on_cpu and n == 1 and ratio == 0.03 and d_ff == D_FF
+    return [Case("predicted_sparse_mlp", label, "fwd", ours,
+                 {"dense_eager": lambda: _dense_mlp(x, w_up, b_up, w_down, b_down)},
+                 {"dense_eager": 4.0} if targets else {})]
 
 
 def _activation_cases(h, k):

@@ -94,4 +94,11 @@ TORCH_LIBRARY(leanformer, m) {
       "topk_mlp_backward(Tensor grad_y, Tensor x, Tensor w_up, Tensor w_down_t, "
       "Tensor h_selected, Tensor indices, str activation, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The MLP on predicted neurons (Deja Vu): indices [..., k] int64 per row of x, e.g. the
+  // top-k of an active-neuron predictor. y = b_down + sum_j act(x . w_up[idx_j] + b_up[idx_j])
+  // * w_down_t[idx_j]; only those k rows of w_up and w_down_t are read. Returns (y [..., d_model],
+  // h_selected [..., k] = the pre-activations at the indices); the backward is topk_mlp_backward.
+  m.def(
+      "predicted_sparse_mlp(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down_t, Tensor? b_down, "
+      "Tensor indices, str activation) -> (Tensor, Tensor)");
 }

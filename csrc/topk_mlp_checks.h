@@ -143,6 +143,28 @@ inline void check_topk_mlp_inputs(const at::Tensor& x, const at::Tensor& w_up,
   check_k(k, d_ff);
 }
 
+// predicted_sparse_mlp: the topk_mlp arguments with k = indices.shape[-1] and indices
+// [..., k] int64 (the predicted neurons of each row of x).
+inline void check_predicted_sparse_mlp_inputs(const at::Tensor& x, const at::Tensor& w_up,
+                                              const std::optional<at::Tensor>& b_up,
+                                              const at::Tensor& w_down_t,
+                                              const std::optional<at::Tensor>& b_down,
+                                              const at::Tensor& indices) {
+  TORCH_CHECK(x.dim() >= 1, "x must be [..., d_model] with at least one dimension, got a scalar");
+  TORCH_CHECK(indices.dim() == x.dim() &&
+                  indices.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              "indices must be [..., k] with the leading dims of x ", x.sizes(), ", got ",
+              indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64 (torch.long), got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.device() == x.device(), "indices is on ", indices.device(), " but x is on ",
+              x.device());
+  const int64_t k = indices.dim() ? indices.size(-1) : 0;
+  TORCH_CHECK(w_up.dim() != 2 || k <= w_up.size(0), "indices must have at most d_ff = ",
+              w_up.size(0), " (w_up.shape[0]) entries per row, got k = ", k);
+  check_topk_mlp_inputs(x, w_up, b_up, w_down_t, b_down, k);
+}
+
 inline void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
                        const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(grad.sizes() == shape, name, " must have shape ", shape, ", got ", grad.sizes());

@@ -7,6 +7,8 @@
 // be in the top k, so nth_element only sorts out the few candidates in the boundary bin.
 // gather_rows / gather_dot / scatter_rows: the selected rows of the table are read as
 // contiguous slices of 256-bit vectors (AVX2 clone where available, see small_gemm.h).
+// gather_mlp (predicted_sparse_mlp) chains the two: gathered dots with w_up's rows, then
+// a gathered accumulation of w_down_t's rows, split over the k neurons for a few rows.
 // gather_rows tiles (row block x column block): with few rows the columns are split over
 // the threads, with many rows a task's rows share its column slice of the table in cache.
 #include <ATen/Dispatch.h>
@@ -388,6 +390,65 @@ struct CpuKernels {
           p = stop;
         }
       });
+    });
+  }
+
+  // Per task: one row's chunk of neurons. Their pre-activations are gathered dot products
+  // with w_up's rows, their activations scale a gathered accumulation of w_down_t's rows. For
+  // a few rows (decode) each row's k neurons are split into chunks of at least
+  // kNeuronsPerSplit (so both the up and the down rows are shared out over the threads) whose
+  // fp32 partial outputs are then summed in chunk order; the split depends only on (N, k), not
+  // on the thread count, so results are reproducible. From kMaxDenseRows rows on, a task is a
+  // whole row.
+  static void gather_mlp(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& w_up,
+                         const at::Tensor& b_up, const at::Tensor& w_down_t,
+                         const at::Tensor& b_down, Activation act, at::Tensor& pre,
+                         at::Tensor& out) {
+    constexpr int64_t kNeuronsPerSplit = 16, kMaxSplits = 8;
+    const int64_t N = x.size(0), C = x.size(1), k = indices.size(1), d_ff = w_up.size(0);
+    int64_t splits = N >= kMaxDenseRows ? 1 : std::clamp<int64_t>(k / kNeuronsPerSplit, 1, kMaxSplits);
+    const int64_t chunk = std::max<int64_t>(1, (k + splits - 1) / splits);
+    splits = std::max<int64_t>(1, (k + chunk - 1) / chunk);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_up.scalar_type(), "gather_mlp", [&] {
+      using acc_t = acc_type<scalar_t>;
+      const acc_t* xp = x.data_ptr<acc_t>();
+      const int64_t* ip = indices.data_ptr<int64_t>();
+      const scalar_t* up = w_up.data_ptr<scalar_t>();
+      const scalar_t* dp = w_down_t.data_ptr<scalar_t>();
+      const scalar_t* bup = b_up.defined() ? b_up.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bdp = b_down.defined() ? b_down.data_ptr<scalar_t>() : nullptr;
+      scalar_t* pp = pre.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      std::vector<acc_t> partial(splits > 1 ? N * splits * C : 0);
+      at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> a(chunk), row(splits > 1 ? 0 : C);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / splits, j0 = (t % splits) * chunk;
+          const int64_t m = std::max<int64_t>(0, std::min(chunk, k - j0));  // 0 when k = 0
+          const int64_t* ix = ip + n * k + j0;
+          check_row_indices(ix, m, d_ff);
+          acc_t* acc = splits > 1 ? partial.data() + t * C : row.data();
+          for (int64_t c = 0; c < C; ++c) acc[c] = (splits == 1 && bdp) ? acc_t(bdp[c]) : acc_t(0);
+          ::leanformer::gather_dot(m, xp + n * C, ix, up, C, a.data(), C);
+          for (int64_t j = 0; j < m; ++j) {
+            const scalar_t h = static_cast<scalar_t>(a[j] + (bup ? acc_t(bup[ix[j]]) : acc_t(0)));
+            pp[n * k + j0 + j] = h;
+            const acc_t hv = static_cast<acc_t>(h);
+            a[j] = act == Activation::kGelu ? acc_t(0.5) * hv * (acc_t(1) + std::erf(hv * acc_t(M_SQRT1_2)))
+                                            : activate(hv, act);
+          }
+          gather_axpy(m, a.data(), ix, dp, C, acc, C);
+          if (splits == 1)
+            for (int64_t c = 0; c < C; ++c) op[n * C + c] = static_cast<scalar_t>(acc[c]);
+        }
+      });
+      if (splits > 1)  // N < kMaxDenseRows rows of C values: a few microseconds, serial
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t total = bdp ? acc_t(bdp[c]) : acc_t(0);
+            for (int64_t sp = 0; sp < splits; ++sp) total += partial[(n * splits + sp) * C + c];
+            op[n * C + c] = static_cast<scalar_t>(total);
+          }
     });
   }
 

@@ -14,6 +14,10 @@
 //       out[indices[n, j]] += v[n, j] * g[n]
 //   up_projection(x [N, d_model], w_up, b_up) -> h [N, d_ff] in x's dtype (a GEMM; the
 //       backend may use its own for the shapes where at::linear is slow)
+//   gather_mlp(x [N, d_model] acc, indices [N, k], w_up, b_up or undefined, w_down_t,
+//              b_down or undefined, act, pre [N, k], out [N, d_model])
+//       pre[n, j] = x[n] . w_up[indices[n, j]] + b_up[...] (rounded to x's dtype);
+//       out[n] = b_down + sum_j act(pre[n, j]) * w_down_t[indices[n, j]]   (predicted_sparse_mlp)
 //
 // Every tensor handed to a kernel is contiguous; acc is fp32 (fp64 for fp64 inputs).
 // The backward of topk_mlp is the same gather/scatter kernels: grad_x is a gather of w_up's rows,
@@ -211,7 +215,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_mlp_
   return {gx, gw_up, gb_up, gw_down, gb_down};
 }
 
-// Registers the six ops for one backend (dispatch key) with its kernels.
+// predicted_sparse_mlp: the MLP on the given neurons only (k rows of w_up and of w_down_t).
+// Returns (y [..., d_model], h_selected [..., k] = the pre-activations at the indices); its
+// backward is topk_mlp_backward with those indices and h_selected.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> predicted_sparse_mlp_op(
+    const at::Tensor& x, const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+    const at::Tensor& w_down_t, const std::optional<at::Tensor>& b_down,
+    const at::Tensor& indices, c10::string_view activation) {
+  check_predicted_sparse_mlp_inputs(x, w_up, b_up, w_down_t, b_down, indices);
+  const Activation act = parse_activation(activation);
+  const int64_t d_model = x.size(-1), k = indices.size(-1);
+  const at::Tensor x2 = rows_of(x).to(topk_acc_dtype(x.scalar_type()));
+  const int64_t N = x2.size(0);
+  at::Tensor y = at::empty({N, d_model}, x.options());
+  at::Tensor h_selected = at::empty({N, k}, x.options());
+  if (N > 0)
+    Backend::gather_mlp(x2, rows_of(indices), w_up.contiguous(), maybe_contiguous(b_up),
+                        w_down_t.contiguous(), maybe_contiguous(b_down), act, h_selected, y);
+  return {y.view(x.sizes()), h_selected.view(with_last(x.sizes(), k))};
+}
+
+// Registers the seven ops for one backend (dispatch key) with its kernels.
 template <class Backend>
 void register_topk_mlp_ops(torch::Library& m) {
   m.impl("topk_activation", &topk_activation_op<Backend>);
@@ -220,6 +245,7 @@ void register_topk_mlp_ops(torch::Library& m) {
   m.impl("sparse_down_projection_backward", &sparse_down_projection_backward_op<Backend>);
   m.impl("topk_mlp", &topk_mlp_op<Backend>);
   m.impl("topk_mlp_backward", &topk_mlp_backward_op<Backend>);
+  m.impl("predicted_sparse_mlp", &predicted_sparse_mlp_op<Backend>);
 }
 
 }  // namespace leanformer

@@ -15,6 +15,8 @@
 // deterministic) so that the GPU has enough blocks; for larger N each block accumulates all
 // k rows of its token (per-row gather accumulation).
 // gather_dot: one warp per (token, neuron) pair, lanes over the columns.
+// gather_mlp (predicted_sparse_mlp): gather_dot with w_up's rows, a bias + activation kernel,
+// gather_rows with w_down_t's rows (two gather GEMVs for small N).
 // scatter_rows: atomicAdd into the fp32 (fp64) accumulator; its sum order is not fixed.
 // Indices out of [0, d_ff) trip a device-side assert (a host check would need a sync).
 #include "../topk_mlp_checks.h"
@@ -231,6 +233,21 @@ __global__ void __launch_bounds__(kColTile)
   }
 }
 
+// predicted_sparse_mlp, between its two gathers: in place on h [pairs] (the gathered dot
+// products x . w_up[idx]), h = act(round(h + b_up[idx])), and pre = round(h + b_up[idx]).
+template <typename scalar_t, typename acc_t>
+__global__ void bias_activation_kernel(acc_t* __restrict__ h, const int64_t* __restrict__ idx,
+                                       int64_t pairs, int64_t d_ff, const scalar_t* __restrict__ b_up,
+                                       bool gelu, scalar_t* __restrict__ pre) {
+  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  CUDA_KERNEL_ASSERT(idx[p] >= 0 && idx[p] < d_ff && "indices must be in [0, d_ff)");
+  const scalar_t v = static_cast<scalar_t>(h[p] + (b_up ? static_cast<acc_t>(b_up[idx[p]]) : acc_t(0)));
+  pre[p] = v;
+  const acc_t a = static_cast<acc_t>(v);
+  h[p] = gelu ? acc_t(0.5) * a * (acc_t(1) + erf(a * acc_t(M_SQRT1_2))) : (a < acc_t(0) ? acc_t(0) : a);
+}
+
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 struct CudaKernels {
@@ -302,6 +319,32 @@ struct CudaKernels {
           table.size(0), table.size(1), out.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  }
+
+  // predicted_sparse_mlp: the gather GEMV of w_up's rows (gather_dot, a warp per (row,
+  // neuron)), bias and activation, then the gather GEMV of w_down_t's rows (gather_rows,
+  // split over k for N <= 8). x is already in the accumulation dtype.
+  static void gather_mlp(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& w_up,
+                         const at::Tensor& b_up, const at::Tensor& w_down_t,
+                         const at::Tensor& b_down, Activation act, at::Tensor& pre,
+                         at::Tensor& out) {
+    const at::cuda::CUDAGuard guard(x.device());
+    const int64_t pairs = indices.numel();
+    at::Tensor h = at::empty(indices.sizes(), x.options());
+    if (pairs > 0 && x.size(1) > 0) gather_dot(x, indices, w_up, h);
+    else h.zero_();
+    if (pairs > 0) {
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_up.scalar_type(), "bias_activation_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        bias_activation_kernel<scalar_t, acc_t><<<blocks_for(pairs, 256), 256, 0, stream>>>(
+            h.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, w_up.size(0),
+            b_up.defined() ? b_up.data_ptr<scalar_t>() : nullptr, act == Activation::kGelu,
+            pre.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    if (out.numel() > 0) gather_rows(h, indices, w_down_t, b_down, out);
   }
 
   static void scatter_rows(const at::Tensor& v, const at::Tensor& indices, const at::Tensor& g,

@@ -1,8 +1,9 @@
 """Drop-in torch.nn modules built on leanformer's ops."""
 from leanformer.nn.linear_attention import SimplifiedLinearAttention, SLACache
 from leanformer.nn.mlp import MLP
+from leanformer.nn.neuron_predictor import NeuronPredictor, PredictedSparseMLP, fit_predictor, recall
 from leanformer.nn.rep_batchnorm import PRepBN, RepBN
 from leanformer.nn.softmax_attention import SoftmaxAttention
 from leanformer.nn.topk_mlp import TopKMLP
 
-__all__ = ["MLP", "PRepBN", "RepBN", "SimplifiedLinearAttention", "SLACache", "SoftmaxAttention", "TopKMLP"]
+__all__ = ["MLP", "NeuronPredictor", "PredictedSparseMLP", "PRepBN", "RepBN", "SimplifiedLinearAttention", "SLACache", "SoftmaxAttention", "TopKMLP", "fit_predictor", "recall"]

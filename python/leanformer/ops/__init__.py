@@ -5,8 +5,8 @@ from leanformer.ops.linear_attention import (
     simplified_linear_attention,
     simplified_linear_attention_step,
 )
-from leanformer.ops.topk_mlp import sparse_down_projection, topk_activation, topk_mlp
+from leanformer.ops.topk_mlp import predicted_sparse_mlp, sparse_down_projection, topk_activation, topk_mlp
 
 __all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step",
            "sync_progressive_norm", "sync_rep_batchnorm",
-           "sparse_down_projection", "topk_activation", "topk_mlp"]
+           "predicted_sparse_mlp", "sparse_down_projection", "topk_activation", "topk_mlp"]

@@ -8,6 +8,7 @@ from leanformer.reference.linear_attention import (
 from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
 from leanformer.reference.topk_mlp import (
     dense_mlp_reference,
+    predicted_sparse_mlp_reference,
     sparse_down_projection_reference,
     topk_activation_reference,
     topk_mask_dense,
@@ -16,6 +17,7 @@ from leanformer.reference.topk_mlp import (
 
 __all__ = [
     "dense_mlp_reference",
+    "predicted_sparse_mlp_reference",
     "progressive_norm_reference",
     "rep_batchnorm_reference",
     "sla_causal_chunked_reference",

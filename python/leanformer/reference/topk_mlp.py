@@ -43,6 +43,18 @@ def topk_mlp_reference(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down_t
     return F.linear(topk_mask_dense(values, indices, h.shape[-1]), w_down_t.t(), b_down)
 
 
+def predicted_sparse_mlp_reference(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down_t: Tensor,
+                                   b_down: Optional[Tensor], indices: Tensor,
+                                   activation: str = "relu") -> Tensor:
+    """The MLP on the given neurons: gather their rows of w_up and w_down_t, then two batched
+    products (what a user would write with index_select / einsum)."""
+    h = torch.einsum("...d,...kd->...k", x, w_up[indices])
+    if b_up is not None:
+        h = h + b_up[indices]
+    y = torch.einsum("...k,...kd->...d", _ACT[activation](h), w_down_t[indices])
+    return y if b_down is None else y + b_down
+
+
 def dense_mlp_reference(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down: Tensor,
                         b_down: Optional[Tensor], activation: str = "relu") -> Tensor:
     """The dense MLP (no top-k): F.linear + act + F.linear; w_down [d_model, d_ff]."""
