@@ -201,3 +201,34 @@ def test_predicted_sparse_mlp_module():
         PredictedSparseMLP.from_mlp(mlp, k, None, mode="predicted")(x)
     with pytest.raises(ValueError, match="mode must be"):
         PredictedSparseMLP(32, 256, k=20, mode="sparse")
+
+
+def test_predicted_mlp_switches_to_dense_at_many_rows_and_high_k_and_logs_it(caplog):
+    import logging
+
+    from leanformer.nn import PredictedSparseMLP
+
+    torch.manual_seed(0)
+    m = PredictedSparseMLP(16, 64, k=16, rank=8)  # k/hidden = 25% > 10%
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="leanformer.nn.neuron_predictor"):
+        few, many = torch.randn(3, 16), torch.randn(2, 9, 16)
+        y_few = m(few)
+        assert m.last_path == "predicted"
+        y_many = m(many)
+        assert m.last_path == "predicted-dense"
+        m(many)  # same path: not logged again
+        # The dense path computes the same neurons: equal to the sparse op on those rows.
+        m.max_sparse_rows = 10 ** 9
+        torch.testing.assert_close(m(many), y_many, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(few), y_few)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert "predicted-dense path (18 rows, k/hidden = 25.0%" in messages[1]
+    oracle = PredictedSparseMLP(16, 64, k=16, rank=0)
+    with torch.no_grad():
+        x = torch.randn(20, 16)
+        y = oracle(x)
+        assert oracle.last_path == "oracle-dense"
+        oracle.max_sparse_rows = 10 ** 9
+        torch.testing.assert_close(oracle(x), y, atol=1e-5, rtol=1e-5)
+        assert oracle.last_path == "oracle"

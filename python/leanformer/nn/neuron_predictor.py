@@ -15,6 +15,7 @@ and :class:`PredictedSparseMLP` computes only those k rows of ``W_up`` and ``W_d
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 from typing import Dict, Optional
@@ -24,7 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanformer.nn.topk_mlp import TopKMLP
-from leanformer.ops.topk_mlp import predicted_sparse_mlp, topk_mlp
+from leanformer.ops.topk_mlp import predicted_sparse_mlp, topk_activation, topk_mlp
+
+logger = logging.getLogger(__name__)
+
+# Crossover of the predicted path (bench/results/cpu-20261129T102317Z, 2-core CPU, fp32,
+# d_model 1024, d_ff 4096, predictor included), predicted sparse MLP vs the dense eager MLP:
+# at N <= 4 it wins at every ratio (1.2x at 30%); at N = 64 it wins at 1% and 3% (3.4x, 2.2x),
+# ties at 10% (1.04x) and loses at 30% (0.33x). So the dense computation of the same neurons
+# is taken above 8 rows and k / hidden > 10%.
+PREDICTED_MAX_SPARSE_ROWS = 8
+PREDICTED_MAX_SPARSE_RATIO = 0.10
 
 _ACT = {"relu": F.relu, "gelu": F.gelu}
 
@@ -192,10 +203,12 @@ class PredictedSparseMLP(TopKMLP):
     PREDICTED_MODES = ("auto", "predicted", "oracle")
 
     def __init__(self, dim: int, hidden: int, k: int, rank: int = 64, activation: str = "relu",
-                 bias: bool = True, *, mode: str = "auto"):
+                 bias: bool = True, *, mode: str = "auto", max_sparse_rows: int = PREDICTED_MAX_SPARSE_ROWS,
+                 max_sparse_ratio: float = PREDICTED_MAX_SPARSE_RATIO):
         if mode not in self.PREDICTED_MODES:
             raise ValueError(f"mode must be one of {self.PREDICTED_MODES}, got {mode!r}")
-        super().__init__(dim, hidden, k, activation, bias, mode="sparse")
+        super().__init__(dim, hidden, k, activation, bias, mode="sparse", max_sparse_rows=max_sparse_rows,
+                         max_sparse_ratio=max_sparse_ratio)
         self.mode = mode
         self.predictor: Optional[NeuronPredictor] = NeuronPredictor(dim, hidden, rank) if rank else None
 
@@ -209,15 +222,32 @@ class PredictedSparseMLP(TopKMLP):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        path = "oracle" if self.mode == "oracle" or (self.mode == "auto" and self.predictor is None) else "predicted"
-        self.last_path = path
-        if path == "oracle":
+        source = "oracle" if self.mode == "oracle" or (self.mode == "auto" and self.predictor is None) else "predicted"
+        if source == "predicted" and self.predictor is None:
+            raise RuntimeError("PredictedSparseMLP(mode='predicted') has no predictor: fit one with fit_predictor")
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        ratio = self.k / self.fc1.out_features if self.fc1.out_features else 0.0
+        # Where gathering k rows per token costs more than the dense GEMMs (measured, see
+        # PREDICTED_MAX_SPARSE_ROWS): the same neurons, computed densely and masked.
+        dense = rows > self.max_sparse_rows and ratio > self.max_sparse_ratio
+        path = f"{source}-dense" if dense else source
+        if path != self.last_path:
+            logger.info("%s: %s path (%d rows, k/hidden = %.1f%%; dense above %d rows and %.0f%%)", self._name(),
+                        path, rows, 100 * ratio, self.max_sparse_rows, 100 * self.max_sparse_ratio)
+            self.last_path = path
+        if source == "oracle":
+            if dense:
+                h = self.fc1(x)
+                values, indices = topk_activation(h, self.k, activation=self.activation)
+                return self.fc2(torch.zeros_like(h).scatter(-1, indices, values))
             return topk_mlp(x, self.fc1.weight, self.fc1.bias, self.w_down_t(), self.fc2.bias, self.k,
                             activation=self.activation)
-        if self.predictor is None:
-            raise RuntimeError("PredictedSparseMLP(mode='predicted') has no predictor: fit one with fit_predictor")
         with torch.no_grad():
             indices = self.predictor.predict(x, self.k)
+        if dense:
+            h = self.fc1(x)
+            act = F.relu(h) if self.activation == "relu" else F.gelu(h)
+            return self.fc2(torch.zeros_like(h).scatter(-1, indices, act.gather(-1, indices)))
         return predicted_sparse_mlp(x, self.fc1.weight, self.fc1.bias, self.w_down_t(), self.fc2.bias, indices,
                                     activation=self.activation)
 
