@@ -52,10 +52,8 @@ def test_with_the_true_topk_set_it_is_the_topk_mlp(device, N):
     torch.testing.assert_close(predicted_sparse_mlp(x, w_up, b_up, w_down_t, b_down, idx), dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_result_does_not_depend_on_the_thread_count(device):
-    if device != "cpu":
-        pytest.skip("CPU threading")
+def test_result_does_not_depend_on_the_thread_count():
+    device = "cpu"  # the CPU kernel splits rows across threads; CUDA has no thread count to vary
     x, w_up, b_up, w_down_t, b_down = make_mlp((2,), 256, 1024, torch.float32, device)
     idx = random_indices((2,), 200, 1024, device)
     threads = torch.get_num_threads()

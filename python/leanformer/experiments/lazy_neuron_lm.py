@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import math
 import os
 import sys
@@ -23,7 +21,7 @@ from leanformer.convert import to_topk_mlp
 from leanformer.data import pydoc_text, sequential_windows
 from leanformer.models import load_pretrained
 from leanformer.train.lm_text import lm_loss
-from leanformer.train.report import commit
+from leanformer.train.report import stem, write_json
 
 RATIOS = (0.5, 0.25, 0.1, 0.05, 0.03)
 
@@ -55,13 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         topk[r] = perplexity(sparse, val)
     report = {"model": args.model, "config": vars(model.config), "val_bytes": val.numel(),
               "activation_stats": stats, "val_ppl_dense": dense,
-              "val_ppl_topk": {str(r): v for r, v in topk.items()}, "torch": torch.__version__,
-              "commit": commit()}
-    os.makedirs(args.out, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"experiment-lazy-neuron-lm-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+              "val_ppl_topk": {str(r): v for r, v in topk.items()}}
+    path = write_json(stem(args.out, "experiment-lazy-neuron-lm"), report)
     print(f"{model.config.activation} SLAB LM ({args.model}) on {val.numel()} held-out pydoc bytes")
     print("layer            nonzero fraction")
     for name, s in stats.items():

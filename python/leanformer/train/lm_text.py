@@ -8,7 +8,6 @@ its incremental decoding checked against the full forward.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import os
 import sys
@@ -87,8 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "folded_val_ppl": evaluate(folded)["val_ppl"]},
         "incremental_vs_full_max_abs_logit_diff": incremental,
     }
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    report.write(os.path.join(args.out, f"train-lm-text-{stamp}"), summary, curves, "val_ppl",
+    report.write(report.stem(args.out, "train-lm-text"), summary, curves, "val_ppl",
                  "validation perplexity (bytes)", logy=True)
     if args.save:
         save_pretrained(slab, args.save)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import math
 import os
 import sys
@@ -132,12 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "fit_rows_per_layer": fit_x[0].shape[0], "val_rows_per_layer": val_x[0].shape[0],
         "nonzero_fraction_per_layer": nonzero, "dense_val_ppl": dense_ppl, "results": results,
     }
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = os.path.join(args.out, f"predictor-lm-{stamp}")
+    stem = report.stem(args.out, "predictor-lm")
     if curves:
         report.write(stem, summary, curves, "val_ppl", "validation perplexity (bytes)", logy=True)
     else:
-        os.makedirs(args.out, exist_ok=True)
         report.write(stem, summary, {"loaded": [{"step": 0, "time_s": 0.0, "val_ppl": dense_ppl}]}, "val_ppl",
                      "validation perplexity (bytes)")
     print(f"non-zero activations per layer: {', '.join(f'{z:.1%}' for z in nonzero)}; dense val ppl {dense_ppl:.3f}")

@@ -2,6 +2,7 @@
 beside the numbers, and a PNG of the curves."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -20,15 +21,28 @@ def commit() -> str:
         return "unknown"
 
 
+def stem(folder: str, name: str) -> str:
+    """``folder/name-<UTC time>``: the path of one result, without its extension."""
+    return os.path.join(folder, f"{name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+
+
+def write_json(stem: str, data: dict) -> str:
+    """``stem.json``: ``data`` with torch, commit and machine beside it; returns the path."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({**data, "torch": torch.__version__, "commit": commit(), "machine": machine()}, f, indent=2)
+    return stem + ".json"
+
+
 def write(stem: str, summary: dict, curves: Dict[str, List[dict]], metric: str, ylabel: str,
           logy: bool = False) -> None:
     """``stem.json`` (summary, curves, machine) and ``stem.png`` (``metric`` against step and time)."""
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    report = {"summary": summary, "curves": curves, "torch": torch.__version__, "commit": commit(),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                          "threads": torch.get_num_threads()}}
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(stem, {"summary": summary, "curves": curves})
     plot(stem, metric, ylabel, logy)
 
 

@@ -7,7 +7,6 @@ predictions compared with the unfolded one.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 from typing import List, Optional
@@ -70,8 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "same_predictions": int((after.argmax(-1) == before.argmax(-1)).sum()),
                  "of": len(y_te), "folded_test_accuracy": (after.argmax(-1) == y_te).float().mean().item()},
     }
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    report.write(os.path.join(args.out, f"train-vit-digits-{stamp}"), summary, curves, "test_accuracy",
+    report.write(report.stem(args.out, "train-vit-digits"), summary, curves, "test_accuracy",
                  "test accuracy (held-out digits)")
     if args.save:
         save_pretrained(slab, args.save)
