@@ -101,4 +101,51 @@ TORCH_LIBRARY(leanformer, m) {
   m.def(
       "predicted_sparse_mlp(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down_t, Tensor? b_down, "
       "Tensor indices, str activation) -> (Tensor, Tensor)");
+
+  // N:M sparse linear (DSFormer's sparse factor; see python/leanformer/sparse/nm_format.py for
+  // the packed layout). S [rows, K] is N:M sparse along K: values [rows, K/m*n] (the n kept
+  // entries of each group of m columns, ascending column order), meta int32 [rows, W] with the
+  // in-group column of every value, ceil(log2 m) rounded up to a power of two bits each, LSB
+  // first, never straddling a word. y [..., rows] = x [..., K] @ S^T + bias.
+  m.def("nm_sparse_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, *, int n, int m) "
+        "-> Tensor");
+  // Returns (grad_x [..., K], grad_values [rows, K/m*n]: the gradient w.r.t. the kept values
+  // under the fixed pattern); the ones output_mask leaves out are empty. grad_bias is a sum
+  // over grad_y and is left to the caller.
+  m.def(
+      "nm_sparse_linear_backward(Tensor grad_y, Tensor x, Tensor values, Tensor meta, *, int n, "
+      "int m, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each
+  // sequence's cached prefix k_cache/v_cache [B, L_max, Hkv, D|Dv] (the first cache_lens[b]
+  // slots, int64 [B], unmasked) and over the tree k_tree/v_tree [B, T, Hkv, D|Dv] where
+  // tree_mask (bool [T, T] shared or [B, T, T]; [i, j] true iff j is i or an ancestor of i)
+  // allows; the two parts are merged by log-sum-exp. Hq % Hkv == 0 (GQA). scale defaults to
+  // D^-0.5. Returns o [B, T, Hq, Dv].
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor k_tree, "
+      "Tensor v_tree, Tensor tree_mask, float? scale) -> Tensor");
+  // The same for simplified linear attention: node i sees the prefix state (S [B, H, Dk, Dv],
+  // z [B, H, Dk], fp32) plus the ReLU features of itself and its ancestors:
+  // o_i = phi(q_i) (S + sum_j phi(k_j)^T v_j) / (phi(q_i) . (z + sum_j phi(k_j)) + eps).
+  m.def(
+      "tree_linear_attention(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, Tensor tree_mask, "
+      "float eps) -> Tensor");
+  // Greedy verification. logits [B, T, V] of the tree nodes, tree_tokens [B, T] int64 (node 0
+  // is the root, the last verified token), parents [T] or [B, T] int64 (parents[0] = -1,
+  // parents[i] < i). Returns (accepted [B, T] int64 node indices along the accepted path,
+  // accepted[:, 0] = 0, padded with -1; num_accepted [B] int64 >= 1; bonus [B] int64).
+  m.def("verify_tree_greedy(Tensor logits, Tensor tree_tokens, Tensor parents) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Lossless sampling verification (KERNELS.md section 4) on probs [B, T, V], already warped
+  // (temperature, top-k, top-p) exactly as plain sampling warps them; uniforms [B, U] fp32 in
+  // [0, 1) drawn by the caller from its generator, consumed in a fixed order. Same outputs.
+  m.def("verify_tree_sampling(Tensor probs, Tensor tree_tokens, Tensor parents, Tensor uniforms) "
+        "-> (Tensor, Tensor, Tensor)");
+  // In place, per sequence: the tree's K/V were appended at slots cache_lens[b] + i; keep the
+  // accepted nodes (slot L + accepted[b, j] -> L + j, j < num_accepted[b]) and set
+  // cache_lens[b] += num_accepted[b].
+  m.def(
+      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, "
+      "Tensor accepted, Tensor num_accepted) -> ()");
 }
