@@ -103,7 +103,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="cache must have"):
         m(torch.zeros(2, 3, dtype=torch.long), cache=m.new_cache(3))
     with pytest.raises(ValueError, match="lengths"):
-        m(torch.zeros(2, 3, dtype=torch.long), cache=m.new_cache(2), lengths=torch.tensor([0, 3]))
+        m(torch.zeros(2, 3, dtype=torch.long), cache=m.new_cache(2), lengths=torch.tensor([-1, 3]))
     with pytest.raises(ValueError, match="do not fit"):
         m(torch.zeros(1, 9, dtype=torch.long), cache=m.new_cache(1, 8))
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -68,6 +68,16 @@ class TreeShape:
                                      for i, p in enumerate(self.paths)] for b in range(B)]
         return TokenTree.from_nodes(nodes, num_nodes=self.num_nodes, device=root_tokens.device)
 
+    def build(self, root_tokens: Tensor, draft_logits: Tensor) -> "TokenTree":
+        """Fills the tree with the ``top_k`` best tokens of ``draft_logits [B, depth, V]``."""
+        if draft_logits.shape[1] < self.depth:
+            raise ValueError(f"the tree is {self.depth} deep, the drafter proposes {draft_logits.shape[1]} positions")
+        return self.fill(root_tokens, draft_logits[:, :self.depth].topk(self.top_k, dim=-1).indices)
+
+    @property
+    def size(self) -> int:
+        return self.num_nodes
+
 
 @dataclass
 class TokenTree:
@@ -199,3 +209,20 @@ class TokenTree:
             for r, p in enumerate(ps):
                 out[b, r, :len(p)] = torch.tensor(p)
         return out.to(self.tokens.device)
+
+
+@dataclass
+class DynamicTree:
+    """The spec of an EAGLE-2 tree for :func:`leanformer.generate`: ``num_nodes`` nodes (root
+    included) grown from each depth's ``top_k`` candidates."""
+
+    num_nodes: int
+    top_k: int
+
+    def build(self, root_tokens: Tensor, draft_logits: Tensor) -> TokenTree:
+        return TokenTree.dynamic(root_tokens, draft_logits.float().log_softmax(-1), num_nodes=self.num_nodes,
+                                 top_k=self.top_k)
+
+    @property
+    def size(self) -> int:
+        return self.num_nodes

@@ -98,7 +98,7 @@ class SwiGLU(nn.Module):
 
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE. Three ways to run (see :meth:`LlamaLM.forward`):
-    causal over the input alone; causal over the cache plus the input (written into the cache at
+    causal over the input alone (or under a dense ``tree_mask``); causal over the cache plus the input (written into the cache at
     ``lens[b] + t``); or a token tree (``tree_mask``) over the cached prefix via
     ``leanformer.ops.tree_attention``, its K/V written at ``lens[b] + i`` for a later
     ``compact_kv_cache``."""
@@ -123,9 +123,11 @@ class LlamaAttention(nn.Module):
                 tree_mask: Optional[Tensor] = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x, positions)
-        if k_cache is None:
+        if k_cache is None:  # no prefix: causal, or a dense tree mask (drafter training)
+            mask = None if tree_mask is None else (tree_mask if tree_mask.dim() == 3 else tree_mask[None])[:, None]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True).transpose(1, 2)
+                                               attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True).transpose(1, 2)
         elif tree_mask is not None:
             from leanformer.ops import tree_attention
 
@@ -254,8 +256,8 @@ class LlamaLM(nn.Module):
         if lengths is not None:
             if cache is None or tree_mask is not None:
                 raise ValueError("lengths (per-sequence prompt lengths) is for a prefill into a cache")
-            if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
-                raise ValueError(f"lengths must be int64 [{B}] in 1..{T}, got {lengths.tolist()}")
+            if lengths.shape != (B,) or int(lengths.min()) < 0 or int(lengths.max()) > T:
+                raise ValueError(f"lengths must be int64 [{B}] in 0..{T}, got {lengths.tolist()}")
         h = self.run_layers(self.embed(input_ids), self.positions(B, T, cache, depths), cache=cache, tree_mask=tree_mask)
         if cache is not None and tree_mask is None:
             cache.lens += T if lengths is None else lengths.to(cache.lens.device)

@@ -100,7 +100,7 @@ class SLABLM(nn.Module):
         return LMCache([SLACache() for _ in self.blocks])
 
     def forward(self, input_ids: Tensor, *, cache: Optional[LMCache] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, return_hidden: bool = False):
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
         if cache is not None and len(cache.layers) != len(self.blocks):
@@ -109,7 +109,8 @@ class SLABLM(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if cache is None else cache.layers[i], mask=mask)
-        return self.lm_head(apply_norm(self.norm, x, mask))
+        h = apply_norm(self.norm, x, mask)
+        return (self.lm_head(h), h) if return_hidden else self.lm_head(h)
 
     def fold_pairs(self):
         # Folding into a tied head unties it: fold_batchnorm gives lm_head its own weight.
