@@ -110,3 +110,16 @@ def test_bad_inputs():
         LlamaLM(LlamaConfig(dim=48, num_heads=4, num_kv_heads=3))
     with pytest.raises(ValueError, match="tree_mask and depths"):
         m(torch.zeros(1, 3, dtype=torch.long), cache=m.new_cache(1), tree_mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_training_script(tmp_path):
+    import json
+
+    from leanformer.cli import main as cli
+
+    assert cli(["train", "llama-text", "--steps", "3", "--batch", "4", "--length", "32", "--eval-windows", "4",
+                "--out", str(tmp_path), "--save", str(tmp_path / "model")]) == 0
+    s = json.loads(next(tmp_path.glob("*.json")).read_text())["summary"]
+    assert s["cached_vs_full_max_abs_logit_diff"] < 1e-4
+    assert 1 < s["final"]["val_ppl"] < 400
+    assert isinstance(load_pretrained(str(tmp_path / "model")), LlamaLM)

@@ -47,11 +47,13 @@ def bench(argv: List[str]) -> int:
     return 2
 
 
-TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.train.lm_text"}
+TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.train.lm_text",
+            "llama-text": "leanformer.train.llama_text"}
 
 
 EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm",
-               "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm"}
+               "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm",
+               "tree-decoding": "leanformer.experiments.tree_decoding"}
 
 
 def experiment(argv: List[str]) -> int:

@@ -58,13 +58,9 @@ def _prompts(input_ids: Union[Tensor, Sequence]) -> tuple:
 
 def _runner(model, batch: int, max_len: int):
     from leanformer.decoding.tree_runner import LlamaRunner, SLABRunner
-    from leanformer.models import LlamaLM, SLABLM
+    from leanformer.models import LlamaLM
 
-    if isinstance(model, LlamaLM):
-        return LlamaRunner(model, batch, max_len)
-    if isinstance(model, SLABLM):
-        return SLABRunner(model, batch)
-    raise TypeError(f"generate takes a LlamaLM or a SLABLM, got {type(model).__name__}")
+    return LlamaRunner(model, batch, max_len) if isinstance(model, LlamaLM) else SLABRunner(model, batch)
 
 
 @torch.no_grad()
@@ -96,6 +92,10 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         ...                           tree=TokenTree.from_paths([[0], [1], [0, 0], [0, 0, 0]]))
         >>> out.sequences[0], out.tokens_per_forward
     """
+    from leanformer.models import LlamaLM, SLABLM
+
+    if not isinstance(model, (LlamaLM, SLABLM)):
+        raise TypeError(f"generate takes a LlamaLM or a SLABLM, got {type(model).__name__}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:

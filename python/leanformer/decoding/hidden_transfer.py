@@ -9,7 +9,6 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from leanformer.decoding.medusa import future_kl
 from leanformer.decoding.token_tree import TokenTree
 
 
@@ -86,12 +85,12 @@ class HiddenTransfer(nn.Module):
     def draft(self, features: Tensor, node: Tensor) -> Tensor:
         return features[torch.arange(features.shape[0], device=node.device), node]
 
-    def distill_loss(self, ids: Tensor) -> Tensor:
-        """KL from the frozen model: the pseudo token j of position t learns the model's
-        prediction at t + j + 1. One dense forward: the sequence is a chain-shaped tree."""
+    def sequence_drafts(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """For training: the frozen model's logits ``[B, N, V]`` and the drafts ``[B, N, K, V]``
+        of every position's pseudo tokens (pseudo token j of position t drafts token
+        t + j + 2). One dense forward: the sequence is a chain-shaped tree."""
         B, N = ids.shape
         with torch.no_grad():
             teacher = self.model(ids)
         chain = torch.ones(N, N, dtype=torch.bool, device=ids.device).tril()
-        _, draft = self._run(ids, torch.arange(N, device=ids.device).expand(B, N), chain)
-        return future_kl(draft, teacher)
+        return teacher, self._run(ids, torch.arange(N, device=ids.device).expand(B, N), chain)[1]

@@ -48,12 +48,12 @@ class MedusaHeads(nn.Module):
         """Draft logits ``[B, num_future, V]`` after node ``node [B]`` of the last tree."""
         return self.head_logits(features[torch.arange(features.shape[0], device=node.device), node])
 
-    def distill_loss(self, ids: Tensor) -> Tensor:
-        """KL from the frozen model's next-token distributions: head k at position t learns the
-        model's prediction at t + k + 1."""
+    def sequence_drafts(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """For training: the frozen model's logits ``[B, N, V]`` on ``ids`` and the heads' drafts
+        ``[B, N, K, V]`` at every position (head k at t drafts token t + k + 2)."""
         with torch.no_grad():
             teacher, hidden = self.model(ids, return_hidden=True)
-        return future_kl(self.head_logits(hidden), teacher)
+        return teacher, self.head_logits(hidden)
 
 
 def future_kl(student: Tensor, teacher: Tensor) -> Tensor:

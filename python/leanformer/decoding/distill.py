@@ -1,0 +1,37 @@
+"""Training a drafter by self-distillation: the base model stays frozen and its own next-token
+distributions on text are the targets (no labels, no other model)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from leanformer.data import random_windows
+from leanformer.decoding.medusa import future_agreement, future_kl
+from leanformer.train.loop import train
+
+
+def draft_agreement(drafter: nn.Module, windows: Tensor) -> Dict[str, float]:
+    """Top-1 agreement of each future offset with the frozen model on ``windows [n, N]``."""
+    with torch.no_grad():
+        agree = future_agreement(*reversed(drafter.sequence_drafts(windows)))
+    return {f"agree@{k + 2}": round(a.item(), 4) for k, a in enumerate(agree)}
+
+
+def distill(drafter: nn.Module, tokens: Tensor, val_windows: Tensor, *, steps: int, batch: int = 16,
+            length: int = 64, lr: float = 1e-3, seed: int = 0, desc: str = "distill") -> List[dict]:
+    """Trains ``drafter`` (MedusaHeads or HiddenTransfer) on random windows of ``tokens`` with
+    the frozen model's predictions as targets; returns the evaluation history (top-1
+    agreement per offset on ``val_windows``)."""
+    model = drafter.model
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        data = (w[:, :-1] for w in random_windows(tokens, batch, length, torch.Generator().manual_seed(seed)))
+        return train(drafter, data, lambda d, ids: future_kl(*reversed(d.sequence_drafts(ids))), steps=steps, lr=lr, weight_decay=0.0,
+                     evaluate=lambda d: draft_agreement(d, val_windows), eval_every=max(1, steps // 10),
+                     warmup=min(50, steps // 5 + 1), desc=desc)
+    finally:
+        for p, f in zip(model.parameters(), frozen):
+            p.requires_grad_(f)

@@ -1,0 +1,161 @@
+"""Tree-verified decoding on models of the project trained on real text: a LlamaLM and a SLAB LM
+of a few million parameters on Python's pydoc topics (byte level), then Hidden Transfer and
+Medusa drafters distilled from each frozen model; mean accepted tokens per forward and
+wall-clock tokens/s against plain greedy decoding, at batch 1 and 4, on held-out prompts.
+
+Checkpoints go to ~/.cache/leanformer/tree-decoding/ (not in git): with --reuse a re-measure
+of speed loads them instead of training again.
+
+    leanformer experiment tree-decoding [--lm-steps 1500] [--drafter-steps 600] [--reuse]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+import leanformer
+from leanformer.data import pydoc_text, random_windows, sequential_windows
+from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree
+from leanformer.decoding.distill import distill
+from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM, load_pretrained, save_pretrained
+from leanformer.train.lm_text import lm_loss
+from leanformer.train.loop import train
+from leanformer.train.report import stem, write_json
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "leanformer", "tree-decoding")
+# Medusa's tree shape, scaled to 4 heads: wide near the root, a deep spine on the best guesses.
+STATIC_PATHS = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [0, 0, 0], [0, 0, 1],
+                [0, 1, 0], [1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0]]
+
+
+def base_models(lm_steps: int, dim: int = 256, depth: int = 6):
+    return {"llama": LlamaLM(LlamaConfig(vocab_size=256, dim=dim, depth=depth, num_heads=dim // 32,
+                                         num_kv_heads=dim // 64, max_seq_len=1024)),
+            "slab": SLABLM(LMConfig(vocab_size=256, dim=dim, depth=depth, num_heads=dim // 64, dwc_kernel_size=4,
+                                    prepbn_steps=int(0.6 * lm_steps)))}
+
+
+def drafters_for(name: str, model, num_future: int):
+    out = {"medusa": MedusaHeads(model, num_future)}
+    if name == "llama":  # Hidden Transfer runs pseudo tokens through softmax layers with the tree
+        out["hidden-transfer"] = HiddenTransfer(model, len(model.layers) // 2, num_future)
+    return out
+
+
+def save_drafter(drafter, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, path)
+
+
+def load_drafter(drafter, path: str) -> None:
+    from safetensors.torch import load_file
+
+    drafter.load_state_dict(load_file(path))
+
+
+@torch.no_grad()
+def timed(model, prompts, **kw):
+    leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8, **kw)  # warm-up
+    t0 = time.perf_counter()
+    out = leanformer.generate(model, prompts, **kw)
+    seconds = time.perf_counter() - t0
+    return out, sum(len(s) for s in out.sequences) / seconds
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="leanformer experiment tree-decoding", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lm-steps", type=int, default=1500)
+    p.add_argument("--drafter-steps", type=int, default=600)
+    p.add_argument("--dim", type=int, default=256, help="model width (a multiple of 64)")
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--num-future", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=4, help="held-out prompts per measurement (batch 1 runs each)")
+    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--models", default="llama,slab")
+    p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
+    p.add_argument("--cache", default=CACHE)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=os.path.join("bench", "results"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train_tokens, val_tokens = pydoc_text()
+    val = sequential_windows(val_tokens, args.length)[:32]
+    starts = torch.linspace(0, len(val_tokens) - args.prompt_length - 1, args.prompts).long().tolist()
+    prompts = [val_tokens[s:s + args.prompt_length] for s in starts]
+    trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(len(STATIC_PATHS) + 1, 4)}
+    report = {"args": vars(args), "tree_static_paths": STATIC_PATHS, "tree_nodes": len(STATIC_PATHS) + 1,
+              "models": {}}
+    for name, model in base_models(args.lm_steps, args.dim, args.depth).items():
+        if name not in args.models.split(","):
+            continue
+        folder = os.path.join(args.cache, name)
+        if args.reuse and os.path.isdir(folder):
+            model = load_pretrained(folder)
+        else:
+            torch.manual_seed(0)
+            data = random_windows(train_tokens, args.batch, args.length, torch.Generator().manual_seed(0))
+            train(model, data, lm_loss, steps=args.lm_steps, lr=2e-3, evaluate=lambda m: {
+                "val_loss": sum(lm_loss(m, c).item() for c in val.split(16)) / len(val.split(16))},
+                eval_every=max(1, args.lm_steps // 10), desc=f"{name} LM")
+            save_pretrained(model.eval(), folder)
+        model.eval()
+        entry = {"params": sum(t.numel() for t in model.parameters()), "config": vars(model.config), "drafters": {}}
+        with torch.no_grad():
+            entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
+        drafters = drafters_for(name, model, args.num_future)
+        for dname, drafter in drafters.items():
+            path = os.path.join(args.cache, f"{name}-{dname}.safetensors")
+            if args.reuse and os.path.isfile(path):
+                load_drafter(drafter, path)
+                history = None
+            else:
+                torch.manual_seed(0)
+                history = distill(drafter, train_tokens, val[:8, :-1], steps=args.drafter_steps, batch=args.batch,
+                                  length=args.length, lr=1e-3, desc=f"{name} {dname}")
+                save_drafter(drafter, path)
+            entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused"}
+        results = {}
+        for batch in (1, 4):
+            groups = [[q] for q in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+            runs = {"plain": {}}
+            runs.update({f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()})
+            row = {}
+            for key, kw in runs.items():
+                toks, secs, acc, outs = 0, 0.0, [], []
+                for group in groups:
+                    out, tps = timed(model, group, max_new_tokens=args.new_tokens, **kw)
+                    n = sum(len(s) for s in out.sequences)
+                    toks, secs = toks + n, secs + n / tps
+                    acc += out.accepted_lengths
+                    outs += [s.tolist() for s in out.sequences]
+                row[key] = {"tokens_per_s": toks / secs, "mean_accepted": sum(acc) / len(acc), "outputs": outs}
+            plain_outputs = row["plain"].pop("outputs")
+            for key, r in row.items():
+                r["speedup"] = r["tokens_per_s"] / row["plain"]["tokens_per_s"]
+                r["same_as_plain_greedy"] = r.pop("outputs", plain_outputs) == plain_outputs
+            results[f"batch{batch}"] = row
+            for key, r in row.items():
+                print(f"{name:6s} batch {batch}  {key:24s} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup']:.2f}  "
+                      f"accepted/forward {r['mean_accepted']:.2f}  same as greedy: {r['same_as_plain_greedy']}")
+        entry["results"] = results
+        report["models"][name] = entry
+    path = write_json(stem(args.out, "experiment-tree-decoding"), report)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

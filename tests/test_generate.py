@@ -1,0 +1,261 @@
+"""Tree-verified decoding end to end: the tree forward of both model families equals the plain
+forward along every branch, the committed cache/state equals plain decoding's, greedy tree
+decoding reproduces plain greedy token for token on real pydoc prompts (batch > 1, both
+drafters, static and dynamic trees), sampling keeps the target distribution (chi-square), and
+bad inputs raise clear errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leanformer
+from leanformer.data import pydoc_text, sequential_windows
+from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree
+from leanformer.decoding.distill import distill
+from leanformer.decoding.tree_runner import LlamaRunner, SLABRunner
+from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM
+from leanformer.train.loop import train
+
+STATIC = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]])
+
+
+def lm_loss(model, batch):
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+def random_batches(tokens, g):
+    while True:
+        start = torch.randint(0, len(tokens) - 65, (16,), generator=g)
+        yield torch.stack([tokens[s:s + 65] for s in start.tolist()])
+
+
+@pytest.fixture(scope="module")
+def text():
+    return pydoc_text()
+
+
+def trained(model, text, steps=150):
+    torch.manual_seed(0)
+    train(model, random_batches(text[0], torch.Generator().manual_seed(0)), lm_loss, steps=steps, lr=3e-3,
+          evaluate=lambda m: {}, eval_every=steps, desc=type(model).__name__)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama(text):
+    return trained(LlamaLM(LlamaConfig(dim=64, depth=3, num_heads=4, num_kv_heads=2, max_seq_len=512)), text)
+
+
+@pytest.fixture(scope="module")
+def slab(text):
+    return trained(SLABLM(LMConfig(dim=64, depth=2, num_heads=2, prepbn_steps=90, dwc_kernel_size=4)), text)
+
+
+@pytest.fixture(scope="module")
+def prompts(text):
+    """Real pydoc prompts of different lengths (held-out topics)."""
+    val = text[1]
+    return [val[s:s + n] for s, n in ((100, 23), (5000, 40), (9000, 7))]
+
+
+def distilled(drafter, text, steps=60):
+    val = sequential_windows(text[1], 64)[:8, :-1]
+    distill(drafter, text[0], val, steps=steps, batch=8, length=64, lr=3e-3)
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def drafters(llama, slab, text):
+    torch.manual_seed(0)
+    return {"llama-medusa": distilled(MedusaHeads(llama, 4), text),
+            "llama-ht": distilled(HiddenTransfer(llama, 2, 4), text),
+            "slab-medusa": distilled(MedusaHeads(slab, 4), text)}
+
+
+def runner_for(model, B):
+    return LlamaRunner(model, B, 256) if isinstance(model, LlamaLM) else SLABRunner(model, B)
+
+
+def random_tree(B, T, vocab, g):
+    nodes = []
+    for b in range(B):
+        seq = [(-1, int(torch.randint(0, vocab, (1,), generator=g)))]
+        for i in range(1, T):
+            seq.append((int(torch.randint(0, i, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g))))
+        nodes.append(seq)
+    return TokenTree.from_nodes(nodes, num_nodes=T)
+
+
+def branch(tree, b, i):
+    out = []
+    while i >= 0:
+        out.append(int(tree.tokens[b, i]))
+        i = int(tree.parents[b, i])
+    return out[::-1]
+
+
+@pytest.mark.parametrize("family", ["llama", "slab"])
+def test_tree_forward_equals_plain_forward_on_every_branch(family, request, prompts):
+    """Node i's logits equal the full causal forward of prefix + root..i; then the state
+    committed for an accepted path equals the state plain decoding of that path leaves."""
+    model = request.getfixturevalue(family)
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 12
+    prefixes = [p[:-1] for p in prompts]
+    runner = runner_for(model, B)
+    padded = torch.zeros(B, max(len(p) for p in prefixes), dtype=torch.long)
+    for b, p in enumerate(prefixes):
+        padded[b, :len(p)] = p
+    lengths = torch.tensor([len(p) for p in prefixes])
+    with torch.no_grad():
+        runner.prefill(padded, lengths)
+        tree = random_tree(B, T, 256, g)
+        logits, _ = runner.tree(tree)
+        for b in range(B):
+            for i in range(int(tree.num_nodes[b])):
+                path = torch.tensor(branch(tree, b, i))
+                full = model(torch.cat([prefixes[b], path])[None])[0, -1]
+                torch.testing.assert_close(logits[b, i], full, atol=2e-4, rtol=1e-4)
+        # accept a different path per sequence, then decode one more token both ways
+        leaves = tree.retrieve_indices()
+        accepted = torch.full((B, T), -1, dtype=torch.long)
+        num = torch.zeros(B, dtype=torch.long)
+        paths = []
+        for b in range(B):
+            p = leaves[b, b % leaves.shape[1]]
+            p = p[p >= 0] if (p >= 0).any() else leaves[b, 0][leaves[b, 0] >= 0]
+            accepted[b, :len(p)], num[b] = p, len(p)
+            paths.append(torch.tensor([int(tree.tokens[b, i]) for i in p]))
+        runner.commit(tree, accepted, num)
+        nxt = torch.randint(0, 256, (B,), generator=g)
+        step = runner.step(nxt)
+        for b in range(B):
+            full = model(torch.cat([prefixes[b], paths[b], nxt[b:b + 1]])[None])[0, -1]
+            torch.testing.assert_close(step[b], full, atol=2e-4, rtol=1e-4)
+
+
+def test_compacted_cache_equals_plain_cache(llama, prompts):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        tree = random_tree(3, 10, 256, g)
+        runner = runner_for(llama, 3)
+        prefixes = [p[:-1] for p in prompts]
+        padded = torch.zeros(3, 40, dtype=torch.long)
+        for b, p in enumerate(prefixes):
+            padded[b, :len(p)] = p
+        runner.prefill(padded, torch.tensor([len(p) for p in prefixes]))
+        logits, _ = runner.tree(tree)
+        acc, n, _ = leanformer.ops.verify_tree_greedy(logits, tree.tokens, tree.parents)
+        acc[:, 1:] = -1  # whatever greedy accepted, also test a deeper path: the first leaf
+        leaves = tree.retrieve_indices()[:, 0]
+        n = (leaves >= 0).sum(1)
+        acc[:, :leaves.shape[1]] = leaves
+        runner.commit(tree, acc, n)
+        for b in range(3):
+            path = torch.tensor([int(tree.tokens[b, i]) for i in acc[b, :n[b]]])
+            plain = llama.new_cache(1, 256)
+            llama(torch.cat([prefixes[b], path])[None], cache=plain)
+            L = int(plain.lens[0])
+            assert int(runner.cache.lens[b]) == L
+            for i in range(len(llama.layers)):
+                torch.testing.assert_close(runner.cache.k[i][b, :L], plain.k[i][0, :L], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(runner.cache.v[i][b, :L], plain.v[i][0, :L], atol=1e-5, rtol=1e-4)
+
+
+CASES = [("llama", "llama-medusa", STATIC), ("llama", "llama-medusa", DynamicTree(12, 3)),
+         ("llama", "llama-ht", STATIC), ("llama", "llama-ht", DynamicTree(12, 3)),
+         ("slab", "slab-medusa", STATIC), ("slab", "slab-medusa", DynamicTree(12, 3))]
+
+
+@pytest.mark.parametrize("family,drafter,tree", CASES, ids=[f"{d}-{type(t).__name__}" for _, d, t in CASES])
+def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, request, drafters, prompts):
+    model = request.getfixturevalue(family)
+    plain = leanformer.generate(model, prompts, max_new_tokens=48)
+    out = leanformer.generate(model, prompts, max_new_tokens=48, drafter=drafters[drafter], tree=tree)
+    for a, b in zip(out.sequences, plain.sequences):
+        assert a.tolist() == b.tolist()
+    assert plain.tokens_per_forward == 1 and plain.forwards == 48
+    assert out.forwards < plain.forwards and out.tokens_per_forward > 1.2  # the drafts do get accepted
+
+
+def test_sequences_finish_independently(llama, drafters, prompts):
+    plain = leanformer.generate(llama, prompts, max_new_tokens=40)
+    eos = int(plain.sequences[1][5])  # a token that ends sequence 1 early, maybe others too
+    out = leanformer.generate(llama, prompts, max_new_tokens=40, drafter=drafters["llama-ht"], tree=STATIC,
+                              eos_token_id=eos)
+    for a, b in zip(out.sequences, plain.sequences):
+        stop = (b == eos).nonzero()
+        expect = b[:int(stop[0]) + 1] if len(stop) else b
+        assert a.tolist() == expect.tolist()
+    assert len(out.sequences[1]) <= 6
+
+
+def exact_two_token_distribution(model, prompt, **warp):
+    """p(t1, t2) under the warped target, computed exactly ``[V, V]``."""
+    with torch.no_grad():
+        p1 = leanformer.ops.warp_probs(model(prompt[None])[0, -1], **warp)
+        V = p1.shape[0]
+        seqs = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], 1)
+        p2 = leanformer.ops.warp_probs(model(seqs)[:, -1], **warp)
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("drafted", [False, True])
+def test_sampling_keeps_the_target_distribution(drafted):
+    """Chi-square of the first two sampled tokens (4,000 draws, one batch) against the exact
+    warped target: plain sampling and tree sampling alike."""
+    torch.manual_seed(3)
+    V = 6
+    model = LlamaLM(LlamaConfig(vocab_size=V, dim=32, depth=2, num_heads=2, num_kv_heads=1)).eval()
+    with torch.no_grad():  # logits far from uniform, so drafts are sometimes right, sometimes not
+        model.embed.weight.mul_(3)
+    prompt = torch.tensor([1, 4, 2])
+    warp = dict(temperature=0.9, top_k=5)
+    expected = exact_two_token_distribution(model, prompt, **warp).flatten()
+    drafter = MedusaHeads(model, 2) if drafted else None
+    if drafted:
+        with torch.no_grad():
+            for head in drafter.heads:
+                head.weight.normal_(0, 0.5)
+    N = 4000
+    out = leanformer.generate(model, prompt.expand(N, -1).contiguous(), max_new_tokens=2, drafter=drafter,
+                              tree=TokenTree.from_paths([[0], [1], [0, 0], [1, 0]]) if drafted else None,
+                              generator=torch.Generator().manual_seed(0), **warp)
+    pairs = out.padded()
+    counts = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
+    keep = expected * N >= 5
+    assert counts[~keep].sum() <= max(10, 3 * expected[~keep].sum() * N)
+    chi2 = (((counts[keep] - N * expected[keep]) ** 2) / (N * expected[keep])).sum().item()
+    dof = int(keep.sum()) - 1
+    # 99.9% quantile of chi-square by Wilson-Hilferty
+    limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, dof)
+    if drafted:
+        assert out.tokens_per_forward > 1.0  # some drafts were accepted: the rule was exercised
+
+
+def test_bad_inputs(llama, slab, drafters, prompts):
+    with pytest.raises(ValueError, match="needs a drafter"):
+        leanformer.generate(llama, prompts, max_new_tokens=4, tree=STATIC)
+    with pytest.raises(ValueError, match="deep but the drafter"):
+        leanformer.generate(llama, prompts, max_new_tokens=4, drafter=MedusaHeads(llama, 2), tree=STATIC)
+    with pytest.raises(ValueError, match="another model"):
+        leanformer.generate(slab, prompts, max_new_tokens=4, drafter=drafters["llama-medusa"])
+    with pytest.raises(ValueError, match="temperature"):
+        leanformer.generate(llama, prompts, max_new_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="top_k/top_p"):
+        leanformer.generate(llama, prompts, max_new_tokens=4, top_k=3)
+    with pytest.raises(ValueError, match="token ids in 0..255"):
+        leanformer.generate(llama, [torch.tensor([3, 300])], max_new_tokens=4)
+    with pytest.raises(ValueError, match="non-empty"):
+        leanformer.generate(llama, [torch.tensor([], dtype=torch.long)], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        leanformer.generate(llama, prompts, max_new_tokens=0)
+    with pytest.raises(TypeError, match="HiddenTransfer needs a LlamaLM"):
+        HiddenTransfer(slab, 1, 2)
+    with pytest.raises(ValueError, match="layer must be in 1..2"):
+        HiddenTransfer(llama, 3, 2)
+    with pytest.raises(TypeError, match="LlamaLM or a SLABLM"):
+        leanformer.generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
