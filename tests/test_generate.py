@@ -259,3 +259,26 @@ def test_bad_inputs(llama, slab, drafters, prompts):
         HiddenTransfer(llama, 3, 2)
     with pytest.raises(TypeError, match="LlamaLM or a SLABLM"):
         leanformer.generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
+
+
+def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
+    import json
+
+    from leanformer.cli import main as cli
+
+    args = ["experiment", "tree-decoding", "--dim", "64", "--depth", "2", "--lm-steps", "3", "--drafter-steps", "2",
+            "--batch", "4", "--length", "32", "--new-tokens", "6", "--prompts", "4", "--prompt-length", "8",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert cli(args) == 0
+    assert cli(args + ["--reuse"]) == 0
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
+    assert len(reports) == 2
+    for name in ("llama", "slab"):
+        first, second = (r["models"][name] for r in reports)
+        assert second["drafters"]["medusa"]["distill_final"] == "reused"
+        assert first["val_loss"] == pytest.approx(second["val_loss"])  # the same weights came back
+        for batch in ("batch1", "batch4"):
+            row = first["results"][batch]
+            assert row["plain"]["mean_accepted"] == 1
+            assert {"medusa/static", "medusa/dynamic"} <= set(row)
+    assert "hidden-transfer/static" in reports[0]["models"]["llama"]["results"]["batch1"]

@@ -61,10 +61,10 @@ def load_drafter(drafter, path: str) -> None:
 
 
 @torch.no_grad()
-def timed(model, prompts, **kw):
+def timed(model, prompts, max_new_tokens: int, **kw):
     leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8, **kw)  # warm-up
     t0 = time.perf_counter()
-    out = leanformer.generate(model, prompts, **kw)
+    out = leanformer.generate(model, prompts, max_new_tokens=max_new_tokens, **kw)
     seconds = time.perf_counter() - t0
     return out, sum(len(s) for s in out.sequences) / seconds
 
