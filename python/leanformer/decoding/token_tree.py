@@ -127,25 +127,33 @@ class TokenTree:
                 kept.append((p, token))
             trees.append(kept)
         T = max(num_nodes or 0, max(len(t) for t in trees))
-        B = len(trees)
-        tokens = torch.full((B, T), PAD, dtype=torch.long)
-        parents = torch.zeros(B, T, dtype=torch.long)
-        depths = torch.ones(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, T, dtype=torch.bool)
-        for b, kept in enumerate(trees):
-            depth = [0] * len(kept)
-            for i, (p, tok) in enumerate(kept):
-                tokens[b, i], parents[b, i] = tok, p
-                if p >= 0:
-                    depth[i] = depth[p] + 1
-                    mask[b, i] = mask[b, p]
-                mask[b, i, i] = True
-            depths[b, :len(kept)] = torch.tensor(depth)
-            mask[b, len(kept):, 0] = True  # padding: child of the root
-            mask[b, range(len(kept), T), range(len(kept), T)] = True
-        parents[:, 0] = -1
-        n = torch.tensor([len(t) for t in trees], dtype=torch.long)
-        return cls(*(t.to(device) for t in (tokens, parents, depths, mask, n)))
+        # plain Python lists, one tensor each at the end: per-node tensor writes cost more than
+        # the verifying forward of a small model
+        tokens, parents, depths, masks = [], [], [], []
+        for kept in trees:
+            tok, par, dep, rows = [], [], [], []
+            for i, (p, t) in enumerate(kept):
+                row = list(rows[p]) if p >= 0 else [False] * T
+                row[i] = True
+                tok.append(t)
+                par.append(p)
+                dep.append(dep[p] + 1 if p >= 0 else 0)
+                rows.append(row)
+            for i in range(len(kept), T):  # padding: a child of the root with token -1
+                row = [False] * T
+                row[0] = row[i] = True
+                tok.append(PAD)
+                par.append(0)
+                dep.append(1)
+                rows.append(row)
+            tokens.append(tok)
+            parents.append(par)
+            depths.append(dep)
+            masks.append(rows)
+        n = [len(t) for t in trees]
+        return cls(*(torch.tensor(x, dtype=dt, device=device) for x, dt in
+                     ((tokens, torch.long), (parents, torch.long), (depths, torch.long), (masks, torch.bool),
+                      (n, torch.long))))
 
     @classmethod
     def dynamic(cls, root_tokens: Tensor, logprobs: Tensor, *, num_nodes: int, top_k: int) -> "TokenTree":
