@@ -202,13 +202,14 @@ def exact_two_token_distribution(model, prompt, **warp):
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("drafted", [False, True])
-def test_sampling_keeps_the_target_distribution(drafted):
+@pytest.mark.parametrize("family,drafted", [("llama", False), ("llama", True), ("slab", True)])
+def test_sampling_keeps_the_target_distribution(family, drafted):
     """Chi-square of the first two sampled tokens (4,000 draws, one batch) against the exact
     warped target: plain sampling and tree sampling alike."""
     torch.manual_seed(3)
     V = 6
-    model = LlamaLM(LlamaConfig(vocab_size=V, dim=32, depth=2, num_heads=2, num_kv_heads=1)).eval()
+    model = (LlamaLM(LlamaConfig(vocab_size=V, dim=32, depth=2, num_heads=2, num_kv_heads=1)) if family == "llama"
+             else SLABLM(LMConfig(vocab_size=V, dim=32, depth=2, num_heads=2, norm="layernorm"))).eval()
     with torch.no_grad():  # logits far from uniform, so drafts are sometimes right, sometimes not
         model.embed.weight.mul_(3)
     prompt = torch.tensor([1, 4, 2])
