@@ -241,15 +241,19 @@ inline void check_tree_token(int64_t token, int64_t b, int64_t i, int64_t V) {
               i == 0 ? "; the root must be a real token" : "; padding is -1");
 }
 
-// accepted[b, :n] strictly ascending from 0 and every slot L + accepted[b, j] in the cache.
+// accepted[b, :n] strictly ascending from accepted[b, 0] = 0 and every slot L + accepted[b, j] in the cache.
 inline void check_accepted_path(const int64_t* accepted, int64_t n, int64_t T, int64_t b,
                                 int64_t len, int64_t L_max) {
   TORCH_CHECK(n >= 1 && n <= T, "num_accepted[", b, "] = ", n, " must be in [1, T] = [1, ", T, "]");
   for (int64_t j = 0; j < n; ++j) {
     const int64_t a = accepted[j];
-    TORCH_CHECK(a >= (j ? accepted[j - 1] + 1 : 0) && a < T, "accepted[", b, ", ", j, "] = ", a,
-                " must be a node index in [0, T) above accepted[", b, ", ", j - 1,
-                "] (the accepted path ascends from the root)");
+    if (j == 0) {
+      TORCH_CHECK(a == 0, "accepted[", b, ", 0] = ", a, " must be 0 (the root is always kept)");
+    } else {
+      TORCH_CHECK(a > accepted[j - 1] && a < T, "accepted[", b, ", ", j, "] = ", a,
+                  " must be a node index in [0, T) above accepted[", b, ", ", j - 1,
+                  "] (the accepted path ascends from the root)");
+    }
     TORCH_CHECK(len + a < L_max, "accepted[", b, ", ", j, "] = ", a, " addresses cache slot ",
                 len + a, " beyond L_max = ", L_max, " (cache_lens[", b, "] = ", len, ")");
   }

@@ -15,6 +15,7 @@ from leanformer.reference.topk_mlp import (
     topk_mlp_reference,
 )
 from leanformer.reference.tree_decoding import (
+    ancestor_mask,
     compact_kv_cache_reference,
     prefix_tree_additive_mask,
     tree_attention_reference,
@@ -24,6 +25,7 @@ from leanformer.reference.tree_decoding import (
 )
 
 __all__ = [
+    "ancestor_mask",
     "compact_kv_cache_reference",
     "prefix_tree_additive_mask",
     "tree_attention_reference",

@@ -17,6 +17,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def ancestor_mask(parents: Tensor) -> Tensor:
+    """bool ``[..., T, T]`` from ``parents [..., T]``: ``[i, j]`` true iff j is i or an ancestor of i."""
+    T = parents.shape[-1]
+    mask = torch.eye(T, dtype=torch.bool, device=parents.device).expand(*parents.shape, T).clone()
+    for i in range(1, T):
+        p = parents[..., i].clamp_min(0)
+        mask[..., i, :] |= mask[..., :, :].gather(-2, p[..., None, None].expand(*p.shape, 1, T)).squeeze(-2)
+    return mask
+
+
 def batched_tree_mask(tree_mask: Tensor, batch: int) -> Tensor:
     """``[T, T]`` or ``[B, T, T]`` -> ``[B, T, T]``."""
     return tree_mask.expand(batch, *tree_mask.shape[-2:]) if tree_mask.dim() == 2 else tree_mask
