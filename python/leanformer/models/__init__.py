@@ -2,10 +2,11 @@
 from leanformer.models.bert import (BertConfig, BertEncoder, SentenceEncoder, load_hf_bert, load_minilm,
                                     mean_pool, minilm_path)
 from leanformer.models.checkpoint import load_pretrained, save_pretrained
+from leanformer.models.llama import KVCache, LlamaConfig, LlamaLM
 from leanformer.models.lm import LMCache, LMConfig, SLABLM
 from leanformer.models.vit import SLABViT, ViTConfig
 from leanformer.models.wordpiece import WordPieceTokenizer
 
-__all__ = ["BertConfig", "BertEncoder", "LMCache", "LMConfig", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig",
+__all__ = ["BertConfig", "BertEncoder", "KVCache", "LlamaConfig", "LlamaLM", "LMCache", "LMConfig", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig",
            "WordPieceTokenizer", "load_hf_bert", "load_minilm", "load_pretrained", "mean_pool", "minilm_path",
            "save_pretrained"]

@@ -9,10 +9,12 @@ from typing import Dict, Type
 import torch
 from torch import nn
 
+from leanformer.models.llama import LlamaConfig, LlamaLM
 from leanformer.models.lm import LMConfig, SLABLM
 from leanformer.models.vit import SLABViT, ViTConfig
 
-MODELS: Dict[str, tuple] = {SLABViT.model_type: (SLABViT, ViTConfig), SLABLM.model_type: (SLABLM, LMConfig)}
+MODELS: Dict[str, tuple] = {SLABViT.model_type: (SLABViT, ViTConfig), SLABLM.model_type: (SLABLM, LMConfig),
+                         LlamaLM.model_type: (LlamaLM, LlamaConfig)}
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 

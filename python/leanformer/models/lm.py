@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from leanformer.models.block import Block, make_norm, norm_fold_pairs
+from leanformer.models.block import Block, apply_norm, make_norm, norm_fold_pairs
 from leanformer.models.vit import _init_weights
 from leanformer.nn import SLACache
 
@@ -102,14 +102,21 @@ class SLABLM(nn.Module):
 
     def forward(self, input_ids: Tensor, *, cache: Optional[LMCache] = None,
                 mask: Optional[Tensor] = None, exit_layer: Optional[int] = None,
-                output_hidden_states: bool = False):
+                output_hidden_states: bool = False, return_hidden: bool = False):
         """``exit_layer=l``: the first l blocks then the shared final norm and head;
         ``output_hidden_states``: ``(logits, hidden_states)`` with the ``l + 1`` hidden states
-        (see :func:`leanformer.layers.forward`)."""
+        (see :func:`leanformer.layers.forward`); ``return_hidden``: ``(logits, h)`` with ``h`` the
+        final normed hidden state (what drafters read)."""
         from leanformer.layers import forward
 
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if return_hidden:
+            if output_hidden_states:
+                raise ValueError("return_hidden and output_hidden_states do not go together")
+            logits, hidden = forward(self, input_ids, cache=cache, mask=mask, exit_layer=exit_layer,
+                                     output_hidden_states=True)
+            return logits, apply_norm(self.norm, hidden[-1], mask)
         return forward(self, input_ids, cache=cache, mask=mask, exit_layer=exit_layer,
                        output_hidden_states=output_hidden_states)
 

@@ -14,8 +14,22 @@ from leanformer.reference.topk_mlp import (
     topk_mask_dense,
     topk_mlp_reference,
 )
+from leanformer.reference.tree_decoding import (
+    compact_kv_cache_reference,
+    prefix_tree_additive_mask,
+    tree_attention_reference,
+    tree_linear_attention_reference,
+    verify_tree_greedy_reference,
+    verify_tree_sampling_reference,
+)
 
 __all__ = [
+    "compact_kv_cache_reference",
+    "prefix_tree_additive_mask",
+    "tree_attention_reference",
+    "tree_linear_attention_reference",
+    "verify_tree_greedy_reference",
+    "verify_tree_sampling_reference",
     "dense_mlp_reference",
     "predicted_sparse_mlp_reference",
     "progressive_norm_reference",

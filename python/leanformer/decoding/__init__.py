@@ -1,0 +1,8 @@
+"""Tree-verified parallel decoding: token trees, drafters (Medusa heads, Hidden Transfer) and
+generate()."""
+from leanformer.decoding.generate import Generation, generate
+from leanformer.decoding.hidden_transfer import HiddenTransfer
+from leanformer.decoding.medusa import MedusaHeads
+from leanformer.decoding.token_tree import DynamicTree, TokenTree, TreeShape
+
+__all__ = ["DynamicTree", "Generation", "HiddenTransfer", "MedusaHeads", "TokenTree", "TreeShape", "generate"]

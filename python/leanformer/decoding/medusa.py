@@ -1,0 +1,75 @@
+"""Medusa heads (Cai et al. 2024), the standard drafting baseline: one residual SiLU block per
+future offset on the last hidden state, read out by the model's own (frozen) LM head."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanformer.decoding.token_tree import TokenTree
+
+
+class MedusaHeads(nn.Module):
+    """``num_future`` heads; head k maps the final hidden state at a position to the
+    distribution of the token ``k + 2`` places after it (the LM head itself gives ``+1``).
+
+    The base model is held by reference, not as a submodule: the drafter's state_dict and
+    optimizer cover the heads alone, and the base stays frozen.
+
+    Example::
+
+        >>> heads = MedusaHeads(model, num_future=3)
+        >>> out = leanformer.generate(model, ids, max_new_tokens=32, drafter=heads)
+    """
+
+    def __init__(self, model: nn.Module, num_future: int):
+        super().__init__()
+        if num_future < 1:
+            raise ValueError(f"num_future must be >= 1, got {num_future}")
+        dim = model.lm_head.weight.shape[1]
+        self.num_future = num_future
+        self.__dict__["model"] = model
+        self.heads = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_future))
+        for head in self.heads:  # Medusa's init: each head starts as the identity block
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
+        h = torch.stack([hidden + F.silu(head(hidden)) for head in self.heads], dim=-2)
+        return self.model.lm_head(h)
+
+    def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Tensor]:
+        return runner.tree(tree)
+
+    def draft(self, features: Tensor, node: Tensor) -> Tensor:
+        """Draft logits ``[B, num_future, V]`` after node ``node [B]`` of the last tree."""
+        return self.head_logits(features[torch.arange(features.shape[0], device=node.device), node])
+
+    def distill_loss(self, ids: Tensor) -> Tensor:
+        """KL from the frozen model's next-token distributions: head k at position t learns the
+        model's prediction at t + k + 1."""
+        with torch.no_grad():
+            teacher, hidden = self.model(ids, return_hidden=True)
+        return future_kl(self.head_logits(hidden), teacher)
+
+
+def future_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean KL(teacher || student) where ``student [B, N, K, V]`` at (t, k) predicts what the
+    teacher ``[B, N, V]`` predicts at t + k + 1 (positions past the end are left out)."""
+    N, K = student.shape[1], student.shape[2]
+    losses = []
+    for k in range(min(K, N - 1)):
+        s = student[:, :N - k - 1, k].float().log_softmax(-1)
+        t = teacher[:, k + 1:].float().log_softmax(-1)
+        losses.append(F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
+    return torch.stack(losses).mean()
+
+
+def future_agreement(student: Tensor, teacher: Tensor) -> Tensor:
+    """Top-1 agreement ``[K]`` of each future offset with the teacher (as :func:`future_kl`)."""
+    N, K = student.shape[1], student.shape[2]
+    return torch.stack([(student[:, :N - k - 1, k].argmax(-1) == teacher[:, k + 1:].argmax(-1)).float().mean()
+                        for k in range(min(K, N - 1))])

@@ -1,0 +1,181 @@
+"""What generate() needs from a model, for each model family: a prefill, a plain decode step,
+a token-tree forward over the cached prefix, and committing the accepted path. The
+transformer keeps a KV cache (tree K/V appended, then compacted); the SLAB LM keeps a
+recurrent state (tree nodes read it without changing it, the accepted path is then run into it)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from leanformer.decoding.token_tree import TokenTree
+from leanformer.ops.tree_decoding import compact_kv_cache
+
+
+class LlamaRunner:
+    """Drives a :class:`~leanformer.models.LlamaLM` and its :class:`~leanformer.models.KVCache`."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.model = model
+        self.cache = model.new_cache(batch, max_len)
+
+    def prefill(self, ids: Tensor, lengths: Tensor) -> None:
+        if ids.shape[1]:
+            self.model(ids, cache=self.cache, lengths=lengths)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Plain decoding: logits ``[B, V]`` of ``tokens [B]``, appended to the cache."""
+        return self.model(tokens[:, None], cache=self.cache)[:, 0]
+
+    def tree(self, tree: TokenTree) -> Tuple[Tensor, Tensor]:
+        """``(logits [B, T, V], final hidden states [B, T, C])`` of the tree's nodes."""
+        return self.model(tree.tokens.clamp(min=0), cache=self.cache, tree_mask=tree.mask, depths=tree.depths,
+                          return_hidden=True)
+
+    def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
+        lens = self.cache.lens
+        for k, v in zip(self.cache.k, self.cache.v):
+            layer_lens = lens.clone()  # compact_kv_cache advances the lengths it is given
+            compact_kv_cache(k, v, layer_lens, accepted, num_accepted)
+        self.cache.lens = layer_lens
+
+    def select(self, rows: Tensor) -> None:
+        """Keeps only the sequences ``rows`` (the others finished)."""
+        c = self.cache
+        c.k, c.v, c.lens = [t[rows] for t in c.k], [t[rows] for t in c.v], c.lens[rows]
+
+
+class SLABRunner:
+    """Drives a :class:`~leanformer.models.SLABLM` (causal SLA with a causal depthwise conv of V)
+    and its recurrent :class:`~leanformer.models.LMCache`.
+
+    A tree node reads the prefix state plus its own branch (``ops.tree_linear_attention``) and
+    convolves V along its ancestor chain, continued into the cached tail of the prefix. The
+    tree forward keeps every layer's K/V; committing adds the accepted path's
+    ``phi(k)^T v`` and ``phi(k)`` to each layer's state and takes the conv tail from the path:
+    what plain decoding of those tokens would have left, without running them again.
+    """
+
+    def __init__(self, model, batch: int):
+        from leanformer.models.lm import LMCache
+
+        if model.config.attention != "sla":
+            raise ValueError("tree decoding of a SLABLM needs attention='sla' (the softmax twin has no cache)")
+        self.model, self.batch = model, batch
+        self.cache = LMCache([])
+        self._tree_kv = None
+
+    def _empty_state(self, rows: int):
+        attn = self.model.blocks[0].attn
+        H, hd, p = attn.num_heads, attn.head_dim, self.model.embed.weight
+        ks = max(attn.kernel_size - 1, 0)
+        return (p.new_zeros(rows, H, hd, hd, dtype=torch.float32), p.new_zeros(rows, H, hd, dtype=torch.float32),
+                p.new_zeros(rows * H, hd, ks))
+
+    def prefill(self, ids: Tensor, lengths: Tensor) -> None:
+        """Each prompt alone (the recurrent state has no per-sequence length), then stacked."""
+        from leanformer.nn import SLACache
+
+        per_row = []
+        for b in range(ids.shape[0]):
+            cache = self.model.new_cache()
+            n = int(lengths[b])
+            if n:
+                self.model(ids[b:b + 1, :n], cache=cache)
+            per_row.append(cache)
+        layers = []
+        for i in range(len(self.model.blocks)):
+            S, z, tail = [], [], []
+            for c in per_row:
+                layer = c.layers[i]
+                s0, z0, t0 = self._empty_state(1)
+                st = layer.state if layer.state is not None else (s0, z0)
+                S.append(st[0].float())
+                z.append(st[1].float())
+                tail.append(layer.conv_tail if layer.conv_tail is not None else t0)
+            layers.append(SLACache((torch.cat(S), torch.cat(z)), torch.cat(tail), 0))
+        self.cache.layers = layers
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens[:, None], cache=self.cache)[:, 0]
+
+    def tree(self, tree: TokenTree) -> Tuple[Tensor, Tensor]:
+        from leanformer.models.block import apply_norm
+        from leanformer.ops.tree_decoding import tree_linear_attention
+
+        m = self.model
+        B, T = tree.tokens.shape
+        lags = self._lag_table(tree)
+        x = m.embed(tree.tokens.clamp(min=0))
+        self._tree_kv = []
+        for block, layer in zip(m.blocks, self.cache.layers):
+            attn = block.attn
+            H, hd = attn.num_heads, attn.head_dim
+            q, k, v = attn.qkv(apply_norm(block.norm1, x, None)).view(B, T, 3, H, hd).unbind(2)
+            S, z = layer.state
+            o = tree_linear_attention(q, k, v, S, z, tree.mask, eps=attn.eps)
+            if attn.dwc is not None:
+                o = o + self._tree_conv(attn, v, layer.conv_tail, lags)
+            self._tree_kv.append((k, v))
+            x = x + attn.proj(o.reshape(B, T, -1))
+            x = x + block.mlp(apply_norm(block.norm2, x, None))
+        h = apply_norm(m.norm, x, None)
+        return m.lm_head(h), h
+
+    def _lag_table(self, tree: TokenTree) -> Tensor:
+        """``[B, T, ks]``: node index of node i's ancestor ``l`` steps up (l = 0 is i), or
+        ``-1 - r`` for the r-th value back in the prefix's conv tail (r = 0 the latest)."""
+        ks = self.model.blocks[0].attn.kernel_size
+        B, T = tree.tokens.shape
+        out = torch.empty(B, T, max(ks, 1), dtype=torch.long, device=tree.tokens.device)
+        cur = torch.arange(T, device=tree.tokens.device).expand(B, T).clone()
+        for l in range(max(ks, 1)):
+            out[:, :, l] = cur
+            up = tree.parents.gather(1, cur.clamp(min=0))
+            cur = torch.where(cur >= 0, up, cur - 1)  # past the root: one more step into the tail
+        return out
+
+    @staticmethod
+    def _tree_conv(attn, v: Tensor, tail: Tensor, lags: Tensor) -> Tensor:
+        """The causal depthwise conv of V along each node's ancestor chain (then the tail)."""
+        B, T, H, hd = v.shape
+        ks = attn.kernel_size
+        tail = tail.view(B, H, hd, ks - 1).permute(0, 3, 1, 2).to(v.dtype)  # [B, ks - 1, H, hd], oldest first
+        # the values in reach of the kernel: the tail (newest at index ks - 2) then the nodes
+        pool = torch.cat([tail, v], dim=1)  # [B, ks - 1 + T, H, hd]
+        idx = torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)  # -1 - r -> ks - 2 - r
+        gathered = pool[torch.arange(B, device=v.device)[:, None, None], idx]  # [B, T, ks, H, hd]
+        w = attn.dwc.weight[:, 0, :].flip(-1).t()  # [ks, hd]: lag l uses tap ks - 1 - l
+        out = (gathered * w[None, None, :, None, :]).sum(2)
+        return out + attn.dwc.bias if attn.dwc.bias is not None else out
+
+    def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
+        B, T = tree.tokens.shape
+        on_path = torch.arange(T, device=accepted.device)[None] < num_accepted[:, None]  # [B, T]
+        path = accepted.clamp(min=0)
+        last = accepted.gather(1, (num_accepted - 1)[:, None])
+        lags = self._lag_table(tree)[torch.arange(B, device=accepted.device), last[:, 0]]  # [B, ks]
+        for layer, (k, v), block in zip(self.cache.layers, self._tree_kv, self.model.blocks):
+            bidx = torch.arange(B, device=k.device)[:, None]
+            kp = torch.relu(k[bidx, path].float()) * on_path[..., None, None]  # [B, T, H, Dk]
+            vp = v[bidx, path].float()
+            S, z = layer.state
+            layer.state = (S + torch.einsum("bthk,bthv->bhkv", kp, vp), z + kp.sum(1))
+            attn = block.attn
+            if attn.dwc is not None:
+                ks, H, hd = attn.kernel_size, attn.num_heads, attn.head_dim
+                tail = layer.conv_tail.view(B, H, hd, ks - 1).permute(0, 3, 1, 2).to(v.dtype)
+                pool = torch.cat([tail, v], dim=1)
+                idx = torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)[:, :ks - 1].flip(-1)  # oldest first
+                new_tail = pool[torch.arange(B, device=v.device)[:, None], idx]  # [B, ks - 1, H, hd]
+                layer.conv_tail = new_tail.permute(0, 2, 3, 1).reshape(B * H, hd, ks - 1)
+        self._tree_kv = None
+
+    def select(self, rows: Tensor) -> None:
+        for layer in self.cache.layers:
+            S, z = layer.state
+            layer.state = (S[rows], z[rows])
+            if layer.conv_tail is not None and layer.conv_tail.numel():
+                n = layer.conv_tail.shape[0] // S.shape[0]
+                layer.conv_tail = layer.conv_tail.view(S.shape[0], n, *layer.conv_tail.shape[1:])[rows].flatten(0, 1)

@@ -1,0 +1,112 @@
+"""LlamaLM: causal forward, KV cache with a length per sequence (prefill + steps == full forward,
+variable-length prompts in one batch), GQA, tied/untied head, save/load, bad inputs."""
+import pytest
+import torch
+
+from leanformer.models import KVCache, LlamaConfig, LlamaLM, load_pretrained, save_pretrained
+from leanformer.models.llama import rotary_at
+from leanformer.nn.softmax_attention import rotary
+
+CFG = LlamaConfig(dim=48, depth=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+
+
+def model(**kw):
+    import dataclasses
+
+    torch.manual_seed(0)
+    return LlamaLM(dataclasses.replace(CFG, **kw)).eval()
+
+
+def test_rotary_at_matches_contiguous_rotary():
+    x = torch.randn(2, 7, 3, 8)
+    pos = torch.arange(5, 12).expand(2, 7)
+    torch.testing.assert_close(rotary_at(x, pos, 10000.0), rotary(x, offset=5))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("tie", [True, False])
+def test_prefill_then_steps_equals_full_forward(kv_heads, tie):
+    m = model(num_kv_heads=kv_heads, tie_embeddings=tie)
+    ids = torch.randint(0, 256, (3, 19))
+    full = m(ids)
+    cache = m.new_cache(3, 32)
+    with torch.no_grad():
+        parts = [m(ids[:, :11], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(11, 19)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+    assert cache.lens.tolist() == [19, 19, 19]
+    # chunks of several tokens at once equal single steps too
+    cache2 = m.new_cache(3, 32)
+    with torch.no_grad():
+        parts = [m(ids[:, a:b], cache=cache2) for a, b in ((0, 5), (5, 12), (12, 19))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_tied_and_untied_head():
+    m = model(tie_embeddings=True)
+    assert m.lm_head.weight is m.embed.weight
+    m = model(tie_embeddings=False)
+    assert m.lm_head.weight is not m.embed.weight
+
+
+def test_variable_length_prompts_in_one_batch():
+    """Right-padded prompts of different lengths prefilled together, then stepped together,
+    give each sequence exactly the logits of running it alone."""
+    m = model()
+    lens = [5, 13, 9]
+    prompts = [torch.randint(0, 256, (n,)) for n in lens]
+    cont = torch.randint(0, 256, (3, 4))
+    padded = torch.zeros(3, max(lens), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = p
+    cache = m.new_cache(3, 32)
+    with torch.no_grad():
+        pre = m(padded, cache=cache, lengths=torch.tensor(lens))
+        assert cache.lens.tolist() == lens
+        steps = [m(cont[:, t:t + 1], cache=cache) for t in range(4)]
+        for b, p in enumerate(prompts):
+            alone = m(torch.cat([p, cont[b]])[None])
+            torch.testing.assert_close(pre[b, :len(p)], alone[0, :len(p)], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(torch.cat([s[b] for s in steps]), alone[0, len(p):], atol=1e-5, rtol=1e-4)
+
+
+def test_trains():
+    m = model()
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    ids = torch.randint(0, 256, (4, 16))
+    losses = []
+    for _ in range(15):
+        logits = m(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_and_load(tmp_path, tie):
+    m = model(tie_embeddings=tie)
+    save_pretrained(m, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path))
+    assert isinstance(loaded, LlamaLM) and loaded.config == m.config
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(loaded(ids), m(ids))
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie
+
+
+def test_bad_inputs():
+    m = model()
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="cache must have"):
+        m(torch.zeros(2, 3, dtype=torch.long), cache=m.new_cache(3))
+    with pytest.raises(ValueError, match="lengths"):
+        m(torch.zeros(2, 3, dtype=torch.long), cache=m.new_cache(2), lengths=torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match="do not fit"):
+        m(torch.zeros(1, 9, dtype=torch.long), cache=m.new_cache(1, 8))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        LlamaLM(LlamaConfig(dim=48, num_heads=4, num_kv_heads=3))
+    with pytest.raises(ValueError, match="tree_mask and depths"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=m.new_cache(1), tree_mask=torch.ones(3, 3, dtype=torch.bool))
