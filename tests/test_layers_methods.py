@@ -187,3 +187,27 @@ def test_back_patching_table_is_consistent_and_an_identity_patch_changes_nothing
         assert r["accuracy"] - base == pytest.approx(r["fixed"] - r["broken"], abs=1e-6)
     want = (patched[:, -1].argmax(-1) == val[:, -1]).float().mean().item()
     assert rows[2]["accuracy"] == pytest.approx(want)
+
+
+def test_early_exit_on_llama_fills_the_skipped_kv_cache_from_the_exit_state():
+    from leanformer.models import LlamaConfig, LlamaLM
+
+    model = LlamaLM(LlamaConfig(dim=32, depth=3, num_heads=4, num_kv_heads=2, max_seq_len=32)).eval()
+    ids = windows(2, 12)[:, :-1]
+    cache = model.new_cache(2)
+    model(ids[:, :6], cache=cache)
+    outs = []
+    for t in range(6, 12):
+        logits, layers = early_exit.step(model, ids[:, t:t + 1], cache, criterion="confidence", threshold=-1.0)
+        assert layers.tolist() == [1, 1]
+        outs.append(logits)
+    assert cache.lens.tolist() == [12, 12]
+    assert torch.allclose(torch.stack(outs, 1), model(ids, exit_layer=1)[:, 6:], atol=1e-4)
+    exit_states = model(ids, exit_layer=1, output_hidden_states=True)[1][1]
+    block = model.layers[2]
+    _, k, v = block.attn.qkv(block.attn_norm(exit_states[:, 6:]), model.positions(2, 6, None, None) + 6)
+    assert torch.allclose(cache.k[2][:, 6:12], k, atol=1e-5) and torch.allclose(cache.v[2][:, 6:12], v, atol=1e-5)
+    val = windows(2, 13)
+    never = early_exit.evaluate(model, val, criterion="cosine", threshold=2.0, prefill=4)
+    want = F.cross_entropy(model(val[:, :-1])[:, 4:].reshape(-1, 256), val[:, 5:].reshape(-1))
+    assert never["avg_layers"] == 3 and math.isclose(never["val_ppl"], math.exp(want.item()), rel_tol=1e-4)

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICES
 from leanformer.layers import (attention_slots, drop_modules, forward, head, num_layers, patch_layer,
                                skip_layers, without_modules)
-from leanformer.models import BertConfig, BertEncoder, LMConfig, SLABLM
+from leanformer.models import BertConfig, BertEncoder, LlamaConfig, LlamaLM, LMConfig, SLABLM
 
 
 def lms(device):
@@ -17,7 +17,15 @@ def lms(device):
         model = SLABLM(cfg).to(device)
         model.train()(torch.randint(0, 256, (2, 12), device=device))  # running statistics for eval
         out.append(model.eval())
-    return out
+    return out + [llama(device)]
+
+
+def llama(device):
+    return LlamaLM(LlamaConfig(dim=32, depth=3, num_heads=4, num_kv_heads=2, max_seq_len=32)).to(device).eval()
+
+
+def new_cache(model, batch=1):
+    return model.new_cache(batch) if isinstance(model, LlamaLM) else model.new_cache()
 
 
 def bert(device):
@@ -46,6 +54,7 @@ def test_exit_at_the_last_layer_is_the_full_model_and_hidden_states_line_up(devi
         logits, hidden = model(ids, exit_layer=num_layers(model), output_hidden_states=True)
         assert torch.equal(logits, full)
         assert len(hidden) == 4 and torch.equal(hidden[0], model.embed(ids))
+        assert torch.equal(model(ids, exit_layer=0), head(model, model.embed(ids)))
         for l in range(4):
             lo, hs = model(ids, exit_layer=l, output_hidden_states=True)
             assert len(hs) == l + 1 and all(torch.equal(a, b) for a, b in zip(hs, hidden))
@@ -60,12 +69,14 @@ def test_exit_at_the_last_layer_is_the_full_model_and_hidden_states_line_up(devi
     assert torch.equal(forward(enc, ids, attention_mask=mask, exit_layer=2), hs[2])
 
 
-def test_exit_layer_with_a_cache_matches_the_exit_without_one():
-    model = lms("cpu")[0]
+@pytest.mark.parametrize("family", ["slab", "llama"])
+def test_exit_layer_with_a_cache_matches_the_exit_without_one(family):
+    model = lms("cpu")[0] if family == "slab" else llama("cpu")
     ids = torch.randint(0, 256, (1, 10))
-    cache = model.new_cache()
-    steps = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
-    assert torch.allclose(torch.cat(steps, 1), model(ids), atol=1e-4)
+    cache = new_cache(model)
+    steps = [model(ids[:, :6], cache=cache, exit_layer=2)] + [model(ids[:, t:t + 1], cache=cache, exit_layer=2)
+                                                              for t in range(6, 10)]
+    assert torch.allclose(torch.cat(steps, 1), model(ids, exit_layer=2), atol=1e-4)
 
 
 def test_skip_and_patch_change_the_output_and_leave_no_state_behind():
@@ -93,6 +104,9 @@ def test_skip_and_patch_change_the_output_and_leave_no_state_behind():
 
 def _from(model, x, first_block):
     """Blocks ``first_block..L-1`` then the head on ``x``, by hand."""
+    if isinstance(model, LlamaLM):
+        return model.lm_head(model.norm(model.run_layers(x, model.positions(*x.shape[:2], None, None),
+                                                         start=first_block)))
     for block in list(model.blocks)[first_block:]:
         x = block(x) if isinstance(model, BertEncoder) else block(x, cache=None, mask=None)
     return head(model, x)
@@ -118,27 +132,34 @@ def test_dropping_nothing_changes_nothing(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dropped_modules_lose_their_cache_and_decoding_matches_the_dropped_forward(device):
-    model = lms(device)[0]
+@pytest.mark.parametrize("family", ["slab", "llama"])
+def test_dropped_modules_lose_their_cache_and_decoding_matches_the_dropped_forward(device, family):
+    model = lms(device)[0] if family == "slab" else llama(device)
     ids = torch.randint(0, 256, (1, 14), device=device)
     n_params = sum(p.numel() for p in model.parameters())
     full = model(ids)
+    n_slots = len(new_cache(model).layers if family == "slab" else new_cache(model).k)
     drop_modules(model, attention=[0, 2], mlp=[1])
     assert attention_slots(model) == [None, 0, None]
-    assert model.blocks[0].attn is None and model.blocks[0].norm1 is None and model.blocks[1].mlp is None
+    blocks = model.blocks if family == "slab" else model.layers
+    assert blocks[0].attn is None and blocks[1].mlp is None
     assert sum(p.numel() for p in model.parameters()) < n_params
     dropped = model(ids)
     assert not torch.allclose(dropped, full)
-    cache = model.new_cache()
-    assert len(cache.layers) == 1
+    cache = new_cache(model)
+    assert n_slots == 3 and len(cache.layers if family == "slab" else cache.k) == 1
     steps = [model(ids[:, :8], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
     assert torch.allclose(torch.cat(steps, 1), dropped, atol=1e-4)
-    assert cache.layers[0].length == 14
-    # By hand: block 0 is its MLP only, block 1 its attention only, block 2 its MLP only.
     with pytest.raises(ValueError, match="the attention of layer 0 is already dropped"):
         drop_modules(model, attention=[0])
-    with pytest.raises(ValueError, match="cache has 3 layers, the model 1 attention layers"):
-        model(ids, cache=SLABLM(model.config).new_cache())
+    if family == "slab":
+        assert model.blocks[0].norm1 is None and cache.layers[0].length == 14
+        with pytest.raises(ValueError, match="cache has 3 layers, the model 1 attention layers"):
+            model(ids, cache=SLABLM(model.config).new_cache())
+    else:
+        assert model.layers[0].attn_norm is None and int(cache.lens[0]) == 14
+        with pytest.raises(ValueError, match="cache must have 1 layers"):
+            model(ids, cache=LlamaLM(model.config).new_cache(1))
 
 
 def test_without_modules_restores_the_model():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer.layers.stack import SUBLAYERS, adapter, forward, unwrap
+from leanformer.layers.stack import SUBLAYERS, adapter, blocks, forward, num_layers
 
 STATS = ("relative_norm", "cos_to_residual", "cos_in_out")
 
@@ -20,10 +20,10 @@ STATS = ("relative_norm", "cos_to_residual", "cos_in_out")
 @contextlib.contextmanager
 def _capture(model: nn.Module, record):
     """Calls ``record(layer, kind, residual_in, sublayer_out)`` for every sub-block that runs."""
-    a, inner = adapter(model), unwrap(model)
+    a = adapter(model)
     handles, current = [], {}
     try:
-        for i, block in enumerate(inner.blocks):
+        for i, block in enumerate(blocks(model)):
             def before(module, args, i=i):
                 current[i] = args[0]
             handles.append(block.register_forward_pre_hook(before))
@@ -46,7 +46,7 @@ def _capture(model: nn.Module, record):
 def contributions(model: nn.Module, batches: Iterable[Tensor]) -> Dict[str, List[Dict[str, float]]]:
     """Per sub-block kind, per layer: the token averages of :data:`STATS` over ``batches`` of
     input ids (a dropped sub-block's entry is None)."""
-    L = len(unwrap(model).blocks)
+    L = num_layers(model)
     sums = {k: [dict.fromkeys(STATS, 0.0) for _ in range(L)] for k in SUBLAYERS}
     counts = {k: [0] * L for k in SUBLAYERS}
 

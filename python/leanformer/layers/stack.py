@@ -28,7 +28,14 @@ class StackAdapter:
     """How one model family maps onto the protocol. ``ctx`` carries the per-call inputs other
     than the ids (padding mask, token types, ...) from :func:`forward` to every piece."""
 
-    def embed(self, model: nn.Module, input_ids: Tensor, ctx: dict) -> Tensor:
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.blocks
+
+    def new_cache(self, model: nn.Module, batch: int, max_len: int):
+        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        return model.new_cache()
+
+    def embed(self, model: nn.Module, input_ids: Tensor, cache, ctx: dict) -> Tensor:
         raise NotImplementedError
 
     def block(self, model: nn.Module, i: int, x: Tensor, cache, ctx: dict) -> Tensor:
@@ -38,6 +45,9 @@ class StackAdapter:
     def head(self, model: nn.Module, x: Tensor, ctx: dict) -> Tensor:
         """The shared final norm and head (the identity for an encoder without a head)."""
         raise NotImplementedError
+
+    def finish(self, model: nn.Module, input_ids: Tensor, cache, ctx: dict) -> None:
+        """After the blocks of one call: what the cache needs once per call (a length to advance)."""
 
     def fill_cache(self, model: nn.Module, i: int, x: Tensor, cache, ctx: dict) -> None:
         """Writes what block ``i`` would cache for input ``x`` without computing its output
@@ -79,8 +89,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's blocks, in order (whatever the model calls them)."""
+    return adapter(model).blocks(unwrap(model))
+
+
 def num_layers(model: nn.Module) -> int:
-    return len(unwrap(model).blocks)
+    return len(blocks(model))
 
 
 def check_layer(model: nn.Module, index: int, *, name: str = "layer", allow_end: bool = False) -> int:
@@ -105,11 +120,12 @@ def forward(model: nn.Module, input_ids: Tensor, *, exit_layer: Optional[int] = 
     model = unwrap(model)
     depth = num_layers(model) if exit_layer is None else check_layer(model, exit_layer, name="exit_layer",
                                                                       allow_end=True)
-    x = a.embed(model, input_ids, ctx)
+    x = a.embed(model, input_ids, cache, ctx)
     hidden = [x]
     for i in range(depth):
         x = a.block(model, i, x, cache, ctx)
         hidden.append(x)
+    a.finish(model, input_ids, cache, ctx)
     out = a.head(model, x, ctx)
     return (out, tuple(hidden)) if output_hidden_states else out
 
@@ -132,7 +148,7 @@ class _SkippedBlock(nn.Module):
 
 def _real_block(model: nn.Module, i: int) -> nn.Module:
     """Block ``i``, seen through a :func:`skip_layers` stand-in."""
-    block = unwrap(model).blocks[i]
+    block = blocks(model)[i]
     return block.skipped[0] if isinstance(block, _SkippedBlock) else block
 
 
@@ -145,24 +161,23 @@ def _indices(model: nn.Module, layers: Union[int, Sequence[int]], name: str) -> 
 def skip_layers(model: nn.Module, layers: Union[int, Sequence[int]]) -> Iterator[nn.Module]:
     """Within the block, the given blocks are skipped (their input is their output, their cache
     untouched), in the model's own forward and in :func:`forward` alike."""
-    inner = unwrap(model)
-    idx = _indices(inner, layers, "layer")
-    saved = {i: inner.blocks[i] for i in idx}
+    stack = blocks(model)
+    idx = _indices(model, layers, "layer")
+    saved = {i: stack[i] for i in idx}
     try:
         for i in idx:
-            inner.blocks[i] = _SkippedBlock(saved[i])
+            stack[i] = _SkippedBlock(saved[i])
         yield model
     finally:
         for i, block in saved.items():
-            inner.blocks[i] = block
+            stack[i] = block
 
 
 @contextlib.contextmanager
 def patch_layer(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iterator[nn.Module]:
     """Within the block, block ``layer``'s output ``y`` is replaced by ``fn(y)`` (what the next
     block and the head see), e.g. to write another layer's hidden state into it."""
-    inner = unwrap(model)
-    block = inner.blocks[check_layer(inner, layer)]
+    block = blocks(model)[check_layer(model, layer)]
     handle = block.register_forward_hook(lambda module, args, output: fn(output))
     try:
         yield model
