@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanformer.layers import drop_modules, early_exit, forward, head, num_layers, patch_layer
+from leanformer.layers import drop_modules, early_exit, head, patch_layer
 from leanformer.layers.back_patching import _last_position, back_patching
 from leanformer.layers.drop import drop_order, importance
 from leanformer.layers.lens import TunedLens, TunedLensLoss, lens_table

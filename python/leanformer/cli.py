@@ -61,7 +61,8 @@ LAYERS = {"soft": ("leanformer.experiments.layers_soft", "main"),
           "logit-lens": ("leanformer.experiments.layers_lens", "main"),
           "tuned-lens": ("leanformer.experiments.layers_lens", "tuned_main"),
           "residual": ("leanformer.experiments.layers_residual", "main"),
-          "back-patching": ("leanformer.experiments.layers_back_patching", "main")}
+          "back-patching": ("leanformer.experiments.layers_back_patching", "main"),
+          "self-speculative": ("leanformer.experiments.layers_self_speculative", "main")}
 
 
 def layers(argv: List[str]) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-import torch
-
 from leanformer.experiments.layers_common import load_lm, parser, result_stem, val_windows
 from leanformer.layers import num_layers
 from leanformer.layers.back_patching import back_patching
@@ -22,7 +20,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = parser("back-patching", __doc__)
     p.set_defaults(length=32, windows=512)
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load_lm(args.model)
     val = val_windows(args.length, args.windows)
     rows = back_patching(model, val)

@@ -7,7 +7,6 @@ import argparse
 import os
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from leanformer.data import pydoc_text, sequential_windows

@@ -23,6 +23,7 @@ from leanformer.layers.sorted import exit_perplexities
 from leanformer.train.report import write_json
 
 
+@torch.no_grad()
 def decode_speed(model, window: torch.Tensor, prefill: int) -> float:
     """Tokens per second decoding ``window`` at batch 1 with the cache, after the prefill."""
     cache = model.new_cache()
@@ -38,7 +39,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--calibration", type=int, default=32, help="calibration windows from the training text")
     p.add_argument("--speed-tokens", type=int, default=96)
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load_lm(args.model)
     train_tokens, _ = pydoc_text()
     calib = next(random_windows(train_tokens, args.calibration, args.length, torch.Generator().manual_seed(0)))

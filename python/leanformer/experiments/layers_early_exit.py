@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-import torch
-
 from leanformer.experiments.layers_common import load_lm, parser, result_stem, val_windows
 from leanformer.layers import early_exit, num_layers
 from leanformer.layers.plot import lines
@@ -28,7 +26,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prefill", type=int, default=16, help="tokens of each window run through every layer first")
     p.add_argument("--speed-tokens", type=int, default=48, help="tokens decoded at batch 1 for the speed")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load_lm(args.model)
     val = val_windows(args.length, args.windows)
     L = num_layers(model)

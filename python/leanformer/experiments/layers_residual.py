@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-import torch
-
 from leanformer.experiments.layers_common import load_lm, parser, result_stem, val_windows
 from leanformer.layers.plot import lines
 from leanformer.layers.residual import contributions
@@ -19,7 +17,6 @@ from leanformer.train.report import write_json
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser("residual", __doc__).parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load_lm(args.model)
     val = val_windows(args.length, args.windows)
     stats = contributions(model, [c[:, :-1] for c in val.split(16)])

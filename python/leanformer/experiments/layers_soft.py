@@ -15,7 +15,7 @@ import torch
 
 from leanformer.data import pydoc_text, random_windows
 from leanformer.experiments.layers_common import lm_config, parser, result_stem, val_windows
-from leanformer.layers import distributed, num_layers
+from leanformer.layers import distributed
 from leanformer.layers.plot import lines
 from leanformer.layers.sorted import SortedLoss, exit_perplexities
 from leanformer.models import SLABLM, save_pretrained
