@@ -9,7 +9,7 @@ same dims (its own d-dim embedding; exactly 1 at layer 6 before fine-tuning); ``
 embeddings; ``similarity_spearman``, the rank correlation of all pairwise similarities with
 the full model's (an STS-like measure of the similarity structure).
 
-    leanformer experiment elastic-minilm [--steps 120] [--batch-size 16] [--out bench/results]
+    leanformer experiment elastic-minilm [--steps 60] [--batch-size 16] [--train-sentences 640] [--out bench/results]
     torchrun --nproc_per_node=2 -m leanformer.experiments.elastic_minilm ...   (DDP, gloo on CPU)
 """
 from __future__ import annotations
@@ -110,12 +110,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval-sentences", type=int, default=300, help="held out, never trained on")
     p.add_argument("--train-sentences", type=int, default=None, help="default: every other pydoc sentence")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
