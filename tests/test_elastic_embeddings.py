@@ -79,6 +79,20 @@ def test_every_layer_and_dim_is_the_masked_mean_truncated_then_normalized(minilm
                 torch.testing.assert_close(elastic.encode(SENTENCES, layer=layer, dim=dim), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_shallow_layer_runs_only_the_blocks_below_it(minilm):
+    ran = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(minilm.encoder.blocks)]
+    try:
+        ElasticEncoder(minilm).encode(SENTENCES[:2], layer=2, dim=64)
+        assert ran == [0, 1]
+        ran.clear()
+        ElasticEncoder(minilm)(**minilm.tokenizer(SENTENCES[:2]), layers=[3, 1])
+        assert ran == [0, 1, 2]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_bad_layer_and_dim_raise_naming_them(minilm):
     elastic = ElasticEncoder(minilm)
     batch = minilm.tokenizer(SENTENCES[:2])

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from leanformer.layers.stack import forward as stack_forward
 from leanformer.models.bert import SentenceEncoder, mean_pool
 
 
@@ -48,7 +49,8 @@ class ElasticEncoder(nn.Module):
 
     ``forward(input_ids, attention_mask, token_type_ids=None, *, layers)`` -> the mean-pooled,
     not yet truncated nor normalized hidden states of those layers, ``[len(layers), B, D]``
-    (the form the 2DMSE objective and DistributedDataParallel work with);
+    (the form the 2DMSE objective and DistributedDataParallel work with); the blocks after the
+    deepest of them do not run (an exit of :func:`leanformer.layers.forward`);
     :meth:`embed` gives one (layer, dim) embedding, :meth:`encode` takes sentences.
     """
 
@@ -69,7 +71,8 @@ class ElasticEncoder(nn.Module):
         layers = [check_layer(l, self.num_layers) for l in layers]
         if not layers:
             raise ValueError("layers is empty")
-        _, hidden = self.model.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+        _, hidden = stack_forward(self.model.encoder, input_ids, exit_layer=max(layers), output_hidden_states=True,
+                                  attention_mask=attention_mask, token_type_ids=token_type_ids)
         return torch.stack([mean_pool(hidden[l], attention_mask) for l in layers])
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None, *,
@@ -81,16 +84,18 @@ class ElasticEncoder(nn.Module):
         return elastic_embedding(self(input_ids, attention_mask, token_type_ids, layers=[layer])[0], dim)
 
     @torch.no_grad()
-    def pooled_layers(self, sentences: Sequence[str], *, batch_size: int = 32) -> Tensor:
-        """Every layer's mean-pooled hidden state of the sentences, ``[L, N, D]`` (float32, CPU,
-        in the sentences' order): one forward per batch gives every (layer, dim) embedding
-        through :func:`elastic_embedding`. Batched by length, as ``SentenceEncoder.encode``."""
+    def pooled_layers(self, sentences: Sequence[str], *, layers: Optional[Sequence[int]] = None,
+                      batch_size: int = 32) -> Tensor:
+        """The mean-pooled hidden states of the sentences at ``layers`` (default: every layer,
+        1..L), ``[len(layers), N, D]`` (float32, CPU, in the sentences' order): one forward per
+        batch gives every (layer, dim) embedding through :func:`elastic_embedding`. Batched by
+        length, as ``SentenceEncoder.encode``."""
         if isinstance(sentences, str):
             raise TypeError("pooled_layers takes a list of sentences, not a str")
+        layers = range(1, self.num_layers + 1) if layers is None else layers
         device = next(self.parameters()).device
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
-        out = torch.empty(self.num_layers, len(sentences), self.hidden_size)
-        layers = range(1, self.num_layers + 1)
+        out = torch.empty(len(layers), len(sentences), self.hidden_size)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = {k: v.to(device) for k, v in self.model.tokenizer([sentences[i] for i in idx]).items()}
@@ -104,4 +109,4 @@ class ElasticEncoder(nn.Module):
         the last layer, every dimension: the wrapped model's own embedding)."""
         layer = check_layer(self.num_layers if layer is None else layer, self.num_layers)
         dim = check_dim(self.hidden_size if dim is None else dim, self.hidden_size)
-        return elastic_embedding(self.pooled_layers(sentences, batch_size=batch_size)[layer - 1], dim)
+        return elastic_embedding(self.pooled_layers(sentences, layers=[layer], batch_size=batch_size)[0], dim)
