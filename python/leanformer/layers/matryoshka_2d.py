@@ -3,9 +3,9 @@ as self-distillation from the frozen original model, and its training loop (prog
 DistributedDataParallel when ``torch.distributed`` is initialized, e.g. under ``torchrun``).
 
 Each step draws a shallow layer ``i`` uniformly from 1..L-1 and a dimension ``d`` uniformly
-from the truncated sizes (< D), and sums, as the paper does, the loss at the last layer and at
-layer ``i``, each at full and at truncated dimensions, plus the KL alignment of the shallow
-layer to the last one:
+from the truncated sizes (< D), and sums the paper's terms, here with unit weights: the loss at
+the last layer and at layer ``i``, each at full and at truncated dimensions, plus the KL
+alignment of the shallow layer to the last one:
 
     loss = l(L, D) + l(L, d) + l(i, D) + l(i, d) + kl_weight * KL(P_L || P_i)
     l(layer, d) = mean over the batch of 1 - cos(e_{layer,d}, normalize(t[:d]))
@@ -13,8 +13,8 @@ layer to the last one:
                   cos(e_{layer,D}, e'_{layer,D}) / temperature      (P_L detached)
 
 ``e_{layer,d}`` is the student's elastic embedding, ``t`` the teacher's (the original model's)
-full embedding. The paper's per-(layer, dim) loss is a supervised contrastive one on labelled
-pairs; without labels, the cosine to the teacher is the distillation target and is the quantity
+full embedding. The paper's per-(layer, dim) loss is its supervised sentence-embedding loss on
+labelled pairs; without labels, the cosine to the teacher is the distillation target and is the quantity
 the experiment reports. Truncating the teacher to ``d`` makes the target the original model's
 own d-dimensional embedding, so the last layer's two terms start at zero and only pull back when
 training the shallow exits moves the blocks they share with it: the trade-off 2DMSE balances.
@@ -24,7 +24,7 @@ and not the reverse; each sentence's similarity to itself (always 1) is left out
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
