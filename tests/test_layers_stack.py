@@ -201,3 +201,14 @@ def test_bad_layer_indices_raise_naming_the_index_and_the_range():
 def test_bert_drop_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="post-norm BERT"):
         drop_modules(bert("cpu"), attention=[0])
+
+
+def test_a_model_with_dropped_modules_still_folds_its_batchnorms():
+    from leanformer import fold_batchnorm
+
+    model = lms("cpu")[0]  # the SLAB LM: PRepBN everywhere
+    drop_modules(model, attention=[1], mlp=[0])
+    ids = torch.randint(0, 256, (2, 9))
+    before = model(ids)
+    folded = fold_batchnorm(model)
+    assert torch.allclose(folded(ids), before, atol=1e-5)
