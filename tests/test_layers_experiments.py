@@ -100,15 +100,21 @@ def test_unknown_analysis_is_refused(capsys):
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-def test_soft_trains_under_torchrun_with_ddp(tmp_path):
+@pytest.mark.parametrize("module", ["layers_soft", "layers_lens"])
+def test_training_runs_under_torchrun_with_ddp(trained, tmp_path, module):
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(leanformer.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
+    args = (["--steps", "2", "--batch", "2", "--dim", "32", "--depth", "2"] if module == "layers_soft" else
+            ["--tuned", "--steps", "2", "--batch", "2", "--model", str(trained[0] / "models" / "ordinary")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "leanformer.experiments.layers_soft", "--steps", "2", "--batch", "2", "--dim", "32", "--depth", "2",
-           *TINY, "--out", str(tmp_path)]
+           "-m", f"leanformer.experiments.{module}", *args, *TINY, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    r = only_json(tmp_path, "soft")
-    assert r["world_size"] == 2 and set(r["soft"]["val_ppl_per_exit"]) == {"1", "2"}
+    if module == "layers_soft":
+        r = only_json(tmp_path, "soft")
+        assert r["world_size"] == 2 and set(r["soft"]["val_ppl_per_exit"]) == {"1", "2"}
+    else:
+        r = only_json(tmp_path, "tuned-lens")
+        assert r["world_size"] == 2 and len(r["tables"]["tuned lens"]) == 4
