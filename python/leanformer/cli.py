@@ -1,5 +1,5 @@
-"""The `leanformer` command: `leanformer info`, `leanformer bench`, `leanformer train NAME` and
-`leanformer experiment NAME`."""
+"""The `leanformer` command: `leanformer info`, `leanformer bench`, `leanformer train NAME`,
+`leanformer experiment NAME` and `leanformer layers NAME`."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,29 @@ TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.
 
 EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm",
                "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm",
-               "tree-decoding": "leanformer.experiments.tree_decoding"}
+               "tree-decoding": "leanformer.experiments.tree_decoding",
+               "elastic-minilm": "leanformer.experiments.elastic_minilm"}
+
+
+# `leanformer layers NAME`: module and entry point of each intermediate-layer analysis.
+LAYERS = {"soft": ("leanformer.experiments.layers_soft", "main"),
+          "early-exit": ("leanformer.experiments.layers_early_exit", "main"),
+          "drop": ("leanformer.experiments.layers_drop", "main"),
+          "logit-lens": ("leanformer.experiments.layers_lens", "main"),
+          "tuned-lens": ("leanformer.experiments.layers_lens", "tuned_main"),
+          "residual": ("leanformer.experiments.layers_residual", "main"),
+          "back-patching": ("leanformer.experiments.layers_back_patching", "main"),
+          "self-speculative": ("leanformer.experiments.layers_self_speculative", "main")}
+
+
+def layers(argv: List[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] not in LAYERS:
+        print(f"usage: leanformer layers {{{','.join(LAYERS)}}} [options] (--help for each)", file=sys.stderr)
+        return 2
+    module, entry = LAYERS[argv[0]]
+    return getattr(importlib.import_module(module), entry)(argv[1:])
 
 
 def experiment(argv: List[str]) -> int:
@@ -77,7 +99,7 @@ def train(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="leanformer")
-    parser.add_argument("command", choices=["info", "bench", "train", "experiment"])
+    parser.add_argument("command", choices=["info", "bench", "train", "experiment", "layers"])
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info()
@@ -85,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train(argv[1:])
     if args.command == "experiment":
         return experiment(argv[1:])
+    if args.command == "layers":
+        return layers(argv[1:])
     return bench(argv[1:])
 
 

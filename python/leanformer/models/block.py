@@ -29,8 +29,15 @@ def apply_norm(norm: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def norm_fold_pairs(owner: nn.Module, pairs: List[Tuple[str, List[str], str]]):
-    """The (norm, linears, direction) pairs of ``owner`` whose norm is still a RepBN/PRepBN."""
-    return [p for p in pairs if isinstance(owner.get_submodule(p[0]), (RepBN, PRepBN))]
+    """The (norm, linears, direction) pairs of ``owner`` whose norm is still a RepBN/PRepBN (a
+    norm dropped with its sub-block is None)."""
+    return [p for p in pairs if isinstance(_submodule_or_none(owner, p[0]), (RepBN, PRepBN))]
+
+
+def _submodule_or_none(owner: nn.Module, name: str):
+    *path, last = name.split(".")
+    parent = owner.get_submodule(".".join(path)) if path else owner
+    return getattr(parent, last, None)
 
 
 class Block(nn.Module):
@@ -58,15 +65,16 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *, hw: Optional[Tuple[int, int]] = None,
                 cache: Optional[SLACache] = None, mask: Optional[Tensor] = None) -> Tensor:
-        h = apply_norm(self.norm1, x, mask)
-        if isinstance(self.attn, SimplifiedLinearAttention):
-            h = self.attn(h, hw=hw, cache=cache) if not self.attn.causal else self.attn(h, cache=cache)
-        else:
-            if cache is not None:
-                raise ValueError("incremental decoding (cache) needs attention='sla'")
-            h = self.attn(h)
-        x = x + h
-        return x + self.mlp(apply_norm(self.norm2, x, mask))
+        if self.attn is not None:  # None: dropped by leanformer.layers.drop_modules
+            h = apply_norm(self.norm1, x, mask)
+            if isinstance(self.attn, SimplifiedLinearAttention):
+                h = self.attn(h, hw=hw, cache=cache) if not self.attn.causal else self.attn(h, cache=cache)
+            else:
+                if cache is not None:
+                    raise ValueError("incremental decoding (cache) needs attention='sla'")
+                h = self.attn(h)
+            x = x + h
+        return x if self.mlp is None else x + self.mlp(apply_norm(self.norm2, x, mask))
 
     def fold_pairs(self):
         return norm_fold_pairs(self, [("norm1", ["attn.qkv"], "forward"), ("norm2", ["mlp.fc1"], "forward")])

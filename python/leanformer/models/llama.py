@@ -166,8 +166,9 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(c.dim, c.hidden)
 
     def forward(self, x: Tensor, positions: Tensor, k_cache=None, v_cache=None, lens=None, tree_mask=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.attn is not None:  # None: dropped by leanformer.layers.drop_modules
+            x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
 class LlamaLM(nn.Module):
@@ -219,8 +220,14 @@ class LlamaLM(nn.Module):
         c, p = self.config, self.embed.weight
         shape = (batch, max_len or c.max_seq_len, c.num_kv_heads, c.head_dim)
         kw = dict(device=device or p.device, dtype=dtype or p.dtype)
-        return KVCache([torch.zeros(shape, **kw) for _ in self.layers], [torch.zeros(shape, **kw) for _ in self.layers],
+        n = len(self._kv_slots())  # one K/V per attention (drop_modules removes some)
+        return KVCache([torch.zeros(shape, **kw) for _ in range(n)], [torch.zeros(shape, **kw) for _ in range(n)],
                        torch.zeros(batch, dtype=torch.long, device=kw["device"]))
+
+    def _kv_slots(self) -> dict:
+        """Layer index -> its K/V slot in the cache, for the layers that still have attention."""
+        kept = [i for i, block in enumerate(self.layers) if getattr(block, "attn", None) is not None]
+        return {i: s for s, i in enumerate(kept)}
 
     def positions(self, B: int, T: int, cache: Optional[KVCache], depths: Optional[Tensor]) -> Tensor:
         """Position ids ``[B, T]``: ``lens[b] + depth`` (depth ``t`` when not a tree)."""
@@ -233,21 +240,24 @@ class LlamaLM(nn.Module):
                    tree_mask: Optional[Tensor] = None, start: int = 0, stop: Optional[int] = None) -> Tensor:
         """Hidden states through ``layers[start:stop]`` (for drafters that enter or leave midway).
         Does not advance ``cache.lens``."""
+        slots = self._kv_slots()
         for i in range(start, len(self.layers) if stop is None else stop):
-            kv = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.lens)
+            kv = (None, None, None) if cache is None or i not in slots else (cache.k[slots[i]], cache.v[slots[i]], cache.lens)
             x = self.layers[i](x, positions, *kv, tree_mask)
         return x
 
     def forward(self, input_ids: Tensor, *, cache: Optional[KVCache] = None, lengths: Optional[Tensor] = None,
                 tree_mask: Optional[Tensor] = None, depths: Optional[Tensor] = None,
-                return_hidden: bool = False):
-        """Logits ``[B, T, V]`` (and the final normed hidden states when ``return_hidden``)."""
+                return_hidden: bool = False, exit_layer: Optional[int] = None, output_hidden_states: bool = False):
+        """Logits ``[B, T, V]`` (and the final normed hidden states when ``return_hidden``).
+        ``exit_layer=l``: the first l layers then the shared final norm and head;
+        ``output_hidden_states``: ``(logits, hidden_states)`` (see :func:`leanformer.layers.forward`)."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if cache is not None:
-            if len(cache.k) != len(self.layers) or cache.lens.shape != (B,):
-                raise ValueError(f"cache must have {len(self.layers)} layers and lens [{B}] (make it with "
+            if len(cache.k) != len(self._kv_slots()) or cache.lens.shape != (B,):
+                raise ValueError(f"cache must have {len(self._kv_slots())} layers and lens [{B}] (make it with "
                                  f"model.new_cache({B}))")
         if (tree_mask is None) != (depths is None):
             raise ValueError("tree_mask and depths go together (a token tree's ancestor mask and node depths)")
@@ -258,6 +268,12 @@ class LlamaLM(nn.Module):
                 raise ValueError("lengths (per-sequence prompt lengths) is for a prefill into a cache")
             if lengths.shape != (B,) or int(lengths.min()) < 0 or int(lengths.max()) > T:
                 raise ValueError(f"lengths must be int64 [{B}] in 0..{T}, got {lengths.tolist()}")
+        if exit_layer is not None or output_hidden_states:
+            if tree_mask is not None or lengths is not None or return_hidden:
+                raise ValueError("exit_layer/output_hidden_states take neither a token tree, lengths nor return_hidden")
+            from leanformer.layers import forward
+
+            return forward(self, input_ids, cache=cache, exit_layer=exit_layer, output_hidden_states=output_hidden_states)
         h = self.run_layers(self.embed(input_ids), self.positions(B, T, cache, depths), cache=cache, tree_mask=tree_mask)
         if cache is not None and tree_mask is None:
             cache.lens += T if lengths is None else lengths.to(cache.lens.device)

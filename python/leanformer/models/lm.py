@@ -97,20 +97,28 @@ class SLABLM(nn.Module):
     def new_cache(self) -> LMCache:
         if self.config.attention != "sla":
             raise ValueError("incremental decoding needs attention='sla' (the softmax twin has no cache)")
-        return LMCache([SLACache() for _ in self.blocks])
+        # One slot per attention: a block whose attention was dropped (drop_modules) has none.
+        return LMCache([SLACache() for b in self.blocks if b.attn is not None])
 
     def forward(self, input_ids: Tensor, *, cache: Optional[LMCache] = None,
-                mask: Optional[Tensor] = None, return_hidden: bool = False):
+                mask: Optional[Tensor] = None, exit_layer: Optional[int] = None,
+                output_hidden_states: bool = False, return_hidden: bool = False):
+        """``exit_layer=l``: the first l blocks then the shared final norm and head;
+        ``output_hidden_states``: ``(logits, hidden_states)`` with the ``l + 1`` hidden states
+        (see :func:`leanformer.layers.forward`); ``return_hidden``: ``(logits, h)`` with ``h`` the
+        final normed hidden state (what drafters read)."""
+        from leanformer.layers import forward
+
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if cache is not None and len(cache.layers) != len(self.blocks):
-            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.blocks)}: "
-                             "make it with model.new_cache()")
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache.layers[i], mask=mask)
-        h = apply_norm(self.norm, x, mask)
-        return (self.lm_head(h), h) if return_hidden else self.lm_head(h)
+        if return_hidden:
+            if output_hidden_states:
+                raise ValueError("return_hidden and output_hidden_states do not go together")
+            logits, hidden = forward(self, input_ids, cache=cache, mask=mask, exit_layer=exit_layer,
+                                     output_hidden_states=True)
+            return logits, apply_norm(self.norm, hidden[-1], mask)
+        return forward(self, input_ids, cache=cache, mask=mask, exit_layer=exit_layer,
+                       output_hidden_states=output_hidden_states)
 
     def fold_pairs(self):
         # Folding into a tied head unties it: fold_batchnorm gives lm_head its own weight.

@@ -22,7 +22,9 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, obj
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     history, train_time = [], 0.0
-    bar = tqdm(range(steps), desc=desc, unit="step", file=sys.stderr)
+    # One bar per job, not per rank, under torch.distributed.
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    bar = tqdm(range(steps), desc=desc, unit="step", file=sys.stderr, disable=not rank0)
     for step in bar:
         model.train()
         t0 = time.perf_counter()
