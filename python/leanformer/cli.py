@@ -51,7 +51,8 @@ TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.
 
 
 EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm",
-               "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm"}
+               "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm",
+               "dsformer-minilm": "leanformer.experiments.dsformer_minilm"}
 
 
 def experiment(argv: List[str]) -> int:
