@@ -28,6 +28,8 @@ from leanformer.models import load_minilm
 from leanformer.models.bert import SentenceEncoder, mean_pool
 from leanformer.train.report import stem, write
 
+METHODS = ("dsformer", "low_rank_svd", "nm_prune")
+
 
 def distill(student: SentenceEncoder, teacher: SentenceEncoder, sentences: List[str], *, steps: int,
             batch: int, lr: float, seed: int, trainable: Callable[[str], bool]) -> List[dict]:
@@ -80,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=10, help="alternating-factorization rounds")
     p.add_argument("--no-baseline-distillation", action="store_true",
                    help="distill DSFormer only (the baselines keep their one-shot weights)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
@@ -100,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, dict] = {}
     curves: Dict[str, List[dict]] = {}
     for c in args.compressions:
-        for method, compress in compressors.items():
+        for method in args.methods:
+            compress = compressors[method]
             student = copy.deepcopy(teacher)
             t0 = time.perf_counter()
             comp = compress(student.encoder, c)
