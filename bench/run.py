@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "models", "dense_sparse_linear"]
+SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "nm_sparse", "dense_sparse_linear", "models"]
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
