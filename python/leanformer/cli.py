@@ -54,7 +54,8 @@ TRAINERS = {"vit-digits": "leanformer.train.vit_digits", "lm-text": "leanformer.
 EXPERIMENTS = {"topk-minilm": "leanformer.experiments.topk_minilm",
                "lazy-neuron-lm": "leanformer.experiments.lazy_neuron_lm",
                "tree-decoding": "leanformer.experiments.tree_decoding",
-               "elastic-minilm": "leanformer.experiments.elastic_minilm"}
+               "elastic-minilm": "leanformer.experiments.elastic_minilm",
+               "dsformer-minilm": "leanformer.experiments.dsformer_minilm"}
 
 
 # `leanformer layers NAME`: module and entry point of each intermediate-layer analysis.

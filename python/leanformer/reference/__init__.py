@@ -5,6 +5,7 @@ from leanformer.reference.linear_attention import (
     sla_noncausal_reference,
     sla_step_reference,
 )
+from leanformer.reference.nm_sparse import nm_sparse_linear as nm_sparse_linear_reference
 from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
 from leanformer.reference.topk_mlp import (
     dense_mlp_reference,
@@ -33,6 +34,7 @@ __all__ = [
     "verify_tree_greedy_reference",
     "verify_tree_sampling_reference",
     "dense_mlp_reference",
+    "nm_sparse_linear_reference",
     "predicted_sparse_mlp_reference",
     "progressive_norm_reference",
     "rep_batchnorm_reference",

@@ -1,0 +1,542 @@
+// N:M sparse linear on the CPU: y = x @ S^T + bias, reading only S's values and metadata
+// (the layout is in nm_sparse_checks.h).
+//
+// Forward paths:
+//  * one token (decode, the memory-bound case the format is for): a GEMV per output row,
+//    parallel over rows. 2:4 and 1:4 turn half a meta word into the in-group indices of 8
+//    values with one vector shift and mask, permute x's columns into value order (vpermps
+//    in the AVX2 clone) and do one 8-wide FMA per 8 values; other patterns decode the row's
+//    columns and gather.
+//  * several tokens: x is transposed to x^T [K, Np] (tokens padded to whole tiles), so the
+//    T tokens of a tile at one column are one contiguous run of NV vectors. A task is
+//    (token tile, block of rows); each weight row is decoded once per tile into its columns,
+//    then every value costs NV vector FMAs against x^T[col], for RB rows at a time (RB * NV
+//    independent accumulators hide the FMA latency).
+// Backward:
+//  * grad_x = grad_y @ S: per token tile, each row's values are scattered into a private
+//    [K, T] buffer (grad_x^T), so tasks never share an output; with fewer tiles than threads
+//    the rows are split between tasks too and their buffers summed.
+//  * grad_values[r, j] = sum_t grad_y[t, r] * x[t, col(r, j)]: parallel over rows, a dot of
+//    grad_y^T[r] and x^T[col] over the tokens.
+// Sums accumulate in fp32 (fp64 for fp64).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_vec.h"
+#include "nm_sparse_checks.h"
+#include "small_gemm.h"
+
+namespace leanformer {
+namespace {
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// The packed layout of one call, and (j / n) * m, the first column of value j's group: the
+// same for every row, so decoding a row is a shift, a mask and an add per value.
+struct NMLayout {
+  int64_t n, m, K, V, W;
+  int bits;
+  std::vector<int32_t> group_base;
+};
+
+NMLayout make_layout(int64_t n, int64_t m, int64_t K) {
+  NMLayout L{n, m, K, K / m * n, 0, nm_meta_bits(m), {}};
+  L.W = nm_meta_words(L.V, m);
+  L.group_base.resize(L.V);
+  for (int64_t j = 0; j < L.V; ++j) L.group_base[j] = static_cast<int32_t>(j / n * m);
+  TORCH_CHECK(K < (int64_t(1) << 31), "x.shape[-1] (K = ", K, ") must be below 2^31");
+  return L;
+}
+
+template <int BITS>
+__attribute__((always_inline)) inline void decode_bits(const int32_t* meta, const int32_t* base,
+                                                       int64_t V, int32_t* cols) {
+  constexpr int P = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  int64_t j = 0, w = 0;
+  for (; j + P <= V; j += P, ++w) {
+    const uint32_t word = static_cast<uint32_t>(meta[w]);
+    for (int k = 0; k < P; ++k)
+      cols[j + k] = base[j + k] + static_cast<int32_t>((word >> (k * BITS)) & mask);
+  }
+  if (j < V) {
+    const uint32_t word = static_cast<uint32_t>(meta[w]);
+    for (int k = 0; j + k < V; ++k)
+      cols[j + k] = base[j + k] + static_cast<int32_t>((word >> (k * BITS)) & mask);
+  }
+}
+
+// With 4 bits per index m = 8 is the one pattern whose field can hold an index outside the
+// group (8..15); a corrupt meta must not make the kernels read past x, so for m = 8 every word
+// is checked (one AND) before any kernel runs. The check stays out of the kernels: an error
+// thrown from inside a cloned kernel terminated the process instead of reaching Python.
+void check_meta_indices(const NMLayout& L, const at::Tensor& meta) {
+  if (L.m != 8) return;
+  const int32_t* p = meta.data_ptr<int32_t>();
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  at::parallel_for(0, meta.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      if (static_cast<uint32_t>(p[i]) & 0x88888888u) {
+        int64_t seen = first_bad.load();
+        while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {}
+        return;
+      }
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(), "meta: row ", bad / L.W, ", word ",
+              bad % L.W, " holds an in-group index >= m = 8");
+}
+
+// cols[0, V) = the columns of row `row`'s values.
+__attribute__((always_inline)) inline void decode_row(const NMLayout& L, const int32_t* meta,
+                                                      int64_t row, int32_t* cols) {
+  const int32_t* mrow = meta + row * L.W;
+  const int32_t* base = L.group_base.data();
+  switch (L.bits) {
+    case 1: decode_bits<1>(mrow, base, L.V, cols); break;
+    case 2: decode_bits<2>(mrow, base, L.V, cols); break;
+    default: decode_bits<4>(mrow, base, L.V, cols); break;
+  }
+}
+
+template <typename V>
+__attribute__((always_inline)) inline auto hsum(const V& v) {
+  auto s = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(s)); ++i) s += v[i];
+  return s;
+}
+
+__attribute__((always_inline)) inline v8f permute8(v8f x, v8i idx) {
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(x, idx);  // vpermps in the AVX2 clone
+#else
+  v8f r;
+  for (int i = 0; i < 8; ++i) r[i] = x[idx[i] & 7];
+  return r;
+#endif
+}
+
+// ---- one token: GEMV rows ----
+
+constexpr v8i kShift2 = {0, 2, 4, 6, 8, 10, 12, 14};  // 2-bit fields of half a meta word
+
+// x . S[row] for 2:4: a meta word holds 16 values = 8 groups = 32 columns. Value l of 8
+// (4 groups, 16 columns) takes column (l / 2) * 4 + idx, i.e. lane (l / 2) * 4 % 8 + idx of
+// the first (l < 4) or second 8 columns.
+template <typename scalar_t>
+__attribute__((always_inline)) inline float dot_24(const float* x, const scalar_t* v,
+                                                   const int32_t* meta, int64_t V) {
+  const v8i off = {0, 0, 4, 4, 0, 0, 4, 4};
+  v8f a0 = {}, a1 = {};
+  int64_t j = 0;
+  for (; j + 16 <= V; j += 16) {
+    const v8i w = v8i{} + meta[j >> 4];
+    const float* xc = x + 2 * j;
+    const v8i lo = ((w >> kShift2) & 3) + off, hi = ((w >> (kShift2 + 16)) & 3) + off;
+    const v8f g0 = __builtin_shufflevector(permute8(vload(xc), lo), permute8(vload(xc + 8), lo),
+                                           0, 1, 2, 3, 12, 13, 14, 15);
+    const v8f g1 = __builtin_shufflevector(permute8(vload(xc + 16), hi),
+                                           permute8(vload(xc + 24), hi), 0, 1, 2, 3, 12, 13, 14, 15);
+    a0 += vload(v + j) * g0;
+    a1 += vload(v + j + 8) * g1;
+  }
+  float s = hsum(a0 + a1);
+  for (; j < V; ++j)
+    s += float(v[j]) * x[j / 2 * 4 + ((static_cast<uint32_t>(meta[j >> 4]) >> ((j & 15) * 2)) & 3)];
+  return s;
+}
+
+// x . S[row] for 1:4: 8 values are 8 groups = 32 columns = 4 vectors of x, value l taking
+// lane (l % 2) * 4 + idx of vector l / 2.
+template <typename scalar_t>
+__attribute__((always_inline)) inline float dot_14(const float* x, const scalar_t* v,
+                                                   const int32_t* meta, int64_t V) {
+  const v8i off = {0, 4, 0, 4, 0, 4, 0, 4};
+  v8f acc[2] = {};
+  int64_t j = 0;
+  for (; j + 16 <= V; j += 16) {
+    const v8i w = v8i{} + meta[j >> 4];
+    for (int h = 0; h < 2; ++h) {
+      const v8i idx = ((w >> (kShift2 + 16 * h)) & 3) + off;
+      const float* xc = x + 4 * j + 32 * h;
+      const v8f ab = __builtin_shufflevector(permute8(vload(xc), idx), permute8(vload(xc + 8), idx),
+                                             0, 1, 10, 11, 4, 5, 6, 7);
+      const v8f cd = __builtin_shufflevector(permute8(vload(xc + 16), idx),
+                                             permute8(vload(xc + 24), idx), 0, 1, 2, 3, 4, 5, 14, 15);
+      acc[h] += vload(v + j + 8 * h) * __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 12, 13, 14, 15);
+    }
+  }
+  float s = hsum(acc[0] + acc[1]);
+  for (; j < V; ++j)
+    s += float(v[j]) * x[j * 4 + ((static_cast<uint32_t>(meta[j >> 4]) >> ((j & 15) * 2)) & 3)];
+  return s;
+}
+
+// x . S[row] for any pattern, from the decoded columns.
+template <typename scalar_t>
+__attribute__((always_inline)) inline float dot_gather(const float* x, const scalar_t* v,
+                                                       const int32_t* cols, int64_t V) {
+  v8f a = {};
+  int64_t j = 0;
+  for (; j + 8 <= V; j += 8) {
+    v8f g;
+    for (int i = 0; i < 8; ++i) g[i] = x[cols[j + i]];
+    a += vload(v + j) * g;
+  }
+  float s = hsum(a);
+  for (; j < V; ++j) s += float(v[j]) * x[cols[j]];
+  return s;
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline void gemv_rows_impl(int64_t r0, int64_t r1, const float* x,
+                                                          const scalar_t* values,
+                                                          const int32_t* meta, const NMLayout& L,
+                                                          const scalar_t* bias, scalar_t* y,
+                                                          int32_t* cols) {
+  const int64_t V = L.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* v = values + r * V;
+    const int32_t* mrow = meta + r * L.W;
+    float s;
+    if (L.m == 4 && L.n == 2) {
+      s = dot_24(x, v, mrow, V);
+    } else if (L.m == 4 && L.n == 1) {
+      s = dot_14(x, v, mrow, V);
+    } else {
+      decode_row(L, meta, r, cols);
+      s = dot_gather(x, v, cols, V);
+    }
+    y[r] = static_cast<scalar_t>(bias ? s + float(bias[r]) : s);
+  }
+}
+
+// ---- several tokens: token tiles of T = NV vectors ----
+
+// acc[r][u] = sum_j values[r, j] * x^T[cols[r, j], t0 + u*width ...] for RB rows.
+template <int NV, int RB, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void tile_rows(const scalar_t* values, const int32_t* cols,
+                                                     int64_t V, const acc_t* xT, int64_t Np,
+                                                     vec_t<acc_t> (&acc)[RB][NV]) {
+  using Vec = vec_t<acc_t>;
+  constexpr int Wd = VecOf<acc_t>::width;
+  for (int r = 0; r < RB; ++r)
+    for (int u = 0; u < NV; ++u) acc[r][u] = Vec{};
+  for (int64_t j = 0; j < V; ++j)
+    for (int r = 0; r < RB; ++r) {
+      const Vec vb = Vec{} + static_cast<acc_t>(values[r * V + j]);
+      const acc_t* xp = xT + int64_t(cols[r * V + j]) * Np;
+      for (int u = 0; u < NV; ++u) acc[r][u] += vb * vload(xp + u * Wd);
+    }
+}
+
+template <int NV, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void forward_tile_impl(
+    int64_t r0, int64_t r1, const acc_t* xT, int64_t Np, int64_t t0, int64_t nt,
+    const scalar_t* values, const int32_t* meta, const NMLayout& L, const scalar_t* bias,
+    scalar_t* y, int64_t rows, int32_t* cols) {
+  constexpr int RB = NV == 1 ? 4 : NV == 2 ? 2 : 1;  // RB * NV accumulators in registers
+  constexpr int Wd = VecOf<acc_t>::width;
+  const int64_t V = L.V;
+  const acc_t* xt = xT + t0;
+  auto store = [&](int64_t r, auto& acc) {
+    constexpr int rb = std::extent_v<std::remove_reference_t<decltype(acc)>>;
+    for (int i = 0; i < rb; ++i) {
+      const acc_t b = bias ? static_cast<acc_t>(bias[r + i]) : acc_t(0);
+      for (int64_t t = 0; t < nt; ++t)
+        y[(t0 + t) * rows + r + i] = static_cast<scalar_t>(acc[i][t / Wd][t % Wd] + b);
+    }
+  };
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) {
+    for (int i = 0; i < RB; ++i) decode_row(L, meta, r + i, cols + i * V);
+    vec_t<acc_t> acc[RB][NV];
+    tile_rows<NV, RB>(values + r * V, cols, V, xt, Np, acc);
+    store(r, acc);
+  }
+  for (; r < r1; ++r) {
+    decode_row(L, meta, r, cols);
+    vec_t<acc_t> acc[1][NV];
+    tile_rows<NV, 1>(values + r * V, cols, V, xt, Np, acc);
+    store(r, acc);
+  }
+}
+
+// gxT[col, 0, T) += values[r, j] * gyT[r, t0 + (0, T)] for every value of rows [r0, r1).
+template <int NV, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void scatter_tile_impl(int64_t r0, int64_t r1,
+                                                             const acc_t* gyT, int64_t Np,
+                                                             int64_t t0, const scalar_t* values,
+                                                             const int32_t* meta,
+                                                             const NMLayout& L, int32_t* cols,
+                                                             acc_t* gxT) {
+  using Vec = vec_t<acc_t>;
+  constexpr int Wd = VecOf<acc_t>::width, T = NV * Wd;
+  const int64_t V = L.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec g[NV];
+    for (int u = 0; u < NV; ++u) g[u] = vload(gyT + r * Np + t0 + u * Wd);
+    decode_row(L, meta, r, cols);
+    const scalar_t* v = values + r * V;
+    for (int64_t j = 0; j < V; ++j) {
+      const Vec vb = Vec{} + static_cast<acc_t>(v[j]);
+      acc_t* p = gxT + int64_t(cols[j]) * T;
+      for (int u = 0; u < NV; ++u) {
+        const Vec s = vload(p + u * Wd) + vb * g[u];
+        std::memcpy(p + u * Wd, &s, sizeof(Vec));
+      }
+    }
+  }
+}
+
+// grad_values[r, j] = gyT[r, 0, Np) . xT[col(r, j), 0, Np) for rows [r0, r1).
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void value_grads_impl(int64_t r0, int64_t r1,
+                                                            const acc_t* gyT, const acc_t* xT,
+                                                            int64_t Np, const int32_t* meta,
+                                                            const NMLayout& L, int32_t* cols,
+                                                            scalar_t* gv) {
+  using Vec = vec_t<acc_t>;
+  constexpr int Wd = VecOf<acc_t>::width;
+  const int64_t V = L.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row(L, meta, r, cols);
+    const acc_t* g = gyT + r * Np;
+    for (int64_t j = 0; j < V; ++j) {
+      const acc_t* xp = xT + int64_t(cols[j]) * Np;
+      Vec s0 = {}, s1 = {};
+      int64_t c = 0;
+      for (; c + 2 * Wd <= Np; c += 2 * Wd) {
+        s0 += vload(g + c) * vload(xp + c);
+        s1 += vload(g + c + Wd) * vload(xp + c + Wd);
+      }
+      if (c < Np) s0 += vload(g + c) * vload(xp + c);
+      gv[r * V + j] = static_cast<scalar_t>(hsum(s0 + s1));
+    }
+  }
+}
+
+// The cloned entry points (target_clones needs plain functions, one per dtype).
+#define LEANFORMER_NM_TILE_KERNELS(acc_t, scalar_t)                                             \
+  LEANFORMER_CLONES void forward_tile(int nv, int64_t r0, int64_t r1, const acc_t* xT,         \
+                                      int64_t Np, int64_t t0, int64_t nt,                      \
+                                      const scalar_t* values, const int32_t* meta,             \
+                                      const NMLayout& L, const scalar_t* bias, scalar_t* y,    \
+                                      int64_t rows, int32_t* cols) {                           \
+    switch (nv) {                                                                              \
+      case 1: forward_tile_impl<1>(r0, r1, xT, Np, t0, nt, values, meta, L, bias, y, rows, cols); break; \
+      case 2: forward_tile_impl<2>(r0, r1, xT, Np, t0, nt, values, meta, L, bias, y, rows, cols); break; \
+      default: forward_tile_impl<4>(r0, r1, xT, Np, t0, nt, values, meta, L, bias, y, rows, cols); break; \
+    }                                                                                          \
+  }                                                                                            \
+  LEANFORMER_CLONES void scatter_tile(int nv, int64_t r0, int64_t r1, const acc_t* gyT,       \
+                                      int64_t Np, int64_t t0, const scalar_t* values,          \
+                                      const int32_t* meta, const NMLayout& L, int32_t* cols,   \
+                                      acc_t* gxT) {                                            \
+    switch (nv) {                                                                              \
+      case 1: scatter_tile_impl<1>(r0, r1, gyT, Np, t0, values, meta, L, cols, gxT); break;   \
+      case 2: scatter_tile_impl<2>(r0, r1, gyT, Np, t0, values, meta, L, cols, gxT); break;   \
+      default: scatter_tile_impl<4>(r0, r1, gyT, Np, t0, values, meta, L, cols, gxT); break;  \
+    }                                                                                          \
+  }                                                                                            \
+  LEANFORMER_CLONES void value_grads(int64_t r0, int64_t r1, const acc_t* gyT, const acc_t* xT, \
+                                     int64_t Np, const int32_t* meta, const NMLayout& L,       \
+                                     int32_t* cols, scalar_t* gv) {                            \
+    value_grads_impl(r0, r1, gyT, xT, Np, meta, L, cols, gv);                                  \
+  }
+LEANFORMER_NM_TILE_KERNELS(float, float)
+LEANFORMER_NM_TILE_KERNELS(float, c10::BFloat16)
+LEANFORMER_NM_TILE_KERNELS(float, c10::Half)
+LEANFORMER_NM_TILE_KERNELS(double, double)
+#undef LEANFORMER_NM_TILE_KERNELS
+
+#define LEANFORMER_NM_GEMV_KERNEL(scalar_t)                                                      \
+  LEANFORMER_CLONES void gemv_rows(int64_t r0, int64_t r1, const float* x,                       \
+                                   const scalar_t* values, const int32_t* meta,                  \
+                                   const NMLayout& L, const scalar_t* bias, scalar_t* y,         \
+                                   int32_t* cols) {                                              \
+    gemv_rows_impl(r0, r1, x, values, meta, L, bias, y, cols);                                   \
+  }
+LEANFORMER_NM_GEMV_KERNEL(float)
+LEANFORMER_NM_GEMV_KERNEL(c10::BFloat16)
+LEANFORMER_NM_GEMV_KERNEL(c10::Half)
+#undef LEANFORMER_NM_GEMV_KERNEL
+
+// ---- driver ----
+
+// Vectors of tokens per tile: as few as cover the tokens, at most 4.
+template <typename acc_t>
+int tile_vectors(int64_t N) {
+  constexpr int Wd = VecOf<acc_t>::width;
+  return N <= Wd ? 1 : N <= 2 * Wd ? 2 : 4;
+}
+
+// src [N, C] -> dst [C, Np] in acc_t, tokens N..Np zero.
+template <typename acc_t, typename scalar_t>
+at::Tensor transpose_padded(const scalar_t* src, int64_t N, int64_t C, int64_t Np,
+                            at::ScalarType acc_dtype) {
+  at::Tensor dst = at::empty({C, Np}, at::TensorOptions().dtype(acc_dtype));
+  acc_t* d = dst.data_ptr<acc_t>();
+  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t t = 0; t < N; ++t) d[c * Np + t] = static_cast<acc_t>(src[t * C + c]);
+      for (int64_t t = N; t < Np; ++t) d[c * Np + t] = acc_t(0);
+    }
+  });
+  return dst;
+}
+
+constexpr int64_t kRowBlock = 32;  // rows per task: a few per thread at 4096 rows, many tasks
+
+template <typename scalar_t>
+void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+             const scalar_t* bias, const NMLayout& L, at::Tensor& y) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), rows = values.size(0), K = L.K, V = L.V;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const int32_t* mp = meta.data_ptr<int32_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (N == 1) {
+      std::vector<float> xf(K);
+      for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
+      at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {
+        std::vector<int32_t> cols(V);
+        gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp, cols.data());
+      });
+      return;
+    }
+  }
+  const int nv = tile_vectors<acc_t>(N);
+  const int64_t T = nv * VecOf<acc_t>::width, Np = round_up(N, T), tiles = Np / T;
+  const at::Tensor xT = transpose_padded<acc_t>(xp, N, K, Np, c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t* xTp = xT.data_ptr<acc_t>();
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  // Tile-major tasks: a thread's consecutive tasks share a tile of x^T in cache.
+  at::parallel_for(0, tiles * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cols(4 * V);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task / blocks, b = task % blocks, t0 = tile * T;
+      forward_tile(nv, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), xTp, Np, t0,
+                   std::min(T, N - t0), vp, mp, L, bias, yp, rows, cols.data());
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& values,
+              const at::Tensor& meta, const NMLayout& L, at::Tensor* grad_x,
+              at::Tensor* grad_values) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t N = x.size(0), rows = values.size(0), K = L.K, V = L.V;
+  const int nv = tile_vectors<acc_t>(N);
+  const int64_t T = nv * VecOf<acc_t>::width, Np = round_up(N, T), tiles = Np / T;
+  const at::Tensor gyT = transpose_padded<acc_t>(grad_y.data_ptr<scalar_t>(), N, rows, Np, acc_dtype);
+  const acc_t* gyTp = gyT.data_ptr<acc_t>();
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const int32_t* mp = meta.data_ptr<int32_t>();
+  if (grad_values) {
+    const at::Tensor xT = transpose_padded<acc_t>(x.data_ptr<scalar_t>(), N, K, Np, acc_dtype);
+    const acc_t* xTp = xT.data_ptr<acc_t>();
+    scalar_t* gvp = grad_values->data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> cols(V);
+      value_grads(r0, r1, gyTp, xTp, Np, mp, L, cols.data(), gvp);
+    });
+  }
+  if (grad_x) {
+    // Row splits per tile, so that a single tile (decode) still uses every thread.
+    const int64_t threads = at::get_num_threads();
+    const int64_t splits = std::clamp<int64_t>((threads + tiles - 1) / tiles, 1,
+                                               std::max<int64_t>(1, rows / 16));
+    const int64_t split_rows = (rows + splits - 1) / splits;
+    at::Tensor parts = at::zeros({tiles, splits, K, T}, at::TensorOptions().dtype(acc_dtype));
+    acc_t* pp = parts.data_ptr<acc_t>();
+    at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> cols(V);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t tile = task / splits, s = task % splits;
+        scatter_tile(nv, s * split_rows, std::min(rows, (s + 1) * split_rows), gyTp, Np, tile * T,
+                     vp, mp, L, cols.data(), pp + task * K * T);
+      }
+    });
+    scalar_t* gxp = grad_x->data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t* part = pp + (t / T) * splits * K * T + t % T;
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t s = 0;
+          for (int64_t p = 0; p < splits; ++p) s += part[(p * K + k) * T];
+          gxp[t * K + k] = static_cast<scalar_t>(s);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& meta, const std::optional<at::Tensor>& bias,
+                                int64_t n, int64_t m) {
+  check_nm_sparse_linear_inputs(x, values, meta, bias, n, m);
+  const int64_t K = x.size(-1), rows = values.size(0);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = rows;
+  at::Tensor y = at::empty({x2.size(0), rows}, x.options());
+  if (y.numel() == 0) return y.view(out_shape);
+  const NMLayout L = make_layout(n, m, K);
+  const at::Tensor vc = values.contiguous(), mc = meta.contiguous();
+  check_meta_indices(L, mc);
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nm_sparse_linear", [&] {
+    forward<scalar_t>(x2, vc, mc, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, L, y);
+  });
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+    int64_t n, int64_t m, std::array<bool, 2> output_mask) {
+  check_nm_sparse_linear_backward_inputs(grad_y, x, values, meta, n, m);
+  const int64_t K = x.size(-1), rows = values.size(0);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor gy2 = grad_y.reshape({-1, rows}).contiguous();
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_values =
+      output_mask[1] ? at::empty(values.sizes(), values.options()) : values.new_empty({0});
+  if (x2.size(0) == 0 || rows == 0 || K == 0) {  // nothing to sum: the gradients are zero
+    grad_x.zero_();
+    grad_values.zero_();
+    return {grad_x, grad_values};
+  }
+  const NMLayout L = make_layout(n, m, K);
+  const at::Tensor vc = values.contiguous(), mc = meta.contiguous();
+  check_meta_indices(L, mc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "nm_sparse_linear_backward", [&] {
+    backward<scalar_t>(gy2, x2, vc, mc, L, output_mask[0] ? &grad_x : nullptr,
+                       output_mask[1] ? &grad_values : nullptr);
+  });
+  return {grad_x, grad_values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(leanformer, CPU, m) {
+  m.impl("nm_sparse_linear", &nm_sparse_linear_cpu);
+  m.impl("nm_sparse_linear_backward", &nm_sparse_linear_backward_cpu);
+}
+
+}  // namespace leanformer
