@@ -5,7 +5,7 @@ from leanformer.ops.linear_attention import (
     simplified_linear_attention,
     simplified_linear_attention_step,
 )
-from leanformer.ops.nm_sparse import nm_sparse_linear
+from leanformer.ops.nm_sparse import dense_min_tokens, nm_sparse_linear
 from leanformer.ops.topk_mlp import predicted_sparse_mlp, sparse_down_projection, topk_activation, topk_mlp
 
 __all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step",
