@@ -10,5 +10,5 @@ from leanformer.ops.topk_mlp import predicted_sparse_mlp, sparse_down_projection
 
 __all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "simplified_linear_attention_step",
            "sync_progressive_norm", "sync_rep_batchnorm",
-           "nm_sparse_linear",
+           "dense_min_tokens", "nm_sparse_linear",
            "predicted_sparse_mlp", "sparse_down_projection", "topk_activation", "topk_mlp"]
