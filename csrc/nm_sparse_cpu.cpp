@@ -5,8 +5,8 @@
 //  * one token (decode, the memory-bound case the format is for): a GEMV per output row,
 //    parallel over rows. 2:4 and 1:4 turn half a meta word into the in-group indices of 8
 //    values with one vector shift and mask, permute x's columns into value order (vpermps
-//    in the AVX2 clone) and do one 8-wide FMA per 8 values; other patterns decode the row's
-//    columns and gather.
+//    in the AVX2 clone) and do one 8-wide FMA per 8 values; other patterns take the tile
+//    kernel below with one token.
 //  * several tokens: x is transposed to x^T [K, Np] (tokens padded to whole tiles), so the
 //    T tokens of a tile at one column are one contiguous run of NV vectors. A task is
 //    (token tile, block of rows); each weight row is decoded once per tile into its columns,
@@ -182,41 +182,16 @@ __attribute__((always_inline)) inline float dot_14(const float* x, const scalar_
   return s;
 }
 
-// x . S[row] for any pattern, from the decoded columns.
-template <typename scalar_t>
-__attribute__((always_inline)) inline float dot_gather(const float* x, const scalar_t* v,
-                                                       const int32_t* cols, int64_t V) {
-  v8f a = {};
-  int64_t j = 0;
-  for (; j + 8 <= V; j += 8) {
-    v8f g;
-    for (int i = 0; i < 8; ++i) g[i] = x[cols[j + i]];
-    a += vload(v + j) * g;
-  }
-  float s = hsum(a);
-  for (; j < V; ++j) s += float(v[j]) * x[cols[j]];
-  return s;
-}
-
 template <typename scalar_t>
 __attribute__((always_inline)) inline void gemv_rows_impl(int64_t r0, int64_t r1, const float* x,
                                                           const scalar_t* values,
                                                           const int32_t* meta, const NMLayout& L,
-                                                          const scalar_t* bias, scalar_t* y,
-                                                          int32_t* cols) {
+                                                          const scalar_t* bias, scalar_t* y) {
   const int64_t V = L.V;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* v = values + r * V;
     const int32_t* mrow = meta + r * L.W;
-    float s;
-    if (L.m == 4 && L.n == 2) {
-      s = dot_24(x, v, mrow, V);
-    } else if (L.m == 4 && L.n == 1) {
-      s = dot_14(x, v, mrow, V);
-    } else {
-      decode_row(L, meta, r, cols);
-      s = dot_gather(x, v, cols, V);
-    }
+    const float s = L.n == 2 ? dot_24(x, v, mrow, V) : dot_14(x, v, mrow, V);
     y[r] = static_cast<scalar_t>(bias ? s + float(bias[r]) : s);
   }
 }
@@ -363,9 +338,8 @@ LEANFORMER_NM_TILE_KERNELS(double, double)
 #define LEANFORMER_NM_GEMV_KERNEL(scalar_t)                                                      \
   LEANFORMER_CLONES void gemv_rows(int64_t r0, int64_t r1, const float* x,                       \
                                    const scalar_t* values, const int32_t* meta,                  \
-                                   const NMLayout& L, const scalar_t* bias, scalar_t* y,         \
-                                   int32_t* cols) {                                              \
-    gemv_rows_impl(r0, r1, x, values, meta, L, bias, y, cols);                                   \
+                                   const NMLayout& L, const scalar_t* bias, scalar_t* y) {       \
+    gemv_rows_impl(r0, r1, x, values, meta, L, bias, y);                                         \
   }
 LEANFORMER_NM_GEMV_KERNEL(float)
 LEANFORMER_NM_GEMV_KERNEL(c10::BFloat16)
@@ -408,12 +382,13 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
   const int32_t* mp = meta.data_ptr<int32_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (N == 1) {
+    // 2:4 and 1:4 have a GEMV; other patterns at one token are faster through the tile kernel
+    // (one vector lane used) than gathering x's columns (measured: 2:8 at 4096 x 4096, 0.7x dense).
+    if (N == 1 && L.m == 4) {
       std::vector<float> xf(K);
       for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
       at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {
-        std::vector<int32_t> cols(V);
-        gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp, cols.data());
+        gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
       });
       return;
     }
@@ -486,6 +461,59 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
   }
 }
 
+// ---- many tokens: dense ----
+
+// From this many tokens on, unpacking S to dense and calling the BLAS GEMM (at::linear /
+// at::mm) was measured faster than the token-tiled kernel: the GEMM is register- and
+// cache-blocked, while every sparse value gathers a random column of x^T. The sparser the
+// pattern the later dense pays off: 16 (m/n)^2 tokens, i.e. 64 for 2:4 and 256 for 1:4
+// (4096 x 4096 fp32 on 2 loaded cores; unpacking, mostly the page faults of the fresh 64 MB
+// dense weight, cost 60-100 ms there, about the GEMM of 64 tokens). Mirrored, and logged, by the Python wrapper
+// (leanformer/ops/nm_sparse.py dense_min_tokens); tests check the two agree.
+int64_t dense_min_tokens(int64_t n, int64_t m) { return 16 * m * m / (n * n); }
+
+// S [rows, K] with zeros outside the pattern.
+template <typename scalar_t>
+void unpack_rows(const scalar_t* values, const int32_t* meta, const NMLayout& L, int64_t rows,
+                 scalar_t* dense) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> cols(L.V);
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* d = dense + r * L.K;
+      std::fill(d, d + L.K, scalar_t(0));
+      decode_row(L, meta, r, cols.data());
+      for (int64_t j = 0; j < L.V; ++j) d[cols[j]] = values[r * L.V + j];
+    }
+  });
+}
+
+at::Tensor unpack_dense(const at::Tensor& values, const at::Tensor& meta, const NMLayout& L) {
+  at::Tensor dense = at::empty({values.size(0), L.K}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "nm_unpack", [&] {
+    unpack_rows(values.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), L, values.size(0),
+                dense.data_ptr<scalar_t>());
+  });
+  return dense;
+}
+
+// grad_values[r, j] = grad_S[r, col(r, j)].
+at::Tensor gather_values(const at::Tensor& grad_dense, const at::Tensor& meta, const NMLayout& L) {
+  at::Tensor out = at::empty({grad_dense.size(0), L.V}, grad_dense.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "nm_gather", [&] {
+    const scalar_t* g = grad_dense.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int32_t* mp = meta.data_ptr<int32_t>();
+    at::parallel_for(0, out.size(0), 16, [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> cols(L.V);
+      for (int64_t r = r0; r < r1; ++r) {
+        decode_row(L, mp, r, cols.data());
+        for (int64_t j = 0; j < L.V; ++j) o[r * L.V + j] = g[r * L.K + cols[j]];
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& meta, const std::optional<at::Tensor>& bias,
                                 int64_t n, int64_t m) {
@@ -499,6 +527,7 @@ at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const NMLayout L = make_layout(n, m, K);
   const at::Tensor vc = values.contiguous(), mc = meta.contiguous();
   check_meta_indices(L, mc);
+  if (x2.size(0) >= dense_min_tokens(n, m)) return at::linear(x, unpack_dense(vc, mc, L), bias);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nm_sparse_linear", [&] {
     forward<scalar_t>(x2, vc, mc, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, L, y);
@@ -524,6 +553,11 @@ std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cpu(
   const NMLayout L = make_layout(n, m, K);
   const at::Tensor vc = values.contiguous(), mc = meta.contiguous();
   check_meta_indices(L, mc);
+  if (x2.size(0) >= dense_min_tokens(n, m)) {
+    if (output_mask[0]) grad_x.view({-1, K}).copy_(at::mm(gy2, unpack_dense(vc, mc, L)));
+    if (output_mask[1]) grad_values = gather_values(at::mm(gy2.t(), x2), mc, L);
+    return {grad_x, grad_values};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "nm_sparse_linear_backward", [&] {
     backward<scalar_t>(gy2, x2, vc, mc, L, output_mask[0] ? &grad_x : nullptr,

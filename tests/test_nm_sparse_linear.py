@@ -1,12 +1,16 @@
 """nm_sparse_linear and its backward against the unpack + dense-matmul reference: odd shapes,
 every pattern and dtype, gradcheck, opcheck, torch.compile and bad inputs."""
+import logging
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICES, assert_compiles_like_eager
-from leanformer.ops import nm_sparse_linear
+from leanformer.ops import dense_min_tokens, nm_sparse_linear
 from leanformer.reference.nm_sparse import nm_sparse_linear as nm_sparse_linear_reference
-from leanformer.sparse import NMSparseMatrix
+from leanformer.sparse import NMSparseMatrix, unpack_meta
+from leanformer.sparse.nm_format import columns
 
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 2), (3, 16)]
 # Every dtype the CPU kernels take; fp16 is a CUDA dtype elsewhere in the repo, but the N:M
@@ -84,6 +88,36 @@ def test_large_rows_and_many_tokens(device, n, m):
         assert_close(y, y_ref, torch.float32, f"y tokens={tokens}")
         assert_close(gx, gx_ref, torch.float32, f"grad_x tokens={tokens}")
         assert_close(gv, gv_ref, torch.float32, f"grad_values tokens={tokens}")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_cpu_switches_to_dense_gemm_where_documented_and_logs_it(n, m, caplog):
+    start = dense_min_tokens(n, m)
+    assert (dense_min_tokens(2, 4), dense_min_tokens(1, 4)) == (64, 256)
+    x, s, b = sample(21, 8 * m, (start,), n, m, torch.float32, "cpu")
+    dense = s.to_dense()
+    with caplog.at_level(logging.INFO, logger="leanformer.ops.nm_sparse"):
+        nm_sparse_linear(x[: start - 1], s.values, s.meta, b, n=n, m=m)
+        caplog.clear()
+        y = nm_sparse_linear(x, s.values, s.meta, b, n=n, m=m)
+        assert f"{n}:{m} on the CPU: dense path ({start} tokens; dense from {start})" in caplog.text
+        caplog.clear()
+        nm_sparse_linear(x[: start - 1], s.values, s.meta, b, n=n, m=m)
+        assert "sparse path" in caplog.text
+    # Bitwise F.linear / mm of the unpacked weight: the C++ side took the dense path at the same
+    # token count the wrapper logged.
+    assert torch.equal(y, F.linear(x, dense, b))
+    grad_y = torch.randn_like(y)
+    gx, gv = torch.ops.leanformer.nm_sparse_linear_backward(grad_y, x, s.values, s.meta, n=n, m=m,
+                                                            output_mask=[True, True])
+    assert torch.equal(gx, grad_y @ dense)
+    cols = columns(unpack_meta(s.meta, n, m, 8 * m), n, m)
+    assert torch.equal(gv, (grad_y.t() @ x).gather(1, cols))
+    # Both sides of the switch agree with the reference, bf16 included.
+    for tokens in (start - 1, start):
+        xb, sb, bb = sample(21, 8 * m, (tokens,), n, m, torch.bfloat16, "cpu")
+        assert_close(nm_sparse_linear(xb, sb.values, sb.meta, bb, n=n, m=m),
+                     reference_grads(xb, sb, bb, torch.zeros(tokens, 21))[0], torch.bfloat16, f"bf16 N={tokens}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,15 +7,37 @@ nm_sparse_linear_backward (C++ on CPU, CUDA on GPU); they read only values + met
 the memory (and at batch 1, time) saving. This file gives them a typed wrapper, fake kernels
 for torch.compile and export, and autograd (w.r.t. x, the kept values under the fixed
 pattern, and bias).
+
+From :func:`dense_min_tokens` tokens on, the CPU kernels unpack S to dense and call the BLAS
+GEMM (forward and backward), which was measured faster there; the wrapper logs that switch
+(logger ``leanformer.ops.nm_sparse``, INFO, once per change of path).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 _ops = torch.ops.leanformer
+logger = logging.getLogger(__name__)
+_last_path = {"cpu": "sparse"}
+
+
+def dense_min_tokens(n: int, m: int) -> int:
+    """Tokens from which the CPU op computes through a dense GEMM: ``16 (m/n)^2`` (64 for 2:4,
+    256 for 1:4). The same rule as ``dense_min_tokens`` in csrc/nm_sparse_cpu.cpp."""
+    return 16 * m * m // (n * n)
+
+
+def _log_cpu_path(x: Tensor, n: int, m: int) -> None:
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    path = "dense" if tokens >= dense_min_tokens(n, m) else "sparse"
+    if path != _last_path["cpu"]:
+        _last_path["cpu"] = path
+        logger.info("nm_sparse_linear %d:%d on the CPU: %s path (%d tokens; dense from %d)", n, m, path,
+                    tokens, dense_min_tokens(n, m))
 
 
 def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None, *,
@@ -40,7 +62,12 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
         >>> from leanformer.sparse import NMSparseMatrix
         >>> s = NMSparseMatrix.prune(torch.randn(4096, 4096), 2, 4)
         >>> y = nm_sparse_linear(torch.randn(1, 4096), s.values, s.meta, n=2, m=4)  # [1, 4096]
+
+    On the CPU, from ``dense_min_tokens(n, m)`` tokens on S is unpacked and multiplied densely
+    (logged); below that the kernels read only values + meta.
     """
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        _log_cpu_path(x, n, m)
     return _ops.nm_sparse_linear(x, values, meta, bias, n=n, m=m)
 
 
