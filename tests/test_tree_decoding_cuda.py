@@ -246,3 +246,35 @@ def test_cuda_ops_do_not_sync_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+BAD_VALUE_SCRIPT = """
+import sys, torch, leanformer
+from leanformer.ops import compact_kv_cache, tree_attention
+case = sys.argv[1]
+if case == "cache_lens":
+    q, kv = torch.randn(1, 2, 2, 8, device="cuda"), torch.randn(1, 10, 1, 8, device="cuda")
+    tree_attention(q, kv, kv, torch.tensor([11], device="cuda"), q[:, :, :1], q[:, :, :1],
+                   torch.ones(2, 2, dtype=torch.bool, device="cuda").tril())
+else:
+    k = torch.randn(1, 10, 1, 4, device="cuda")
+    compact_kv_cache(k, k.clone(), torch.tensor([2], device="cuda"),
+                     torch.tensor([[0, 3, 1]], device="cuda"), torch.tensor([3], device="cuda"))
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.parametrize("case,message", [("cache_lens", "cache_lens must be in"),
+                                          ("accepted", "accepted must ascend")])
+def test_bad_values_trip_a_device_side_assert(case, message):
+    """On CUDA the value checks are device-side asserts (no read-back). An assert poisons the
+    CUDA context, so this runs in a subprocess and looks for the message."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", BAD_VALUE_SCRIPT, case], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode != 0, "a bad value must not pass silently"
+    assert message in run.stdout + run.stderr
