@@ -23,8 +23,8 @@
 namespace leanformer {
 namespace {
 
-constexpr int64_t kKeyChunk = 64;
-// Query columns per task: the score and output tiles stay in L2 (256 x 64 x 4 B = 64 KiB each).
+constexpr int64_t kKeyChunk = 128;
+// Query columns per task: the score and output tiles stay in L2 (256 x 128 x 4 B = 128 KiB).
 constexpr int64_t kMaxQueryColumns = 256;
 
 // Online softmax over one chunk: St [n, ld] scores (-inf = masked) become the unnormalized
