@@ -30,12 +30,12 @@ def make_attention_inputs(B, L_max, lens, T, Hq, Hkv, D, Dv, dtype, device, batc
     return q, k_cache, v_cache, cache_lens, k_tree, v_tree, mask
 
 
-# (B, L_max, cache_lens, T, Hq, Hkv, D, Dv): lengths 0 and L_max, chunk boundaries (64),
+# (B, L_max, cache_lens, T, Hq, Hkv, D, Dv): lengths 0 and L_max, key-chunk boundaries (64, 128),
 # a single node, GQA, Dk != Dv, odd head dims, trees longer than a key chunk.
 SHAPES = [
     (3, 70, [0, 70, 33], 7, 6, 2, 16, 24),
     (2, 130, [129, 64], 1, 4, 4, 13, 7),
-    (1, 200, [200], 70, 8, 2, 32, 32),
+    (1, 260, [260], 130, 4, 2, 32, 32),  # 260 query columns: two node blocks
     (2, 9, [5, 0], 5, 3, 1, 8, 5),
 ]
 
@@ -140,7 +140,7 @@ def make_linear_inputs(B, T, H, Dk, Dv, dtype, device, batched_mask=False):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-@pytest.mark.parametrize("shape", [(2, 7, 3, 16, 24), (1, 1, 2, 5, 3), (3, 70, 2, 32, 32), (2, 9, 1, 13, 7)])
+@pytest.mark.parametrize("shape", [(2, 7, 3, 16, 24), (1, 1, 2, 5, 3), (3, 70, 2, 32, 32), (2, 9, 1, 13, 7), (1, 130, 1, 8, 8)])
 @pytest.mark.parametrize("batched_mask", [False, True])
 def test_tree_linear_attention_matches_reference(device, dtype, shape, batched_mask):
     args = make_linear_inputs(*shape, dtype, device, batched_mask)
