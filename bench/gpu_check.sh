@@ -17,3 +17,5 @@ leanformer info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/info.txt"
 python -m pytest tests -q -rs 2>&1 | tee "$OUT/tests.log" | tail -25
 leanformer bench --device cuda --out "$OUT" 2>&1 | grep -v '%|' | tee "$OUT/bench.txt"
+# GPU-sized tree-decoding cases (prefix 8192, head dim 128, V = 32000), not in the common suite.
+python -m bench.tree_attention_cuda --out "$OUT" 2>&1 | tee "$OUT/bench_tree_cuda.txt"

@@ -21,13 +21,15 @@ namespace {
 // ReLU applied when relu (the feature map phi).
 template <typename scalar_t, typename acc_t>
 void load_head(const at::Tensor& x, int64_t b, int64_t h, int64_t ld, bool relu, acc_t* tile) {
-  const int64_t T = x.size(1), D = x.size(3);
+  // Sizes and strides in locals: Tensor::stride() is an out-of-line call the compiler cannot
+  // hoist out of the element loop (it was most of this kernel's time).
+  const int64_t T = x.size(1), D = x.size(3), stride_t = x.stride(1), stride_d = x.stride(3);
   const scalar_t* base = x.const_data_ptr<scalar_t>() + b * x.stride(0) + h * x.stride(2);
   for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* src = base + t * x.stride(1);
+    const scalar_t* src = base + t * stride_t;
     acc_t* dst = tile + t * ld;
     for (int64_t d = 0; d < D; ++d) {
-      const acc_t v = static_cast<acc_t>(src[d * x.stride(3)]);
+      const acc_t v = static_cast<acc_t>(src[d * stride_d]);
       dst[d] = relu ? std::max(v, acc_t(0)) : v;
     }
     std::fill(dst + D, dst + ld, acc_t(0));
@@ -58,11 +60,12 @@ void tree_linear_head(const TreeLinearShape& s, int64_t b, int64_t h, const at::
   gemm(false, T, Dvp, T, A.data(), Tp, V.data(), Dvp, num.data(), Dvp, true);
 
   scalar_t* o = out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(2);
+  const int64_t out_stride_t = out.stride(1);
   for (int64_t i = 0; i < T; ++i) {
     acc_t den = eps;
     for (int64_t d = 0; d < s.Dk; ++d) den += Q[i * s.Dk + d] * z[d];
     for (int64_t j = 0; j < T; ++j) den += A[i * Tp + j];
-    scalar_t* dst = o + i * out.stride(1);
+    scalar_t* dst = o + i * out_stride_t;
     for (int64_t e = 0; e < s.Dv; ++e) dst[e] = static_cast<scalar_t>(num[i * Dvp + e] / den);
   }
 }

@@ -44,7 +44,9 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tens
             must be true.
         scale: defaults to ``D ** -0.5``.
 
-    float32, bfloat16, float16 or float64 (all tensors alike); fp32 accumulation.
+    float32, bfloat16, float16 or float64 (all tensors alike); fp32 accumulation. Any strides
+    with a contiguous last dim are read in place (an fp32 cache is not even converted); a tensor
+    whose last dim is strided is copied on every call.
 
     Returns:
         ``o [B, T, Hq, Dv]`` in q's dtype. Inference only: a backward raises.
