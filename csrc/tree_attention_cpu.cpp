@@ -2,11 +2,12 @@
 //
 // A task is (sequence b, KV head g, block of tree nodes). All G = Hq / Hkv query heads of g
 // and all the block's nodes are the columns of one transposed query tile Qt [D, nq], so each
-// prefix K/V row is read once per block: scores come as St [keys, nq] = K_chunk Qt (K and V read in
-// place from the cache for fp32), the online softmax runs down the columns with 8 queries per
-// vector, and O [nq, Dv] += P^T V_chunk. The tree keys are one more chunk with the ancestor
-// mask applied, which is the log-sum-exp merge of the two parts done incrementally.
-// Both products per chunk go to torch's BLAS (at::mm on views of the tiles): at 512-key
+// prefix K/V row is read once per block: scores come as St [keys, nq] = K_chunk Qt (K and V
+// read in place from the cache for fp32), the online softmax runs down the columns with 8
+// queries per vector, and O [nq, Dv] += P^T V_chunk. The tree keys are one more chunk with
+// the ancestor mask applied, which is the log-sum-exp merge of the two parts done
+// incrementally.
+// Both products per chunk go to torch's BLAS (at::mm on views of the tiles): at 512-1024-key
 // chunks its dispatch costs a few microseconds against ~100 of arithmetic, and the library
 // kernels are far faster than small_gemm.h's. Called inside at::parallel_for, they run on
 // the calling thread (ATen and MKL do not nest parallel regions).
@@ -30,8 +31,11 @@
 namespace leanformer {
 namespace {
 
-constexpr int64_t kKeyChunk = 512;
-// Query columns per task: the score tile stays in L2 (512 x 256 x 4 B = 512 KiB).
+// Keys per chunk: as many as keep the score tile [keys, columns] within 512 KiB of fp32
+// (fewer, larger GEMM calls and fewer rescalings of O), between 128 and 1024.
+constexpr int64_t kScoreTileElems = 128 * 1024;
+int64_t key_chunk(int64_t columns) { return std::clamp<int64_t>(kScoreTileElems / columns, 128, 1024); }
+// Query columns per task: at most 256, so a chunk has at least 512 keys.
 constexpr int64_t kMaxQueryColumns = 256;
 
 // Online softmax over one chunk: St [n, ld] scores (-inf = masked) become the unnormalized
@@ -133,9 +137,10 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
   // Columns padded to whole vectors for softmax_chunk; V and O need no padding for BLAS.
   const int64_t nqp = round_up(nq, 8), Dvp = std::max<int64_t>(s.Dv, 1);
   // Query column c = (t - t0) * G + j is node t, head g * G + j (q's own memory order).
-  std::vector<acc_t> Qt(s.D * nqp, acc_t(0)), St(kKeyChunk * nqp), O(nq * Dvp, acc_t(0));
+  const int64_t kc = key_chunk(nqp);
+  std::vector<acc_t> Qt(s.D * nqp, acc_t(0)), St(kc * nqp), O(nq * Dvp, acc_t(0));
   std::vector<acc_t> m(nqp, -std::numeric_limits<acc_t>::infinity()), l(nqp, acc_t(0)), corr(nqp);
-  std::vector<acc_t> k_buf(kKeyChunk * s.D), v_buf(kKeyChunk * Dvp);
+  std::vector<acc_t> k_buf(kc * s.D), v_buf(kc * Dvp);
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>() + blk.b * q.stride(0);
   for (int64_t t = blk.t0; t < blk.t1; ++t)
     for (int64_t j = 0; j < G; ++j) {
@@ -163,10 +168,9 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
   };
 
   const auto Kp = head_rows<scalar_t>(k_cache, blk.b, blk.g), Vp = head_rows<scalar_t>(v_cache, blk.b, blk.g);
-  for (int64_t r0 = 0; r0 < prefix_len; r0 += kKeyChunk)
-    chunk(Kp, Vp, r0, std::min(kKeyChunk, prefix_len - r0), nullptr);
+  for (int64_t r0 = 0; r0 < prefix_len; r0 += kc) chunk(Kp, Vp, r0, std::min(kc, prefix_len - r0), nullptr);
   const auto Kt = head_rows<scalar_t>(k_tree, blk.b, blk.g), Vt = head_rows<scalar_t>(v_tree, blk.b, blk.g);
-  for (int64_t r0 = 0; r0 < s.T; r0 += kKeyChunk) chunk(Kt, Vt, r0, std::min(kKeyChunk, s.T - r0), mask);
+  for (int64_t r0 = 0; r0 < s.T; r0 += kc) chunk(Kt, Vt, r0, std::min(kc, s.T - r0), mask);
 
   scalar_t* o_ptr = out.data_ptr<scalar_t>() + blk.b * out.stride(0);
   for (int64_t c = 0; c < nq; ++c) {
