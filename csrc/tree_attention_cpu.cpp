@@ -2,19 +2,12 @@
 //
 // A task is (sequence b, KV head g, block of tree nodes). All G = Hq / Hkv query heads of g
 // and all the block's nodes are the columns of one transposed query tile Qt [D, nq], so each
-// prefix K/V row is read once per block: scores come as St [keys, nq] = K_chunk Qt (K and V read in
+// prefix K/V row is read once per block: scores come as St [keys, nq] = K_chunk Qt (K read in
 // place from the cache for fp32), the online softmax runs down the columns with 8 queries per
 // vector, and O [nq, Dv] += P^T V_chunk. The tree keys are one more chunk with the ancestor
 // mask applied, which is the log-sum-exp merge of the two parts done incrementally.
-// Both products per chunk go to torch's BLAS (at::mm on views of the tiles): at 512-key
-// chunks its dispatch costs a few microseconds against ~100 of arithmetic, and the library
-// kernels are far faster than small_gemm.h's. Called inside at::parallel_for, they run on
-// the calling thread (ATen and MKL do not nest parallel regions).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,8 +23,8 @@
 namespace leanformer {
 namespace {
 
-constexpr int64_t kKeyChunk = 512;
-// Query columns per task: the score tile stays in L2 (512 x 256 x 4 B = 512 KiB).
+constexpr int64_t kKeyChunk = 128;
+// Query columns per task: the score and output tiles stay in L2 (256 x 128 x 4 B = 128 KiB).
 constexpr int64_t kMaxQueryColumns = 256;
 
 // Online softmax over one chunk: St [n, ld] scores (-inf = masked) become the unnormalized
@@ -79,13 +72,6 @@ void softmax_chunk(double* St, int64_t n, int64_t ld, double* m, double* l, doub
     for (int64_t d = 0; d < ldo; ++d) O[i * ldo + d] *= corr[i];
 }
 
-// A row-major [rows, cols] view (leading dimension ld) of a tile, for at::mm.
-template <typename T>
-at::Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
 // Rows of one head of a [B, L, H, D] tensor (last dim contiguous).
 template <typename T>
 struct HeadRows {
@@ -130,8 +116,7 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
                   const at::Tensor& k_tree, const at::Tensor& v_tree, const bool* mask,
                   int64_t mask_stride_t, at::Tensor& out) {
   const int64_t G = s.Hq / s.Hkv, nq = (blk.t1 - blk.t0) * G;
-  // Columns padded to whole vectors for softmax_chunk; V and O need no padding for BLAS.
-  const int64_t nqp = round_up(nq, 8), Dvp = std::max<int64_t>(s.Dv, 1);
+  const int64_t nqp = round_up(nq, kGemmColBlock), Dvp = round_up(std::max<int64_t>(s.Dv, 1), kGemmColBlock);
   // Query column c = (t - t0) * G + j is node t, head g * G + j (q's own memory order).
   std::vector<acc_t> Qt(s.D * nqp, acc_t(0)), St(kKeyChunk * nqp), O(nq * Dvp, acc_t(0));
   std::vector<acc_t> m(nqp, -std::numeric_limits<acc_t>::infinity()), l(nqp, acc_t(0)), corr(nqp);
@@ -149,8 +134,7 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
     int64_t ldk, ldv;
     const acc_t* Kc = rows_as_tile<scalar_t, acc_t>(K, r0, n, s.D, s.D, k_buf, ldk);
     const acc_t* Vc = rows_as_tile<scalar_t, acc_t>(V, r0, n, s.Dv, Dvp, v_buf, ldv);
-    at::Tensor St_view = tile_view(St.data(), n, nqp, nqp);
-    at::mm_out(St_view, tile_view(Kc, n, s.D, ldk), tile_view(Qt.data(), s.D, nqp, nqp));
+    gemm(false, n, nqp, s.D, Kc, ldk, Qt.data(), nqp, St.data(), nqp, false);
     if (tree_mask_rows) {  // key r0 + r is tree node r0 + r; column c is node t0 + c / G
       const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
       for (int64_t r = 0; r < n; ++r)
@@ -158,8 +142,7 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
           if (!tree_mask_rows[(blk.t0 + c / G) * mask_stride_t + r0 + r]) St[r * nqp + c] = neg_inf;
     }
     softmax_chunk(St.data(), n, nqp, m.data(), l.data(), O.data(), nq, Dvp, corr.data());
-    at::Tensor O_view = tile_view(O.data(), nq, s.Dv, Dvp);
-    O_view.addmm_(tile_view(St.data(), n, nq, nqp).t(), tile_view(Vc, n, s.Dv, ldv));
+    gemm(true, nq, Dvp, n, St.data(), nqp, Vc, ldv, O.data(), Dvp, true);
   };
 
   const auto Kp = head_rows<scalar_t>(k_cache, blk.b, blk.g), Vp = head_rows<scalar_t>(v_cache, blk.b, blk.g);

@@ -31,12 +31,15 @@ def make_attention_inputs(B, L_max, lens, T, Hq, Hkv, D, Dv, dtype, device, batc
 
 
 # (B, L_max, cache_lens, T, Hq, Hkv, D, Dv): lengths 0 and L_max, key-chunk boundaries (64, 128),
-# a single node, GQA, Dk != Dv, odd head dims, trees longer than a key chunk.
+# a single node, GQA, Dk != Dv, odd head dims, trees longer than a key chunk, and a long prefix
+# and a long tree (many chunks, whatever the chunk size).
 SHAPES = [
     (3, 70, [0, 70, 33], 7, 6, 2, 16, 24),
     (2, 130, [129, 64], 1, 4, 4, 13, 7),
     (1, 260, [260], 130, 4, 2, 32, 32),  # 260 query columns: two node blocks
     (2, 9, [5, 0], 5, 3, 1, 8, 5),
+    (1, 1100, [1100], 3, 2, 1, 8, 8),
+    (1, 40, [37], 600, 8, 2, 8, 8),  # 2400 query columns: ten node blocks
 ]
 
 
