@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "models"]
+SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "models", "nm_sparse_cuda"]
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -6,7 +6,7 @@
 //
 // Operands: A = S [rows, K] (the weight, the only operand that may be sparse) row-major as
 // values [rows, K/2]; B = x^T, i.e. x [T, K] row-major read as a column-major [K, T]; D [rows, T]
-// row-major (CUTLASS 2.x's sparse epilogue writes row-major only), so y = D^T is one extra
+// row-major, leading dim rounded up to 8 (CUTLASS 2.x's sparse epilogue writes row-major only), so y = D^T is one extra
 // transposing copy, which also adds the bias (a row-major C cannot broadcast a per-row bias).
 #include "nm_sparse_cutlass.h"
 #include "nm_sparse_operand_cache.h"
@@ -70,7 +70,7 @@ void run_sparse_gemm80(const at::Tensor& x2d, const at::Tensor& values, const at
   static_assert(sizeof(ElementE) == 2 && Gemm::kElementsPerElementE == 8,
                 "fp16/bf16 2:4 metadata: one 16-bit element holds 4 groups (8 two-bit indices)");
   const int rows = static_cast<int>(values.size(0)), K = static_cast<int>(x2d.size(1)),
-            T = static_cast<int>(x2d.size(0));
+            T = static_cast<int>(x2d.size(0)), ldd = static_cast<int>(d.size(1));
   cutlass::gemm::GemmCoord problem(rows, T, K);
   auto a = reinterpret_cast<const Element*>(values.data_ptr());
   auto b = reinterpret_cast<const Element*>(x2d.data_ptr());
@@ -80,8 +80,8 @@ void run_sparse_gemm80(const at::Tensor& x2d, const at::Tensor& values, const at
       problem,
       {a, cutlass::layout::RowMajor(K / 2)},
       {b, cutlass::layout::ColumnMajor(K)},
-      {out, cutlass::layout::RowMajor(T)},
-      {out, cutlass::layout::RowMajor(T)},
+      {out, cutlass::layout::RowMajor(ldd)},
+      {out, cutlass::layout::RowMajor(ldd)},
       {e, Gemm::LayoutE::packed({rows, K / 16})},
       {1.0f, 0.0f}};
   Gemm gemm;
@@ -125,16 +125,19 @@ at::Tensor nm24_linear_sm80(const at::Tensor& x2d, const at::Tensor& values, con
                             const std::optional<at::Tensor>& bias) {
 #ifdef LEANFORMER_WITH_CUTLASS
   const int64_t rows = values.size(0), T = x2d.size(0);
-  at::Tensor d = at::empty({rows, T}, x2d.options());
+  // D's rows are padded to whole 16-byte vectors (the epilogue's access width); the padding
+  // columns are never written nor read.
+  at::Tensor d = at::empty({rows, (T + 7) / 8 * 8}, x2d.options());
   if (x2d.scalar_type() == at::kHalf)
     run_sparse_gemm80<cutlass::half_t>(x2d, values, meta_sm80, d);
   else
     run_sparse_gemm80<cutlass::bfloat16_t>(x2d, values, meta_sm80, d);
   at::Tensor y = at::empty({T, rows}, x2d.options());
+  const at::Tensor dt = d.narrow(1, 0, T).t();
   if (bias.has_value())
-    at::add_out(y, d.t(), *bias);
+    at::add_out(y, dt, *bias);
   else
-    y.copy_(d.t());
+    y.copy_(dt);
   return y;
 #else
   TORCH_CHECK(false, "nm_sparse_linear: built without CUTLASS (LEANFORMER_CUTLASS=0)");
