@@ -343,9 +343,9 @@ at::Tensor nm_sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   }
   if (cutlass_eligible(x2d, rows, n, m)) return nm24_linear_cutlass(x2d, v, mt, b).view(out_shape);
   if (!(n == 2 && m == 4 && x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
-    TORCH_WARN_ONCE("nm_sparse_linear: ", n, ":", m, " ", x.scalar_type(), " with more than ", kMaxGemvTokens,
-                    " tokens runs as decompress + cuBLAS dense GEMM (sparse tensor cores take 2:4 "
-                    "fp16/bf16 only)");
+    TORCH_WARN_ONCE("nm_sparse_linear: ", n, ":", m, " ", x.scalar_type(), " at ", x2d.size(0),
+                    " tokens runs as decompress + cuBLAS dense GEMM (the GEMV kernel takes <= ", kMaxGemvTokens,
+                    " tokens in fp32/fp16/bf16, the sparse tensor cores 2:4 fp16/bf16)");
   const at::Tensor dense = nm_decompress_cuda(v, mt, n, m, K);
   return at::linear(x2d, dense, b).view(out_shape);
 }

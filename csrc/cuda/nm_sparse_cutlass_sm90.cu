@@ -92,8 +92,9 @@ std::vector<at::Tensor> compress_sm90(const at::Tensor& dense) {
   const auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(rows, K, 1));
   typename G::CompressorUtility utility(problem, stride_a);
   const auto bytes = dense.options().dtype(at::kByte);
-  at::Tensor a_comp = at::empty({static_cast<int64_t>(utility.get_compressed_tensor_A_bytes())}, bytes);
-  at::Tensor e = at::empty({static_cast<int64_t>(utility.get_tensor_E_bytes())}, bytes);
+  // Zeroed: the physical layouts pad K (and E's M) to the collective's alignment.
+  at::Tensor a_comp = at::zeros({static_cast<int64_t>(utility.get_compressed_tensor_A_bytes())}, bytes);
+  at::Tensor e = at::zeros({static_cast<int64_t>(utility.get_tensor_E_bytes())}, bytes);
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = dense.get_device();
   hw_info.sm_count = at::cuda::getDeviceProperties(hw_info.device_id)->multiProcessorCount;

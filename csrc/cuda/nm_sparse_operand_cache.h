@@ -53,7 +53,7 @@ class SparseOperandCache {
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
     const c10::TensorImpl* raw = nullptr;
     const void* data = nullptr;
-    uint32_t version = 0;
+    int64_t version = 0;
 
     bool expired() const { return raw != nullptr && impl.expired(); }
     bool matches(const TensorKey& o) const {
