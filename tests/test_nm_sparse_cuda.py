@@ -376,3 +376,29 @@ def test_constants_match_the_kernel_source():
     assert "n == 2 && m == 4) kernel = nm_gemv_kernel<scalar_t, kT, 2, 4" in src
     assert "n == 1 && m == 4) kernel = nm_gemv_kernel<scalar_t, kT, 1, 4" in src
     assert math.isclose(GEMV_SMEM_BYTES / 1024, 40)
+
+
+# ---- the GPU-only benchmark suite ----
+
+def run_suite(device, out):
+    from leanformer.cli import main
+
+    assert main(["bench", "--quick", "--device", device, "--suite", "nm_sparse_cuda", "--out", str(out)]) == 0
+    import json
+
+    (report,) = out.glob("*.json")
+    return json.loads(report.read_text())
+
+
+def test_bench_suite_has_no_cases_off_the_gpu(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert run_suite("cpu", tmp_path)["timings"] == []
+    assert "GPU-only suite" in caplog.text
+
+
+@cuda
+def test_bench_suite_quick_runs_on_the_gpu(tmp_path):
+    timings = run_suite("cuda", tmp_path)["timings"]
+    ours = [t for t in timings if t["impl"] == "leanformer"]
+    assert {t["op"] for t in ours} == {"nm_sparse_gemm", "nm_sparse_gemv"}
+    assert all(t["median_ms"] and t["median_ms"] > 0 for t in ours), ours
