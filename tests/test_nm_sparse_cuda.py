@@ -402,3 +402,16 @@ def test_bench_suite_quick_runs_on_the_gpu(tmp_path):
     ours = [t for t in timings if t["impl"] == "leanformer"]
     assert {t["op"] for t in ours} == {"nm_sparse_gemm", "nm_sparse_gemv"}
     assert all(t["median_ms"] and t["median_ms"] > 0 for t in ours), ours
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [0, 3, 20])
+@pytest.mark.parametrize("rows,K", [(0, 64), (32, 0), (5, 0)])
+def test_empty_shapes_on_cuda(tokens, rows, K):
+    values = torch.zeros(rows, K // 2, device="cuda", dtype=torch.float16)
+    meta = torch.zeros(rows, (K // 2 * 2 + 31) // 32, device="cuda", dtype=torch.int32)
+    bias = torch.randn(rows, device="cuda", dtype=torch.float16)
+    x = torch.randn(tokens, K, device="cuda", dtype=torch.float16)
+    y = nm_sparse_linear(x, values, meta, bias, n=2, m=4)
+    assert y.shape == (tokens, rows)
+    torch.testing.assert_close(y, bias.expand(tokens, rows))

@@ -310,6 +310,7 @@ bool cutlass_eligible(const at::Tensor& x2d, int64_t rows, int64_t n, int64_t m)
   const auto dtype = x2d.scalar_type();
   if (n != 2 || m != 4 || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
   const int64_t K = x2d.size(1);
+  if (rows == 0 || K == 0) return false;  // nothing for tensor cores to do (and an empty grid)
   if (rows % kCutlassRowMultiple != 0 || K % kCutlassKMultiple != 0) {
     TORCH_WARN_ONCE("nm_sparse_linear: 2:4 ", dtype, " with rows = ", rows, ", K = ", K,
                     " does not fit the sparse tensor-core GEMM (rows % ", kCutlassRowMultiple,
