@@ -6,8 +6,12 @@ Build variables (also documented in README.md):
 |-------------------------|------------------|-------------------------------------------------------------|
 | LEANFORMER_CUDA         | auto             | 1 forces the CUDA kernels on, 0 off; auto = torch is a CUDA  |
 |                         |                  | build and a CUDA toolkit (nvcc + cuda_runtime.h) is found    |
-| LEANFORMER_CUDA_ARCHS   | 8.0;9.0          | ';'-separated compute capabilities; '9.0a' for sm_90a,       |
-|                         |                  | '+PTX' to embed PTX as well                                  |
+| LEANFORMER_CUDA_ARCHS   | 8.0;9.0a         | ';'-separated compute capabilities; '9.0a' for sm_90a (needed|
+|                         |                  | by the Hopper 2:4 sparse GEMM), '+PTX' to embed PTX as well  |
+| LEANFORMER_CUTLASS      | 1 (with CUDA)    | 0 builds without the CUTLASS 2:4 sparse tensor-core GEMM     |
+|                         |                  | (nm_sparse_linear then falls back to cuBLAS, with a warning) |
+| CUTLASS_PATH            | found            | CUTLASS source root (include/, tools/util/include/);         |
+|                         |                  | otherwise the headers of the nvidia-cutlass pip package      |
 | CUDA_HOME / CUDA_PATH   | found            | the CUDA toolkit; otherwise /usr/local/cuda, then nvcc's home |
 | MAX_JOBS                | min(cores, GiB/5)| parallel compile jobs (nvcc takes 3-5 GB each)              |
 | LEANFORMER_NVCC_THREADS | 1                | nvcc --threads (parallel archs inside one job)              |
@@ -88,6 +92,30 @@ def arch_flags(archs):
     return flags
 
 
+def cutlass_includes():
+    """CUTLASS header dirs: $CUTLASS_PATH, else the ones the `nvidia-cutlass` wheel ships under
+    cutlass_library/source. None when LEANFORMER_CUTLASS=0; a missing CUTLASS stops the build."""
+    if os.environ.get("LEANFORMER_CUTLASS", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots.append(os.environ["CUTLASS_PATH"])
+    try:
+        import cutlass_library
+
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))
+    except ImportError:
+        pass
+    for root in roots:
+        dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+        if os.path.isfile(os.path.join(dirs[0], "cutlass", "gemm", "device", "gemm_sparse.h")):
+            return dirs
+    sys.exit("CUDA kernels are being built but the CUTLASS headers were not found"
+             + (f" (CUTLASS_PATH={os.environ['CUTLASS_PATH']} has no include/cutlass)" if os.environ.get("CUTLASS_PATH") else "")
+             + ": `pip install nvidia-cutlass` (or set CUTLASS_PATH to a CUTLASS checkout), or build "
+             "without the 2:4 sparse tensor-core GEMM with LEANFORMER_CUTLASS=0")
+
+
 def cuda_library_includes():
     """Header dirs of CUDA libraries (cuSPARSE, cuBLAS, ...) that torch's CUDA headers include.
     A pip-installed torch brings them as nvidia-* wheels rather than inside the toolkit."""
@@ -108,7 +136,7 @@ def cuda_library_includes():
 def extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     use_cuda = want_cuda()
-    archs = [a for a in os.environ.get("LEANFORMER_CUDA_ARCHS", "8.0;9.0").split(";") if a]
+    archs = [a for a in os.environ.get("LEANFORMER_CUDA_ARCHS", "8.0;9.0a").split(";") if a]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = [*opt, "-fopenmp"]  # torch picks the C++ standard its headers need
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -123,12 +151,21 @@ def extension():
         if debug:
             nvcc.append("-G")
         macros.append(("LEANFORMER_WITH_CUDA", None))
+        cutlass = cutlass_includes()
+        if cutlass:
+            include_dirs += cutlass
+            macros.append(("LEANFORMER_WITH_CUTLASS", None))
+            # The Hopper sparse GEMM needs the sm_90a features (wgmma.sp); without them only the
+            # sm80 CUTLASS kernel is built.
+            if any(a.removesuffix("+PTX") == "9.0a" for a in archs):
+                macros.append(("LEANFORMER_CUTLASS_SM90", None))
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext_cls = CUDAExtension
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext_cls = CppExtension
-    write_build_config(use_cuda, archs if use_cuda else [])
+    write_build_config(use_cuda, archs if use_cuda else [],
+                       use_cuda and any(name == "LEANFORMER_WITH_CUTLASS" for name, _ in macros))
     return ext_cls(
         "leanformer._C",
         sources,
@@ -140,13 +177,14 @@ def extension():
     )
 
 
-def write_build_config(use_cuda, archs):
+def write_build_config(use_cuda, archs, cutlass):
     """What the binary was built with; the loader compares it with the running torch."""
     config = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_kernels": use_cuda,
         "cuda_archs": archs,
+        "cutlass": cutlass,
         "cuda_home": CUDA_HOME if use_cuda else None,
         "python": sys.version.split()[0],
     }

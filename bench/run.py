@@ -10,7 +10,8 @@ from typing import List, Optional
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "nm_sparse", "dense_sparse_linear", "tree_attention", "models", "generate"]
+SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "nm_sparse", "dense_sparse_linear", "tree_attention",
+          "models", "generate", "nm_sparse_cuda", "tree_attention_cuda"]
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -21,7 +21,8 @@ def info() -> int:
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, "
           f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"built against torch {config.get('torch', '?')}, "
-          f"CUDA kernels: {'yes, archs ' + ', '.join(config.get('cuda_archs', [])) if config.get('cuda_kernels') else 'no'}")
+          f"CUDA kernels: {'yes, archs ' + ', '.join(config.get('cuda_archs', [])) if config.get('cuda_kernels') else 'no'}"
+          + (f", CUTLASS 2:4 GEMM: {'yes' if config.get('cutlass') else 'no'}" if config.get("cuda_kernels") else ""))
     print("ops (backends with a kernel):")
     for name in ops:
         keys = [k for k in ("CPU", "CUDA")

@@ -57,6 +57,15 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
         ``y [..., rows]`` in x's dtype, accumulated in fp32 (fp64 for fp64). Differentiable in
         x, values (the pattern in meta stays fixed) and bias.
 
+    On CUDA the kernel is chosen by the number of tokens T (= x.numel() // K): T <= 8 in
+    fp32/fp16/bf16 runs a GEMV kernel on values + meta (any N:M); larger T with 2:4 fp16/bf16,
+    rows % 32 == 0 and K % 64 == 0 runs CUTLASS's sparse tensor-core GEMM (sm_80 and up; sm_90a
+    on Hopper), its prepared metadata cached per (values, meta) tensor pair; everything else
+    decompresses S to dense and calls cuBLAS, warning once where that replaces a 2:4
+    tensor-core GEMM or runs a non-2:4 pattern at large T. The backward's grad_x is
+    grad_y @ S through cuBLAS; grad_values is a gather-dot kernel for T <= 8, else the kept
+    entries of cuBLAS's grad_y^T x. No atomics: results are deterministic.
+
     Example::
 
         >>> from leanformer.sparse import NMSparseMatrix
