@@ -15,17 +15,13 @@
 namespace leanformer {
 namespace {
 
-// The children of every node in index order as linked lists, -1 tokens left out; checks the
-// parents and tokens of sequence b on the way.
+// The children of every node in index order as linked lists, -1 tokens left out (parents and
+// tokens already checked).
 struct Children {
   std::vector<int64_t> first, next;
 
-  Children(const int64_t* parents, const int64_t* tokens, int64_t T, int64_t V, int64_t b)
+  Children(const int64_t* parents, const int64_t* tokens, int64_t T)
       : first(T, -1), next(T, -1) {
-    for (int64_t i = 0; i < T; ++i) {
-      check_parent(parents[i], b, i);
-      check_tree_token(tokens[i], b, i, V);
-    }
     for (int64_t i = T - 1; i >= 1; --i) {
       if (tokens[i] == -1) continue;
       next[i] = first[parents[i]];
@@ -49,10 +45,19 @@ Verification verify_each(const TreeVerifyShape& s, const at::Tensor& tree_tokens
   int64_t* bon = bonus.data_ptr<int64_t>();
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const int64_t* par = parents.const_data_ptr<int64_t>();
+  // Checked serially before any work, so the error names the first bad sequence, not whichever
+  // thread threw first, and nothing is half written.
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t* par_b = par + (s.batched_parents ? b * s.T : 0);
+    for (int64_t i = 0; i < s.T; ++i) {
+      check_parent(par_b[i], b, i);
+      check_tree_token(tok[b * s.T + i], b, i, s.V);
+    }
+  }
   at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* tok_b = tok + b * s.T;
-      const Children kids(par + (s.batched_parents ? b * s.T : 0), tok_b, s.T, s.V, b);
+      const Children kids(par + (s.batched_parents ? b * s.T : 0), tok_b, s.T);
       int64_t* path = acc + b * s.T;
       int64_t n = 1;
       path[0] = 0;
