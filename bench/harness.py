@@ -41,9 +41,12 @@ class Timing:
 
 
 def time_callable(fn: Callable[[], object], min_run_time: float) -> Timing:
-    """Median of blocked runs after a warm-up call (torch.utils.benchmark synchronizes CUDA)."""
+    """Median of blocked runs after a warm-up call (torch.utils.benchmark synchronizes CUDA).
+    Timer runs on one thread unless told otherwise; time with the threads torch uses (and the
+    results record), as a user's model would run."""
     fn()
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     return m.median * 1e3, m.iqr * 1e3, len(m.times)
 
 
