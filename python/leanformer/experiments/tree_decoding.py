@@ -11,7 +11,6 @@ of speed loads them instead of training again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

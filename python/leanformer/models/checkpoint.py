@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, Type
+from typing import Dict
 
 import torch
 from torch import nn

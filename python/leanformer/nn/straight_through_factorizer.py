@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer.nn.dense_sparse_factorization import factorize
 from leanformer.nn.dense_sparse_linear import DenseSparseLinear
 from leanformer.sparse import NMSparseMatrix, nm_mask
 from leanformer.sparse.nm_format import check_columns, check_pattern

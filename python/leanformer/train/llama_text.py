@@ -6,9 +6,7 @@ of prompts of different lengths, prefill then steps) checked against the full fo
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from typing import List, Optional
 
@@ -17,7 +15,7 @@ import torch
 from leanformer.data import pydoc_text, random_windows, sequential_windows
 from leanformer.models import LlamaConfig, LlamaLM, save_pretrained
 from leanformer.train import report
-from leanformer.train.lm_text import lm_loss
+from leanformer.train.lm_text import lm_loss, text_lm_parser
 from leanformer.train.loop import train
 
 
@@ -45,15 +43,7 @@ def cached_vs_full(model: LlamaLM, windows: torch.Tensor) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="leanformer train llama-text", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
-    p.add_argument("--out", default=os.path.join("bench", "results"))
+    p = text_lm_parser("leanformer train llama-text", __doc__)
     p.add_argument("--save", default=None, help="folder to save the trained model in")
     args = p.parse_args(argv)
 

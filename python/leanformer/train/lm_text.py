@@ -34,8 +34,9 @@ def lm_loss(model, batch):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="leanformer train lm-text", description=__doc__,
+def text_lm_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every byte-level pydoc LM trainer shares."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
@@ -44,6 +45,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
     p.add_argument("--out", default=os.path.join("bench", "results"))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = text_lm_parser("leanformer train lm-text", __doc__)
     p.add_argument("--activation", default="gelu", choices=["gelu", "relu"],
                    help="MLP activation (relu for the Lazy Neuron measurement)")
     p.add_argument("--save", default=None, help="folder to save the trained SLAB LM in")
