@@ -16,6 +16,7 @@ Hidden state ``i`` is the input of block ``i`` (the output of block ``i - 1``); 
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 SUBLAYERS = ("attention", "mlp")
 
 
-class StackAdapter:
-    """How one model family maps onto the protocol. ``ctx`` carries the per-call inputs other
+class StackAdapter(abc.ABC):
+    """How one model family maps onto the protocol (a family implements the abstract methods). ``ctx`` carries the per-call inputs other
     than the ids (padding mask, token types, ...) from :func:`forward` to every piece."""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -35,13 +36,16 @@ class StackAdapter:
         """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
         return model.new_cache()
 
+    @abc.abstractmethod
     def embed(self, model: nn.Module, input_ids: Tensor, cache, ctx: dict) -> Tensor:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def block(self, model: nn.Module, i: int, x: Tensor, cache, ctx: dict) -> Tensor:
         """Block ``i`` on ``x``, updating its slot of ``cache`` (None: no cache)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def head(self, model: nn.Module, x: Tensor, ctx: dict) -> Tensor:
         """The shared final norm and head (the identity for an encoder without a head)."""
         raise NotImplementedError
@@ -54,11 +58,13 @@ class StackAdapter:
         (early exit fills the skipped blocks' caches from the exit's hidden state)."""
         raise NotImplementedError(f"{type(model).__name__} has no incremental cache")
 
+    @abc.abstractmethod
     def sublayer(self, block: nn.Module, kind: str) -> Optional[nn.Module]:
         """The attention or MLP sub-block of ``block`` (None once dropped); its output is what
         the block adds to the residual stream."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def drop(self, block: nn.Module, kind: str) -> Dict[str, Optional[nn.Module]]:
         """Removes sub-block ``kind`` from ``block`` (with the norm only it used); returns the
         removed attributes so :func:`without_modules` can put them back."""

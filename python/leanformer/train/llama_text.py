@@ -6,16 +6,15 @@ of prompts of different lengths, prefill then steps) checked against the full fo
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import List, Optional
 
 import torch
 
-from leanformer.data import pydoc_text, random_windows, sequential_windows
+from leanformer.data import random_windows
 from leanformer.models import LlamaConfig, LlamaLM, save_pretrained
 from leanformer.train import report
-from leanformer.train.lm_text import lm_loss, text_lm_parser
+from leanformer.train.lm_text import lm_loss, pydoc_lm_data, text_lm_parser
 from leanformer.train.loop import train
 
 
@@ -46,13 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = text_lm_parser("leanformer train llama-text", __doc__)
     p.add_argument("--save", default=None, help="folder to save the trained model in")
     args = p.parse_args(argv)
-
-    train_tokens, val_tokens = pydoc_text()
-    val = sequential_windows(val_tokens, args.length)[: args.eval_windows]
-
-    def evaluate(model):
-        losses = [lm_loss(model, chunk).item() for chunk in val.split(16)]
-        return {"val_ppl": math.exp(sum(losses) / len(losses))}
+    train_tokens, _, val, evaluate = pydoc_lm_data(args.length, args.eval_windows)
 
     torch.manual_seed(args.seed)
     model = LlamaLM(config())

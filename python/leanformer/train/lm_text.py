@@ -48,19 +48,25 @@ def text_lm_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def pydoc_lm_data(length: int, eval_windows: int):
+    """Training and held-out tokens, validation windows and the val-perplexity evaluation on them."""
+    train_tokens, val_tokens = pydoc_text()
+    val = sequential_windows(val_tokens, length)[:eval_windows]
+
+    def evaluate(model):
+        losses = [lm_loss(model, chunk).item() for chunk in val.split(16)]
+        return {"val_ppl": math.exp(sum(losses) / len(losses))}
+
+    return train_tokens, val_tokens, val, evaluate
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = text_lm_parser("leanformer train lm-text", __doc__)
     p.add_argument("--activation", default="gelu", choices=["gelu", "relu"],
                    help="MLP activation (relu for the Lazy Neuron measurement)")
     p.add_argument("--save", default=None, help="folder to save the trained SLAB LM in")
     args = p.parse_args(argv)
-
-    train_tokens, val_tokens = pydoc_text()
-    val = sequential_windows(val_tokens, args.length)[: args.eval_windows]
-
-    def evaluate(model):
-        losses = [lm_loss(model, chunk).item() for chunk in val.split(16)]
-        return {"val_ppl": math.exp(sum(losses) / len(losses))}
+    train_tokens, val_tokens, val, evaluate = pydoc_lm_data(args.length, args.eval_windows)
 
     curves, models = {}, {}
     for name, cfg in (("SLAB (SLA + PRepBN)", config(args.steps, args.activation)),
