@@ -71,7 +71,8 @@ def drafters(llama, slab, text):
     torch.manual_seed(0)
     return {"llama-medusa": distilled(MedusaHeads(llama, 4), text),
             "llama-ht": distilled(HiddenTransfer(llama, 2, 4), text),
-            "slab-medusa": distilled(MedusaHeads(slab, 4), text)}
+            "slab-medusa": distilled(MedusaHeads(slab, 4), text),
+            "slab-ht": distilled(HiddenTransfer(slab, 1, 4), text)}
 
 
 def runner_for(model, B):
@@ -166,7 +167,8 @@ def test_compacted_cache_equals_plain_cache(llama, prompts):
 
 CASES = [("llama", "llama-medusa", STATIC), ("llama", "llama-medusa", DynamicTree(12, 3)),
          ("llama", "llama-ht", STATIC), ("llama", "llama-ht", DynamicTree(12, 3)),
-         ("slab", "slab-medusa", STATIC), ("slab", "slab-medusa", DynamicTree(12, 3))]
+         ("slab", "slab-medusa", STATIC), ("slab", "slab-medusa", DynamicTree(12, 3)),
+         ("slab", "slab-ht", STATIC), ("slab", "slab-ht", DynamicTree(12, 3))]
 
 
 @pytest.mark.parametrize("family,drafter,tree", CASES, ids=[f"{d}-{type(t).__name__}" for _, d, t in CASES])
@@ -178,6 +180,34 @@ def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, request
         assert a.tolist() == b.tolist()
     assert plain.tokens_per_forward == 1 and plain.forwards == 48
     assert out.forwards < plain.forwards and out.tokens_per_forward > 1.2  # the drafts do get accepted
+
+
+@pytest.mark.parametrize("family", ["llama", "slab"])
+def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, request, drafters, prompts):
+    """The pseudo tokens of the main chain in a tree forward over a cached prefix give the same
+    logits as the dense chain forward it is trained with, at the same positions; and a stop
+    off the chain drafts from the chain node above it, shifted."""
+    from leanformer.decoding.hidden_transfer import main_chain
+
+    model = request.getfixturevalue(family)
+    ht = drafters[f"{family}-ht"]
+    K = ht.num_future
+    prefix, chain_tokens = prompts[1][:30], prompts[1][30:34]  # a chain tree: the root and 3 children
+    runner = runner_for(model, 1)
+    with torch.no_grad():
+        runner.prefill(prefix[None], torch.tensor([30]))
+        tree = TokenTree.from_nodes([[(-1, int(chain_tokens[0]))] + [(i, int(t)) for i, t in enumerate(chain_tokens[1:])]
+                                     + [(0, 200)]])  # a side branch off the root
+        assert main_chain(tree.parents, tree.depths).tolist() == [[0, 1, 2, 3]]
+        logits, feats = ht.tree_forward(runner, tree)
+        _, dense = ht.sequence_drafts(torch.cat([prefix, chain_tokens])[None])
+    for s in range(4):
+        torch.testing.assert_close(feats.logits[0, s], dense[0, 30 + s], atol=3e-4, rtol=1e-4)
+    on_chain = ht.draft(feats, torch.tensor([2]))
+    torch.testing.assert_close(on_chain[0], feats.logits[0, 2])
+    off = ht.draft(feats, torch.tensor([4]))  # node 4 (depth 1) hangs off the root: shift 1
+    torch.testing.assert_close(off[0, :K - 1], feats.logits[0, 0, 1:])
+    assert (off[0, K - 1] == 0).all()
 
 
 def test_sequences_finish_independently(llama, drafters, prompts):
@@ -254,8 +284,10 @@ def test_bad_inputs(llama, slab, drafters, prompts):
         leanformer.generate(llama, [torch.tensor([], dtype=torch.long)], max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         leanformer.generate(llama, prompts, max_new_tokens=0)
-    with pytest.raises(TypeError, match="HiddenTransfer needs a LlamaLM"):
-        HiddenTransfer(slab, 1, 2)
+    with pytest.raises(TypeError, match="HiddenTransfer needs a LlamaLM or a SLABLM"):
+        HiddenTransfer(torch.nn.Linear(2, 2), 1, 2)
+    with pytest.raises(ValueError, match="layer must be in 1..1"):
+        HiddenTransfer(slab, 2, 2)
     with pytest.raises(ValueError, match="layer must be in 1..2"):
         HiddenTransfer(llama, 3, 2)
     with pytest.raises(TypeError, match="LlamaLM or a SLABLM"):

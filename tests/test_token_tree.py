@@ -3,7 +3,7 @@ duplicates, padding, retrieve indices, edge cases and bad inputs."""
 import pytest
 import torch
 
-from leanformer.decoding import TokenTree
+from leanformer.decoding import TokenTree, TreeShape
 from leanformer.decoding.token_tree import PAD
 
 
@@ -101,3 +101,34 @@ def test_bad_inputs():
         TokenTree.from_nodes([[(-1, 0), (2, 1), (0, 3)]])
     with pytest.raises(ValueError, match="logprobs must be"):
         TokenTree.dynamic(torch.tensor([0]), torch.zeros(1, 5), num_nodes=3, top_k=2)
+
+
+def test_fill_of_distinct_candidates_equals_the_node_by_node_tree():
+    """The cached-structure fill (static shapes, distinct top-k candidates) builds exactly what
+    the general node list builds."""
+    shape = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 50, generator=g)
+    roots = torch.tensor([4, 9, 1])
+    fast = shape.build(roots, logits)
+    cand = logits.topk(shape.top_k, dim=-1).indices.tolist()
+    nodes = [[(-1, int(roots[b]))] + [(shape.parents[i + 1], cand[b][len(p) - 1][p[-1]]) for i, p in enumerate(shape.paths)]
+             for b in range(3)]
+    slow = TokenTree.from_nodes(nodes, num_nodes=shape.num_nodes)
+    for name in ("tokens", "parents", "depths", "mask", "num_nodes"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    check_consistent(fast)
+
+
+def test_tree_from_accuracies_keeps_the_most_likely_paths():
+    acc = [[0.6, 0.2, 0.05], [0.5, 0.25, 0.1], [0.4, 0.1, 0.05]]
+    shape = TreeShape.from_accuracies(acc, 7)
+    # products: (0) .6, (0,0) .3, (1) .2, (0,1) .15, (0,0,0) .12, (1,0) .1, then (0,2) .06
+    assert [list(p) for p in shape.paths] == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+    assert shape.num_nodes == 7 and shape.depth == 3
+    big = TreeShape.from_accuracies(torch.tensor(acc), 100)  # asks for more than exist: all 39 paths
+    assert big.num_nodes == 1 + 3 + 9 + 27
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
+        TreeShape.from_accuracies([[1.5]], 3)
+    with pytest.raises(ValueError, match="num_nodes must be >= 2"):
+        TreeShape.from_accuracies(acc, 1)

@@ -91,14 +91,28 @@ def test_tree_attention_opcheck_and_compile(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_through_tree_ops_says_inference_only(device):
-    q, kc, vc, cl, kt, vt, mask = make_attention_inputs(1, 8, [8], 3, 2, 2, 4, 4, torch.float32, device)
-    q.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="tree_attention is inference-only"):
-        tree_attention(q, kc, vc, cl, kt, vt, mask).sum().backward()
-    S, z = torch.rand(1, 2, 4, 4, device=device), torch.rand(1, 2, 4, device=device)
-    with pytest.raises(RuntimeError, match="tree_linear_attention is inference-only"):
-        tree_linear_attention(q, kt, vt, S, z, mask).sum().backward()
+def test_tree_attention_gradcheck_fp64(device):
+    """q, both caches and the tree's K/V get gradients; GQA, a short and an empty prefix."""
+    args = list(make_attention_inputs(2, 6, [6, 0], 4, 4, 2, 3, 5, torch.float64, device))
+    for i in (0, 1, 2, 4, 5):
+        args[i].requires_grad_(True)
+    torch.autograd.gradcheck(lambda q, kc, vc, kt, vt: tree_attention(q, kc, vc, args[3], kt, vt, args[6]),
+                             [args[i] for i in (0, 1, 2, 4, 5)])
+    torch.library.opcheck(torch.ops.leanformer.tree_attention.default, (*args, None),
+                          test_utils=("test_autograd_registration",))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tree_linear_attention_gradcheck_fp64(device):
+    q, k, v = (torch.randn(2, 4, 2, 3, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    S = torch.rand(2, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.rand(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    _, mask = random_tree(4, 2, device)
+    torch.autograd.gradcheck(lambda *a: tree_linear_attention(*a, mask), [q, k, v, S, z])
+    # only some inputs need a gradient: the others get none
+    out = tree_linear_attention(q.detach(), k, v.detach(), S.detach(), z.detach(), mask)
+    (gk,) = torch.autograd.grad(out.sum(), [k])
+    assert gk.shape == k.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,6 +19,21 @@ def draft_agreement(drafter: nn.Module, windows: Tensor) -> Dict[str, float]:
     return {f"agree@{k + 2}": round(a.item(), 4) for k, a in enumerate(agree)}
 
 
+def rank_accuracy(drafter: nn.Module, windows: Tensor, top_k: int) -> Tensor:
+    """``[K, top_k]``: how often the drafter's rank-r candidate for future offset k is the frozen
+    model's greedy token there, on ``windows [n, N]`` (the table
+    :meth:`~leanformer.decoding.TreeShape.from_accuracies` builds a tree from)."""
+    with torch.no_grad():
+        teacher, drafts = drafter.sequence_drafts(windows)
+    N, K = drafts.shape[1], drafts.shape[2]
+    rows = []
+    for k in range(min(K, N - 1)):
+        cand = drafts[:, :N - k - 1, k].topk(top_k, dim=-1).indices  # [n, N - k - 1, top_k]
+        hit = cand == teacher[:, k + 1:].argmax(-1, keepdim=True)
+        rows.append(hit.float().flatten(0, 1).mean(0))
+    return torch.stack(rows)
+
+
 def distill(drafter: nn.Module, tokens: Tensor, val_windows: Tensor, *, steps: int, batch: int = 16,
             length: int = 64, lr: float = 1e-3, seed: int = 0, desc: str = "distill") -> List[dict]:
     """Trains ``drafter`` (MedusaHeads or HiddenTransfer) on random windows of ``tokens`` with

@@ -1,10 +1,17 @@
 """Hidden Transfer (Wu et al. 2024): learned linear maps turn a node's hidden state at an
 intermediate layer into pseudo hidden states of the next K positions, which run through the
 remaining layers in the SAME forward that verifies the current token tree, so drafting costs
-no forward of its own."""
+no forward of its own.
+
+The accepted node is unknown until verification, so pseudo tokens would be needed at every
+node. They go only to the tree's main chain (the root and each node's best-ranked child, the
+path accepted when every draft is right): T + (depth + 1) K tokens in the upper layers
+instead of T (1 + K). When verification stops off the chain, the drafts come from the deepest
+chain node on the accepted path, shifted by the depth between the two: its pseudo tokens are
+guesses for fixed positions, not for a branch."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,26 +19,82 @@ from torch import Tensor, nn
 from leanformer.decoding.token_tree import TokenTree
 
 
-def with_pseudo_tokens(tree_mask: Tensor, num_future: int) -> Tensor:
-    """``[B, T, T]`` (or ``[T, T]``) ancestor mask -> ``[B, N, N]``, N = T (1 + K): the T real
-    nodes, then node i's K pseudo tokens at ``T + i K + j``. Pseudo token (i, j) sees node i's
-    ancestors, node i and its own predecessors (i, 0..j); no real node sees a pseudo token."""
-    tm = tree_mask if tree_mask.dim() == 3 else tree_mask[None]
-    B, T, K = tm.shape[0], tm.shape[-1], num_future
-    out = torch.zeros(B, T * (1 + K), T * (1 + K), dtype=torch.bool, device=tm.device)
-    out[:, :T, :T] = tm
-    out[:, T:, :T] = tm.repeat_interleave(K, dim=1)
-    own = torch.ones(K, K, dtype=torch.bool, device=tm.device).tril()
-    out[:, T:, T:] = torch.block_diag(*[own] * T)
-    return out
+def main_chain(parents: Tensor, depths: Tensor) -> Tensor:
+    """``[B, S]``: the root, its first child, that node's first child, ... (S = the deepest
+    depth + 1); -1 where a sequence's chain ended earlier. In a static tree the first child is
+    the rank-0 candidate; in a dynamic tree the best-scored one."""
+    B, T = parents.shape
+    idx = torch.arange(T, device=parents.device)
+    cur = torch.zeros(B, dtype=torch.long, device=parents.device)
+    out = [cur]
+    for _ in range(int(depths.max())):
+        child = (parents == cur[:, None]) & (idx > 0) & (cur[:, None] >= 0)
+        first = torch.where(child, idx, T).min(1).values
+        cur = torch.where(first < T, first, -1)
+        out.append(cur)
+    return torch.stack(out, 1)
+
+
+def attach_pseudo_tokens(mask: Tensor, depths: Tensor, parents: Tensor, anchors: Tensor,
+                         num_future: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The tree extended by K pseudo tokens after each anchor node: ``mask [B, T, T]``,
+    ``depths``/``parents [B, T]`` and ``anchors [B, S]`` (-1: none; its pseudo tokens hang off
+    the root and are never read) -> ``(mask [B, N, N], depths [B, N], parents [B, N])``,
+    N = T + S K, pseudo token j of anchor s at ``T + s K + j``: a chain below its anchor
+    (seeing the anchor's ancestors, the anchor and its own predecessors), at depth
+    ``depth(anchor) + j + 1``. No real node sees a pseudo token."""
+    B, T = depths.shape
+    S, K = anchors.shape[1], num_future
+    dev = depths.device
+    a = anchors.clamp(min=0)
+    b = torch.arange(B, device=dev)[:, None]
+    N = T + S * K
+    out = torch.zeros(B, N, N, dtype=torch.bool, device=dev)
+    out[:, :T, :T] = mask
+    out[:, T:, :T] = mask[b, a].repeat_interleave(K, dim=1)
+    own = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
+    out[:, T:, T:] = torch.block_diag(*[own] * S)
+    j = torch.arange(K, device=dev)
+    pd = (depths.gather(1, a)[:, :, None] + j + 1).reshape(B, S * K)
+    chain = T + torch.arange(S, device=dev)[:, None] * K + j - 1  # predecessor (s, j - 1)
+    pp = torch.where(j == 0, a[:, :, None], chain).reshape(B, S * K)
+    return out, torch.cat([depths.expand(B, T), pd], 1), torch.cat([parents.expand(B, T), pp], 1)
+
+
+class Drafts(NamedTuple):
+    """What a Hidden Transfer tree forward leaves for drafting: the pseudo tokens' logits
+    ``[B, S, K, V]`` of the main-chain nodes ``chain [B, S]``, and the tree's mask and depths."""
+
+    logits: Tensor
+    chain: Tensor
+    mask: Tensor
+    depths: Tensor
+
+
+class _DenseLlama:
+    """A LlamaLM's layers without a cache (dense masked SDPA): the training forward."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def tree_layers(self, x, mask, depths, parents, start=0, stop=None):
+        return self.model.run_layers(x, depths, tree_mask=mask, start=start, stop=stop)
+
+    def embed(self, tokens):
+        return self.model.embed(tokens)
+
+    def head(self, h):
+        h = self.model.norm(h)
+        return self.model.lm_head(h), h
 
 
 class HiddenTransfer(nn.Module):
-    """Drafter for a :class:`~leanformer.models.LlamaLM`: ``num_future`` linear maps of the hidden
-    state after ``layer`` blocks (``0 < layer < depth``) into pseudo hidden states at offsets
-    ``1..K``, which pass through ``layers[layer:]`` next to the tree's real nodes (attending to
-    the cached prefix, node i's branch and their own predecessors) and are read out by the LM
-    head: the draft distributions of the K tokens after the next bonus token.
+    """Drafter for a :class:`~leanformer.models.LlamaLM` or a SLA :class:`~leanformer.models.SLABLM`:
+    ``num_future`` linear maps of the hidden state after ``layer`` blocks
+    (``0 < layer < depth``) into pseudo hidden states at offsets ``1..K``, which pass through
+    the remaining blocks next to the tree's real nodes (seeing the prefix, their anchor's branch
+    and their own predecessors) and are read out by the LM head: the draft distributions of the
+    K tokens after the next bonus token.
 
     The base model is held by reference (not a submodule) and stays frozen.
 
@@ -43,9 +106,16 @@ class HiddenTransfer(nn.Module):
 
     def __init__(self, model: nn.Module, layer: int, num_future: int):
         super().__init__()
-        depth = len(getattr(model, "layers", []))
-        if not hasattr(model, "run_layers"):
-            raise TypeError(f"HiddenTransfer needs a LlamaLM (with run_layers), got {type(model).__name__}")
+        from leanformer.models import LlamaLM, SLABLM
+
+        if isinstance(model, LlamaLM):
+            depth = len(model.layers)
+        elif isinstance(model, SLABLM):
+            if model.config.attention != "sla":
+                raise ValueError("HiddenTransfer on a SLABLM needs attention='sla' (tree decoding runs on its state)")
+            depth = len(model.blocks)
+        else:
+            raise TypeError(f"HiddenTransfer needs a LlamaLM or a SLABLM, got {type(model).__name__}")
         if not 0 < layer < depth:
             raise ValueError(f"layer must be in 1..{depth - 1} (blocks before the transfer), got {layer}")
         if num_future < 1:
@@ -58,39 +128,63 @@ class HiddenTransfer(nn.Module):
             nn.init.eye_(t.weight)
             nn.init.zeros_(t.bias)
 
-    def _pseudo(self, h: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor]:
-        """``h [B, T, C]`` at ``positions [B, T]`` -> pseudo states ``[B, T K, C]`` and positions."""
-        B, T, C = h.shape
+    def _pseudo(self, h: Tensor) -> Tensor:
+        """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
+        B, S, C = h.shape
+        return torch.stack([t(h) for t in self.transfers], dim=2).reshape(B, S * self.num_future, C)
+
+    def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
+                 anchors: Tensor) -> Tuple[Tensor, Tensor]:
+        """Real nodes through every layer, the anchors' pseudo tokens from ``layer`` on:
+        ``(logits of the real nodes [B, T, V], of the pseudo tokens [B, S, K, V])``."""
+        B, T = tokens.shape
         K = self.num_future
-        x = torch.stack([t(h) for t in self.transfers], dim=2).reshape(B, T * K, C)
-        pos = (positions[:, :, None] + torch.arange(1, K + 1, device=h.device)).reshape(B, T * K)
-        return x, pos
+        with torch.no_grad():  # the frozen model below the transfer: nothing to train there
+            h = runner.tree_layers(runner.embed(tokens), mask, depths, parents, 0, self.layer)
+        h_anchor = h[torch.arange(B, device=h.device)[:, None], anchors.clamp(min=0)]
+        mask_x, depths_x, parents_x = attach_pseudo_tokens(mask, depths, parents, anchors, K)
+        out = runner.tree_layers(torch.cat([h, self._pseudo(h_anchor)], 1), mask_x, depths_x, parents_x,
+                                 self.layer, None)
+        logits, _ = runner.head(out)
+        return logits[:, :T], logits[:, T:].reshape(B, anchors.shape[1], K, -1)
 
-    def _run(self, ids: Tensor, positions: Tensor, tree_mask: Tensor, cache=None) -> Tuple[Tensor, Tensor]:
-        m, K = self.model, self.num_future
-        B, T = ids.shape
-        h = m.run_layers(m.embed(ids), positions, cache=cache, tree_mask=tree_mask, stop=self.layer)
-        x, pos = self._pseudo(h, positions)
-        out = m.run_layers(torch.cat([h, x], 1), torch.cat([positions, pos], 1), cache=cache,
-                           tree_mask=with_pseudo_tokens(tree_mask, K), start=self.layer)
-        logits = m.lm_head(m.norm(out))
-        return logits[:, :T], logits[:, T:].reshape(B, T, K, -1)
+    def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
+        """One forward: the tree's logits ``[B, T, V]``, and the main chain's drafts."""
+        chain = main_chain(tree.parents, tree.depths)
+        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents, chain)
+        return logits, Drafts(pseudo, chain, tree.mask, tree.depths)
 
-    def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Tensor]:
-        """One forward: the tree's logits ``[B, T, V]`` and every node's draft logits ``[B, T, K, V]``.
-        The pseudo tokens' K/V land in cache slots past the tree's, which compaction ignores."""
-        cache = runner.cache
-        return self._run(tree.tokens.clamp(min=0), cache.lens[:, None] + tree.depths, tree.mask, cache)
-
-    def draft(self, features: Tensor, node: Tensor) -> Tensor:
-        return features[torch.arange(features.shape[0], device=node.device), node]
+    def draft(self, features: Drafts, node: Tensor) -> Tensor:
+        """Draft logits ``[B, K, V]`` after the last accepted node ``node [B]``: the pseudo tokens
+        of the deepest main-chain node on its path, shifted by the depth between them; positions
+        past the pseudo tokens' reach get flat logits (their candidates are rarely accepted)."""
+        d = features
+        B, S, K, V = d.logits.shape
+        b = torch.arange(B, device=node.device)
+        on_path = d.mask[b, node][b[:, None], d.chain.clamp(min=0)] & (d.chain >= 0)  # [B, S], a prefix
+        c = on_path.sum(1) - 1
+        shift = d.depths[b, node] - d.depths[b, d.chain[b, c]]
+        idx = shift[:, None] + torch.arange(K, device=node.device)
+        out = d.logits[b, c].gather(1, idx.clamp(max=K - 1)[:, :, None].expand(B, K, V))
+        return torch.where((idx < K)[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def sequence_drafts(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
         """For training: the frozen model's logits ``[B, N, V]`` and the drafts ``[B, N, K, V]``
         of every position's pseudo tokens (pseudo token j of position t drafts token
-        t + j + 2). One dense forward: the sequence is a chain-shaped tree."""
+        t + j + 2). One forward: the sequence is a chain-shaped tree with every node an anchor."""
+        from leanformer.decoding.tree_runner import SLABRunner
+        from leanformer.models import LlamaLM
+
         B, N = ids.shape
         with torch.no_grad():
             teacher = self.model(ids)
-        chain = torch.ones(N, N, dtype=torch.bool, device=ids.device).tril()
-        return teacher, self._run(ids, torch.arange(N, device=ids.device).expand(B, N), chain)[1]
+        dev = ids.device
+        if isinstance(self.model, LlamaLM):
+            runner = _DenseLlama(self.model)
+        else:  # an empty prefix state: the tree ops then compute the causal sequence
+            runner = SLABRunner(self.model, B)
+            runner.prefill(ids[:, :0], torch.zeros(B, dtype=torch.long, device=dev))
+        pos = torch.arange(N, device=dev)
+        mask = torch.ones(N, N, dtype=torch.bool, device=dev).tril().expand(B, N, N)
+        _, drafts = self._forward(runner, ids, mask, pos.expand(B, N), (pos - 1).expand(B, N), pos.expand(B, N))
+        return teacher, drafts

@@ -27,19 +27,53 @@ def _sorted_paths(paths: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
     return out
 
 
-@dataclass
 class TreeShape:
     """The token-free shape of a static tree: node 0 is the root, node i > 0 is ``paths[i - 1]``
-    (head-1's candidate ``path[0]``, then head-2's ``path[1]``, ...)."""
+    (head-1's candidate ``path[0]``, then head-2's ``path[1]``, ...).
 
-    paths: List[Tuple[int, ...]]
-    parents: List[int]
+    Parents, depths and the ancestor mask are fixed by the shape, so they are built once (per
+    device) and each step only gathers the drafter's tokens: siblings are distinct ranks of one
+    top-k, so a static tree never has duplicate siblings to merge."""
+
+    def __init__(self, paths: List[Tuple[int, ...]], parents: List[int]):
+        self.paths, self.parents = paths, parents
+        self._structure = {}
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeShape":
         ordered = _sorted_paths(paths)
         index = {(): 0, **{p: i + 1 for i, p in enumerate(ordered)}}
         return cls(ordered, [-1] + [index[p[:-1]] for p in ordered])
+
+    @classmethod
+    def from_accuracies(cls, accuracy, num_nodes: int) -> "TreeShape":
+        """Medusa's sparse tree: the ``num_nodes - 1`` paths with the highest estimated
+        acceptance probability, a path's estimate being the product of ``accuracy[d][r]`` (how
+        often the drafter's rank-r candidate at depth d is the token, measured on held-out text,
+        e.g. by :func:`leanformer.decoding.distill.rank_accuracy`) along it. Prefix-closed because
+        a path never scores above its prefix (ties go to the shorter, then lexicographically
+        smaller path)."""
+        acc = [[float(a) for a in row] for row in (accuracy.tolist() if isinstance(accuracy, Tensor) else accuracy)]
+        if not acc or any(not row for row in acc) or any(not 0 <= a <= 1 for row in acc for a in row):
+            raise ValueError("accuracy must be a non-empty [depth][top_k] table of probabilities in [0, 1]")
+        if num_nodes < 2:
+            raise ValueError(f"num_nodes must be >= 2 (the root and one candidate), got {num_nodes}")
+        import heapq
+
+        heap = [(-acc[0][r], 1, (r,)) for r in range(len(acc[0]))]
+        heapq.heapify(heap)
+        chosen = []
+        while heap and len(chosen) < num_nodes - 1:
+            neg, _, path = heapq.heappop(heap)
+            chosen.append(path)
+            d = len(path)
+            if d < len(acc):
+                for r in range(len(acc[d])):
+                    heapq.heappush(heap, (neg * acc[d][r], d + 1, path + (r,)))
+        return cls.from_paths(chosen)
+
+    def __repr__(self) -> str:
+        return f"TreeShape(num_nodes={self.num_nodes}, depth={self.depth}, paths={[list(p) for p in self.paths]})"
 
     @property
     def num_nodes(self) -> int:
@@ -54,25 +88,50 @@ class TreeShape:
         """Candidates needed per depth (the largest rank used, plus one)."""
         return max(max(p) for p in self.paths) + 1
 
+    def structure(self, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(parents [T], depths [T], mask [T, T], flat candidate index [T - 1])`` on
+        ``device``, built once: node i > 0 takes candidate ``depth * top_k + rank``."""
+        key = str(torch.device(device) if device is not None else "cpu")
+        if key not in self._structure:
+            proto = TokenTree.from_nodes([[(-1, 0)] + [(self.parents[i + 1], i) for i in range(len(self.paths))]],
+                                         device=device)
+            flat = torch.tensor([(len(p) - 1) * self.top_k + p[-1] for p in self.paths], dtype=torch.long,
+                                device=device)
+            self._structure[key] = (proto.parents[0], proto.depths[0], proto.mask[0], flat)
+        return self._structure[key]
+
     def fill(self, root_tokens: Tensor, candidates: Tensor) -> "TokenTree":
         """The tree with tokens: ``root_tokens [B]``, ``candidates [B, depth, top_k]`` (the
-        drafter's ranked tokens per future position). Sibling duplicates are merged."""
+        drafter's ranked tokens per future position, distinct within a position)."""
         B = root_tokens.shape[0]
         if candidates.dim() != 3 or candidates.shape[0] != B or candidates.shape[1] < self.depth \
                 or candidates.shape[2] < self.top_k:
             raise ValueError(f"candidates must be [B={B}, depth>={self.depth}, top_k>={self.top_k}], "
                              f"got {tuple(candidates.shape)}")
-        cand = candidates.tolist()
-        roots = root_tokens.tolist()
-        nodes = [[(-1, roots[b])] + [(self.parents[i + 1], cand[b][len(p) - 1][p[-1]])
-                                     for i, p in enumerate(self.paths)] for b in range(B)]
-        return TokenTree.from_nodes(nodes, num_nodes=self.num_nodes, device=root_tokens.device)
+        cand = candidates[:, :self.depth, :self.top_k]
+        srt = cand.sort(dim=-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):  # a repeated candidate: merge node by node
+            cl, roots = cand.tolist(), root_tokens.tolist()
+            nodes = [[(-1, roots[b])] + [(self.parents[i + 1], cl[b][len(p) - 1][p[-1]])
+                                         for i, p in enumerate(self.paths)] for b in range(B)]
+            return TokenTree.from_nodes(nodes, num_nodes=self.num_nodes, device=root_tokens.device)
+        return self._fill_distinct(root_tokens, cand)
+
+    def _fill_distinct(self, root_tokens: Tensor, cand: Tensor) -> "TokenTree":
+        B = root_tokens.shape[0]
+        parents, depths, mask, flat = self.structure(root_tokens.device)
+        cand = cand.reshape(B, -1)
+        tokens = torch.cat([root_tokens[:, None].long(), cand[:, flat].long()], dim=1)
+        T = self.num_nodes
+        return TokenTree(tokens, parents.expand(B, T), depths.expand(B, T), mask.expand(B, T, T),
+                         torch.full((B,), T, dtype=torch.long, device=tokens.device))
 
     def build(self, root_tokens: Tensor, draft_logits: Tensor) -> "TokenTree":
         """Fills the tree with the ``top_k`` best tokens of ``draft_logits [B, depth, V]``."""
         if draft_logits.shape[1] < self.depth:
             raise ValueError(f"the tree is {self.depth} deep, the drafter proposes {draft_logits.shape[1]} positions")
-        return self.fill(root_tokens, draft_logits[:, :self.depth].topk(self.top_k, dim=-1).indices)
+        # top-k indices are distinct: no sibling duplicates to look for
+        return self._fill_distinct(root_tokens, draft_logits[:, :self.depth].topk(self.top_k, dim=-1).indices)
 
     @property
     def size(self) -> int:

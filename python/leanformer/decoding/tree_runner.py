@@ -4,7 +4,7 @@ transformer keeps a KV cache (tree K/V appended, then compacted); the SLAB LM ke
 recurrent state (tree nodes read it without changing it, the accepted path is then run into it)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,21 @@ class LlamaRunner:
         """``(logits [B, T, V], final hidden states [B, T, C])`` of the tree's nodes."""
         return self.model(tree.tokens.clamp(min=0), cache=self.cache, tree_mask=tree.mask, depths=tree.depths,
                           return_hidden=True)
+
+    # the pieces of a tree forward, for drafters that enter or leave midway (Hidden Transfer)
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.model.embed(tokens)
+
+    def tree_layers(self, x: Tensor, mask: Tensor, depths: Tensor, parents: Tensor, start: int = 0,
+                    stop: Optional[int] = None) -> Tensor:
+        """Nodes ``x [B, N, C]`` (ancestor ``mask``, ``depths``) through ``layers[start:stop]``
+        over the cached prefix; their K/V land in the scratch slots past ``cache.lens``."""
+        return self.model.run_layers(x, self.cache.lens[:, None] + depths, cache=self.cache, tree_mask=mask,
+                                     start=start, stop=stop)
+
+    def head(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        h = self.model.norm(h)
+        return self.model.lm_head(h), h
 
     def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
         lens = self.cache.lens
@@ -101,38 +116,54 @@ class SLABRunner:
         return self.model(tokens[:, None], cache=self.cache)[:, 0]
 
     def tree(self, tree: TokenTree) -> Tuple[Tensor, Tensor]:
+        x = self.tree_layers(self.embed(tree.tokens.clamp(min=0)), tree.mask, tree.depths, tree.parents)
+        return self.head(x)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.model.embed(tokens)
+
+    def head(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        from leanformer.models.block import apply_norm
+
+        h = apply_norm(self.model.norm, h, None)
+        return self.model.lm_head(h), h
+
+    def tree_layers(self, x: Tensor, mask: Tensor, depths: Tensor, parents: Tensor, start: int = 0,
+                    stop: Optional[int] = None) -> Tensor:
+        """Nodes ``x [B, N, C]`` (ancestor ``mask``, ``parents``) through ``blocks[start:stop]``
+        on top of the prefix state; each layer's K/V is kept for :meth:`commit` (which reads the
+        accepted real nodes, the first T)."""
         from leanformer.models.block import apply_norm
         from leanformer.ops.tree_decoding import tree_linear_attention
 
         m = self.model
-        B, T = tree.tokens.shape
-        lags = self._lag_table(tree)
-        x = m.embed(tree.tokens.clamp(min=0))
-        self._tree_kv = []
-        for block, layer in zip(m.blocks, self.cache.layers):
+        B, T = x.shape[:2]
+        if start == 0:
+            self._tree_kv = []
+        lags = self._lag_table(parents)
+        for block, layer in zip(m.blocks[start:stop], self.cache.layers[start:stop]):
             attn = block.attn
             H, hd = attn.num_heads, attn.head_dim
             q, k, v = attn.qkv(apply_norm(block.norm1, x, None)).view(B, T, 3, H, hd).unbind(2)
             S, z = layer.state
-            o = tree_linear_attention(q, k, v, S, z, tree.mask, eps=attn.eps)
+            o = tree_linear_attention(q, k, v, S, z, mask, eps=attn.eps)
             if attn.dwc is not None:
                 o = o + self._tree_conv(attn, v, layer.conv_tail, lags)
             self._tree_kv.append((k, v))
             x = x + attn.proj(o.reshape(B, T, -1))
             x = x + block.mlp(apply_norm(block.norm2, x, None))
-        h = apply_norm(m.norm, x, None)
-        return m.lm_head(h), h
+        return x
 
-    def _lag_table(self, tree: TokenTree) -> Tensor:
+    def _lag_table(self, parents: Tensor) -> Tensor:
         """``[B, T, ks]``: node index of node i's ancestor ``l`` steps up (l = 0 is i), or
         ``-1 - r`` for the r-th value back in the prefix's conv tail (r = 0 the latest)."""
         ks = self.model.blocks[0].attn.kernel_size
-        B, T = tree.tokens.shape
-        out = torch.empty(B, T, max(ks, 1), dtype=torch.long, device=tree.tokens.device)
-        cur = torch.arange(T, device=tree.tokens.device).expand(B, T).clone()
+        B, T = parents.shape
+        out = torch.empty(B, T, max(ks, 1), dtype=torch.long, device=parents.device)
+        cur = torch.arange(T, device=parents.device).expand(B, T).clone()
         for l in range(max(ks, 1)):
             out[:, :, l] = cur
-            up = tree.parents.gather(1, cur.clamp(min=0))
+            up = parents.gather(1, cur.clamp(min=0))
             cur = torch.where(cur >= 0, up, cur - 1)  # past the root: one more step into the tail
         return out
 
@@ -155,7 +186,7 @@ class SLABRunner:
         on_path = torch.arange(T, device=accepted.device)[None] < num_accepted[:, None]  # [B, T]
         path = accepted.clamp(min=0)
         last = accepted.gather(1, (num_accepted - 1)[:, None])
-        lags = self._lag_table(tree)[torch.arange(B, device=accepted.device), last[:, 0]]  # [B, ks]
+        lags = self._lag_table(tree.parents)[torch.arange(B, device=accepted.device), last[:, 0]]  # [B, ks]
         for layer, (k, v), block in zip(self.cache.layers, self._tree_kv, self.model.blocks):
             bidx = torch.arange(B, device=k.device)[:, None]
             kp = torch.relu(k[bidx, path].float()) * on_path[..., None, None]  # [B, T, H, Dk]

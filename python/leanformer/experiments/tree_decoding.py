@@ -20,8 +20,8 @@ import torch
 
 import leanformer
 from leanformer.data import pydoc_text, random_windows, sequential_windows
-from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree
-from leanformer.decoding.distill import distill
+from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree, TreeShape
+from leanformer.decoding.distill import distill, rank_accuracy
 from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM, load_pretrained, save_pretrained
 from leanformer.train.lm_text import lm_loss
 from leanformer.train.loop import train
@@ -40,11 +40,9 @@ def base_models(lm_steps: int, dim: int = 256, depth: int = 6):
                                     prepbn_steps=int(0.6 * lm_steps)))}
 
 
-def drafters_for(name: str, model, num_future: int):
-    out = {"medusa": MedusaHeads(model, num_future)}
-    if name == "llama":  # Hidden Transfer runs pseudo tokens through softmax layers with the tree
-        out["hidden-transfer"] = HiddenTransfer(model, len(model.layers) // 2, num_future)
-    return out
+def drafters_for(model, num_future: int):
+    depth = model.config.depth
+    return {"medusa": MedusaHeads(model, num_future), "hidden-transfer": HiddenTransfer(model, depth // 2, num_future)}
 
 
 def save_drafter(drafter, path: str) -> None:
@@ -81,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts per measurement (batch 1 runs each)")
     p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--tree-nodes", type=int, default=len(STATIC_PATHS) + 1,
+                   help="nodes of the dynamic tree and of each drafter's accuracy-tuned static tree")
     p.add_argument("--models", default="llama,slab")
     p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
     p.add_argument("--cache", default=CACHE)
@@ -92,9 +92,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     train_tokens, val_tokens = pydoc_text()
     val = sequential_windows(val_tokens, args.length)[:32]
+    fit_windows = sequential_windows(train_tokens, args.length)[-16:, :-1]
     starts = torch.linspace(0, len(val_tokens) - args.prompt_length - 1, args.prompts).long().tolist()
     prompts = [val_tokens[s:s + args.prompt_length] for s in starts]
-    trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(len(STATIC_PATHS) + 1, 4)}
+    trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(args.tree_nodes, 4)}
     report = {"args": vars(args), "tree_static_paths": STATIC_PATHS, "tree_nodes": len(STATIC_PATHS) + 1,
               "models": {}}
     for name, model in base_models(args.lm_steps, args.dim, args.depth).items():
@@ -112,9 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             save_pretrained(model.eval(), folder)
         model.eval()
         entry = {"params": sum(t.numel() for t in model.parameters()), "config": vars(model.config), "drafters": {}}
+        tuned_trees = {}
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
-        drafters = drafters_for(name, model, args.num_future)
+        drafters = drafters_for(model, args.num_future)
         for dname, drafter in drafters.items():
             path = os.path.join(args.cache, f"{name}-{dname}.safetensors")
             if args.reuse and os.path.isfile(path):
@@ -125,12 +127,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 history = distill(drafter, train_tokens, val[:8, :-1], steps=args.drafter_steps, batch=args.batch,
                                   length=args.length, lr=1e-3, desc=f"{name} {dname}")
                 save_drafter(drafter, path)
-            entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused"}
+            # measured on training text: the held-out prompts stay unseen
+            accuracy = rank_accuracy(drafter, fit_windows, top_k=8)
+            tuned = TreeShape.from_accuracies(accuracy, args.tree_nodes)
+            entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused",
+                                        "rank_accuracy": [[round(a, 4) for a in row] for row in accuracy.tolist()],
+                                        "tuned_tree_paths": [list(p) for p in tuned.paths]}
+            tuned_trees[dname] = tuned
         results = {}
         for batch in (1, 4):
             groups = [[q] for q in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
             runs = {"plain": {}}
             runs.update({f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()})
+            runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
             row = {}
             for key, kw in runs.items():
                 toks, secs, acc, outs = 0, 0.0, [], []

@@ -49,7 +49,9 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tens
     whose last dim is strided is copied on every call.
 
     Returns:
-        ``o [B, T, Hq, Dv]`` in q's dtype. Inference only: a backward raises.
+        ``o [B, T, Hq, Dv]`` in q's dtype. Differentiable in q, the caches and the tree's K/V:
+        the backward recomputes through the dense reference (``[T, L + T]`` scores), meant for
+        training drafters on short sequences, not for long prefixes.
 
     Example::
 
@@ -83,7 +85,9 @@ def tree_linear_attention(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor,
         eps: added to the denominator.
 
     Returns:
-        ``o [B, T, H, Dv]`` in q's dtype. Inference only: a backward raises.
+        ``o [B, T, H, Dv]`` in q's dtype. Differentiable in q, k, v, S and z: the backward
+        recomputes through the dense reference (``[T, T]`` scores per head), which is how
+        Hidden Transfer trains through a SLAB LM's layers.
 
     Example::
 
@@ -256,20 +260,59 @@ def _compact_kv_cache_fake(k_cache, v_cache, cache_lens, accepted, num_accepted)
     return None
 
 
-# ---- autograd: inference ops, so a backward says so instead of silently returning nothing ----
+# ---- autograd: the forward is the fused kernel; the backward recomputes the attention through
+# the dense PyTorch reference (O(T (L + T)) memory), which is what training a drafter through
+# the tree ops needs (short sequences); decoding never runs it ----
 
-def _inference_only(name: str):
-    def backward(ctx, grad_o):
-        raise RuntimeError(f"leanformer.ops.{name} is inference-only (tree decoding); it has no "
-                           f"backward. Train with the dense model's attention instead.")
-    return backward
+def _grads_through(reference, diff_inputs, needs, grad_o, *rest_args):
+    """Gradients of ``reference(*diff_inputs, ...)`` for the inputs whose ``needs`` is set."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(diff_inputs, needs)]
+        o = reference(*leaves, *rest_args)
+        wanted = [x for x in leaves if x.requires_grad]
+        got = iter(torch.autograd.grad(o, wanted, grad_o) if wanted else [])
+    return [next(got) if x.requires_grad else None for x in leaves]
 
 
-def _no_context(ctx, inputs, output):
-    pass
+def _tree_attention_setup(ctx, inputs, output):
+    q, k_cache, v_cache, cache_lens, k_tree, v_tree, tree_mask, scale = inputs
+    ctx.save_for_backward(q, k_cache, v_cache, cache_lens, k_tree, v_tree, tree_mask)
+    ctx.scale = scale
 
 
-torch.library.register_autograd("leanformer::tree_attention", _inference_only("tree_attention"),
-                                setup_context=_no_context)
-torch.library.register_autograd("leanformer::tree_linear_attention",
-                                _inference_only("tree_linear_attention"), setup_context=_no_context)
+def _tree_attention_backward(ctx, grad_o):
+    from leanformer.reference.tree_decoding import tree_attention_reference
+
+    q, k_cache, v_cache, cache_lens, k_tree, v_tree, tree_mask = ctx.saved_tensors
+    n = ctx.needs_input_grad
+
+    def ref(q_, kc, vc, kt, vt):
+        return tree_attention_reference(q_, kc, vc, cache_lens, kt, vt, tree_mask, ctx.scale)
+
+    gq, gkc, gvc, gkt, gvt = _grads_through(ref, [q, k_cache, v_cache, k_tree, v_tree],
+                                            [n[0], n[1], n[2], n[4], n[5]], grad_o)
+    return gq, gkc, gvc, None, gkt, gvt, None, None
+
+
+def _tree_linear_attention_setup(ctx, inputs, output):
+    q, k, v, S, z, tree_mask, eps = inputs
+    ctx.save_for_backward(q, k, v, S, z, tree_mask)
+    ctx.eps = eps
+
+
+def _tree_linear_attention_backward(ctx, grad_o):
+    from leanformer.reference.tree_decoding import tree_linear_attention_reference
+
+    q, k, v, S, z, tree_mask = ctx.saved_tensors
+    n = ctx.needs_input_grad
+
+    def ref(q_, k_, v_, S_, z_):
+        return tree_linear_attention_reference(q_, k_, v_, S_, z_, tree_mask, ctx.eps)
+
+    return (*_grads_through(ref, [q, k, v, S, z], n[:5], grad_o), None, None)
+
+
+torch.library.register_autograd("leanformer::tree_attention", _tree_attention_backward,
+                                setup_context=_tree_attention_setup)
+torch.library.register_autograd("leanformer::tree_linear_attention", _tree_linear_attention_backward,
+                                setup_context=_tree_linear_attention_setup)
