@@ -3,6 +3,7 @@ forward along every branch, the committed cache/state equals plain decoding's, g
 decoding reproduces plain greedy token for token on real pydoc prompts (batch > 1, both
 drafters, static and dynamic trees), sampling keeps the target distribution (chi-square), and
 bad inputs raise clear errors."""
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import leanformer
+from conftest import DEVICES
 from leanformer.data import pydoc_text, sequential_windows
 from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree
 from leanformer.decoding.distill import distill
@@ -171,11 +173,21 @@ CASES = [("llama", "llama-medusa", STATIC), ("llama", "llama-medusa", DynamicTre
          ("slab", "slab-ht", STATIC), ("slab", "slab-ht", DynamicTree(12, 3))]
 
 
+def on_device(drafter, device):
+    """The drafter and its own copy of the base model on ``device`` (the fixtures stay on the CPU)."""
+    if device == "cpu":
+        return drafter.model, drafter
+    d = copy.deepcopy(drafter).to(device)  # the base model is held by reference: deepcopy copies it too
+    return d.model.to(device), d
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,drafter,tree", CASES, ids=[f"{d}-{type(t).__name__}" for _, d, t in CASES])
-def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, request, drafters, prompts):
-    model = request.getfixturevalue(family)
+def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, device, drafters, prompts):
+    model, drafter = on_device(drafters[drafter], device)
+    prompts = [p.to(device) for p in prompts]
     plain = leanformer.generate(model, prompts, max_new_tokens=48)
-    out = leanformer.generate(model, prompts, max_new_tokens=48, drafter=drafters[drafter], tree=tree)
+    out = leanformer.generate(model, prompts, max_new_tokens=48, drafter=drafter, tree=tree)
     for a, b in zip(out.sequences, plain.sequences):
         assert a.tolist() == b.tolist()
     assert plain.tokens_per_forward == 1 and plain.forwards == 48
@@ -301,6 +313,7 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
 
     args = ["experiment", "tree-decoding", "--dim", "64", "--depth", "2", "--lm-steps", "3", "--drafter-steps", "2",
             "--batch", "4", "--length", "32", "--new-tokens", "6", "--prompts", "4", "--prompt-length", "8",
+            "--generated-prompts", "8",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     assert cli(args) == 0
     assert cli(args + ["--reuse"]) == 0
@@ -313,5 +326,5 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
         for batch in ("batch1", "batch4"):
             row = first["results"][batch]
             assert row["plain"]["mean_accepted"] == 1
-            assert {"medusa/static", "medusa/dynamic"} <= set(row)
-    assert "hidden-transfer/static" in reports[0]["models"]["llama"]["results"]["batch1"]
+            assert {f"{d}/{t}" for d in ("medusa", "hidden-transfer") for t in ("static", "dynamic", "tuned")} <= set(row)
+        assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size

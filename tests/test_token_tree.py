@@ -132,3 +132,24 @@ def test_tree_from_accuracies_keeps_the_most_likely_paths():
         TreeShape.from_accuracies([[1.5]], 3)
     with pytest.raises(ValueError, match="num_nodes must be >= 2"):
         TreeShape.from_accuracies(acc, 1)
+
+
+def test_rank_accuracy_counts_where_the_teacher_token_ranks():
+    from leanformer.decoding.distill import rank_accuracy
+
+    class Shifted(torch.nn.Module):
+        """Drafts offset k at t with the teacher's own logits at t + k + 1, except that offset 1
+        swaps its two best tokens: rank 0 always right at offset 0, rank 1 at offset 1."""
+
+        def sequence_drafts(self, ids):
+            teacher = torch.randn(2, 10, 7, generator=torch.Generator().manual_seed(0))
+            drafts = torch.zeros(2, 10, 2, 7)
+            drafts[:, :9, 0] = teacher[:, 1:]
+            second = teacher[:, 2:].clone()
+            top2 = second.topk(2, dim=-1).indices
+            second.scatter_(-1, top2, second.gather(-1, top2.flip(-1)))
+            drafts[:, :8, 1] = second
+            return teacher, drafts
+
+    acc = rank_accuracy(Shifted(), torch.zeros(2, 10, dtype=torch.long), top_k=3)
+    assert acc.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]

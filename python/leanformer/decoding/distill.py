@@ -19,6 +19,23 @@ def draft_agreement(drafter: nn.Module, windows: Tensor) -> Dict[str, float]:
     return {f"agree@{k + 2}": round(a.item(), 4) for k, a in enumerate(agree)}
 
 
+@torch.no_grad()
+def greedy_corpus(model: nn.Module, tokens: Tensor, *, prompts: int, prompt_length: int, new_tokens: int,
+                  batch: int = 32, seed: int = 0) -> Tensor:
+    """Self-distillation data (Medusa-2): ``[prompts, prompt_length + new_tokens]``, random
+    prompts from ``tokens`` each followed by the model's own greedy continuation, the text
+    tree decoding will have to predict."""
+    from leanformer.decoding.generate import generate
+
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - prompt_length, (prompts,), generator=g).tolist()
+    out = []
+    for i in range(0, prompts, batch):
+        p = torch.stack([tokens[s:s + prompt_length] for s in starts[i:i + batch]])
+        out.append(torch.cat([p, generate(model, p, max_new_tokens=new_tokens).padded()], 1))
+    return torch.cat(out)
+
+
 def rank_accuracy(drafter: nn.Module, windows: Tensor, top_k: int) -> Tensor:
     """``[K, top_k]``: how often the drafter's rank-r candidate for future offset k is the frozen
     model's greedy token there, on ``windows [n, N]`` (the table

@@ -131,10 +131,12 @@ class HiddenTransfer(nn.Module):
     def _pseudo(self, h: Tensor) -> Tensor:
         """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
         B, S, C = h.shape
-        return torch.stack([t(h) for t in self.transfers], dim=2).reshape(B, S * self.num_future, C)
+        w = torch.stack([t.weight for t in self.transfers])  # [K, C, C]: one batched matmul for all K
+        b = torch.stack([t.bias for t in self.transfers])
+        return (torch.einsum("bsc,kdc->bskd", h, w) + b).reshape(B, S * self.num_future, C)
 
     def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
-                 anchors: Tensor) -> Tuple[Tensor, Tensor]:
+                 anchors: Tensor, extended=None) -> Tuple[Tensor, Tensor]:
         """Real nodes through every layer, the anchors' pseudo tokens from ``layer`` on:
         ``(logits of the real nodes [B, T, V], of the pseudo tokens [B, S, K, V])``."""
         B, T = tokens.shape
@@ -142,7 +144,7 @@ class HiddenTransfer(nn.Module):
         with torch.no_grad():  # the frozen model below the transfer: nothing to train there
             h = runner.tree_layers(runner.embed(tokens), mask, depths, parents, 0, self.layer)
         h_anchor = h[torch.arange(B, device=h.device)[:, None], anchors.clamp(min=0)]
-        mask_x, depths_x, parents_x = attach_pseudo_tokens(mask, depths, parents, anchors, K)
+        mask_x, depths_x, parents_x = extended or attach_pseudo_tokens(mask, depths, parents, anchors, K)
         out = runner.tree_layers(torch.cat([h, self._pseudo(h_anchor)], 1), mask_x, depths_x, parents_x,
                                  self.layer, None)
         logits, _ = runner.head(out)
@@ -150,9 +152,20 @@ class HiddenTransfer(nn.Module):
 
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
         """One forward: the tree's logits ``[B, T, V]``, and the main chain's drafts."""
-        chain = main_chain(tree.parents, tree.depths)
-        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents, chain)
+        B = tree.tokens.shape[0]
+        if tree.shape is not None:  # a static shape: its chain and extension are fixed
+            chain, ext = tree.shape.cached(("hidden-transfer", self.num_future), tree.tokens.device,
+                                           lambda: self._extension(tree.mask[:1], tree.depths[:1], tree.parents[:1]))
+            chain, ext = chain.expand(B, -1), tuple(t.expand(B, *t.shape[1:]) for t in ext)
+        else:
+            chain, ext = self._extension(tree.mask, tree.depths, tree.parents)
+        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents, chain,
+                                       ext)
         return logits, Drafts(pseudo, chain, tree.mask, tree.depths)
+
+    def _extension(self, mask: Tensor, depths: Tensor, parents: Tensor):
+        chain = main_chain(parents, depths)
+        return chain, attach_pseudo_tokens(mask, depths, parents, chain, self.num_future)
 
     def draft(self, features: Drafts, node: Tensor) -> Tensor:
         """Draft logits ``[B, K, V]`` after the last accepted node ``node [B]``: the pseudo tokens

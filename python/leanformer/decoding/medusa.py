@@ -38,8 +38,11 @@ class MedusaHeads(nn.Module):
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
-        h = torch.stack([hidden + F.silu(head(hidden)) for head in self.heads], dim=-2)
-        return self.model.lm_head(h)
+        # all heads in one batched matmul: per-head Linear calls cost more than their arithmetic
+        w = torch.stack([head.weight for head in self.heads])  # [K, C, C]
+        b = torch.stack([head.bias for head in self.heads])  # [K, C]
+        z = torch.einsum("...c,kdc->...kd", hidden, w) + b
+        return self.model.lm_head(hidden.unsqueeze(-2) + F.silu(z))
 
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Tensor]:
         return runner.tree(tree)

@@ -3,7 +3,7 @@
 dynamic tree of the N best nodes by cumulative log-probability (EAGLE-2)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -124,7 +124,15 @@ class TreeShape:
         tokens = torch.cat([root_tokens[:, None].long(), cand[:, flat].long()], dim=1)
         T = self.num_nodes
         return TokenTree(tokens, parents.expand(B, T), depths.expand(B, T), mask.expand(B, T, T),
-                         torch.full((B,), T, dtype=torch.long, device=tokens.device))
+                         torch.full((B,), T, dtype=torch.long, device=tokens.device), shape=self)
+
+    def cached(self, key, device, build):
+        """``build()`` once per ``(key, device)``: structure derived from the shape alone (a
+        drafter's extension of the tree, say) need not be rebuilt every step."""
+        k = (key, str(torch.device(device) if device is not None else "cpu"))
+        if k not in self._structure:
+            self._structure[k] = build()
+        return self._structure[k]
 
     def build(self, root_tokens: Tensor, draft_logits: Tensor) -> "TokenTree":
         """Fills the tree with the ``top_k`` best tokens of ``draft_logits [B, depth, V]``."""
@@ -155,6 +163,7 @@ class TokenTree:
     depths: Tensor
     mask: Tensor
     num_nodes: Tensor
+    shape: Optional["TreeShape"] = field(default=None, repr=False, compare=False)  # the static shape it fills
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> TreeShape:

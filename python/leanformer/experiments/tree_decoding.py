@@ -1,7 +1,9 @@
 """Tree-verified decoding on models of the project trained on real text: a LlamaLM and a SLAB LM
 of a few million parameters on Python's pydoc topics (byte level), then Hidden Transfer and
-Medusa drafters distilled from each frozen model; mean accepted tokens per forward and
-wall-clock tokens/s against plain greedy decoding, at batch 1 and 4, on held-out prompts.
+Medusa drafters distilled from each frozen model (by default on its own greedy continuations
+of training prompts, Medusa-2's self-distillation); mean accepted tokens per forward and
+wall-clock tokens/s against plain greedy decoding, at batch 1 and 4, on held-out prompts, with
+a static tree, each drafter's accuracy-tuned tree of the same size and a dynamic tree.
 
 Checkpoints go to ~/.cache/leanformer/tree-decoding/ (not in git): with --reuse a re-measure
 of speed loads them instead of training again.
@@ -11,6 +13,7 @@ of speed loads them instead of training again.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -21,7 +24,7 @@ import torch
 import leanformer
 from leanformer.data import pydoc_text, random_windows, sequential_windows
 from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree, TreeShape
-from leanformer.decoding.distill import distill, rank_accuracy
+from leanformer.decoding.distill import distill, greedy_corpus, rank_accuracy
 from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM, load_pretrained, save_pretrained
 from leanformer.train.lm_text import lm_loss
 from leanformer.train.loop import train
@@ -45,6 +48,11 @@ def drafters_for(model, num_future: int):
     return {"medusa": MedusaHeads(model, num_future), "hidden-transfer": HiddenTransfer(model, depth // 2, num_future)}
 
 
+def tree_path(cache: str, model_name: str, drafter_name: str) -> str:
+    """Where the drafter's accuracy-tuned tree (its paths, JSON) is kept next to its weights."""
+    return os.path.join(cache, f"{model_name}-{drafter_name}.tree.json")
+
+
 def save_drafter(drafter, path: str) -> None:
     from safetensors.torch import save_file
 
@@ -58,12 +66,16 @@ def load_drafter(drafter, path: str) -> None:
 
 
 @torch.no_grad()
-def timed(model, prompts, max_new_tokens: int, **kw):
+def timed(model, prompts, max_new_tokens: int, repeats: int = 1, **kw):
+    """The generation and its tokens/s, from the fastest of ``repeats`` identical runs (the
+    output is deterministic; the fastest run is the one the machine disturbed least)."""
     leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8, **kw)  # warm-up
-    t0 = time.perf_counter()
-    out = leanformer.generate(model, prompts, max_new_tokens=max_new_tokens, **kw)
-    seconds = time.perf_counter() - t0
-    return out, sum(len(s) for s in out.sequences) / seconds
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = leanformer.generate(model, prompts, max_new_tokens=max_new_tokens, **kw)
+        best = min(best, time.perf_counter() - t0)
+    return out, sum(len(s) for s in out.sequences) / best
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -82,9 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tree-nodes", type=int, default=len(STATIC_PATHS) + 1,
                    help="nodes of the dynamic tree and of each drafter's accuracy-tuned static tree")
     p.add_argument("--models", default="llama,slab")
+    p.add_argument("--drafter-data", choices=["generated", "text"], default="generated",
+                   help="drafters learn from the model's greedy continuations of training prompts "
+                        "(self-distillation) or from the training text itself")
+    p.add_argument("--generated-prompts", type=int, default=512)
     p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
     p.add_argument("--cache", default=CACHE)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the fastest counts")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -92,7 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     train_tokens, val_tokens = pydoc_text()
     val = sequential_windows(val_tokens, args.length)[:32]
-    fit_windows = sequential_windows(train_tokens, args.length)[-16:, :-1]
     starts = torch.linspace(0, len(val_tokens) - args.prompt_length - 1, args.prompts).long().tolist()
     prompts = [val_tokens[s:s + args.prompt_length] for s in starts]
     trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(args.tree_nodes, 4)}
@@ -117,23 +133,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
         drafters = drafters_for(model, args.num_future)
+        generated = args.drafter_data == "generated"  # the model's own greedy text, as tree decoding meets it
+        if generated:
+            fit_windows = greedy_corpus(model, train_tokens, prompts=16, prompt_length=32, new_tokens=args.length,
+                                        seed=1)[:, :args.length]
+        else:
+            fit_windows = sequential_windows(train_tokens, args.length)[-16:, :-1]
+        drafter_tokens = None
         for dname, drafter in drafters.items():
             path = os.path.join(args.cache, f"{name}-{dname}.safetensors")
             if args.reuse and os.path.isfile(path):
                 load_drafter(drafter, path)
                 history = None
             else:
+                if drafter_tokens is None:
+                    drafter_tokens = greedy_corpus(model, train_tokens, prompts=args.generated_prompts, prompt_length=32,
+                                                   new_tokens=args.length * 2).flatten() if generated else train_tokens
                 torch.manual_seed(0)
-                history = distill(drafter, train_tokens, val[:8, :-1], steps=args.drafter_steps, batch=args.batch,
+                history = distill(drafter, drafter_tokens, val[:8, :-1], steps=args.drafter_steps, batch=args.batch,
                                   length=args.length, lr=1e-3, desc=f"{name} {dname}")
                 save_drafter(drafter, path)
-            # measured on training text: the held-out prompts stay unseen
+            # measured on text from training prompts: the held-out prompts stay unseen
             accuracy = rank_accuracy(drafter, fit_windows, top_k=8)
             tuned = TreeShape.from_accuracies(accuracy, args.tree_nodes)
             entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused",
                                         "rank_accuracy": [[round(a, 4) for a in row] for row in accuracy.tolist()],
                                         "tuned_tree_paths": [list(p) for p in tuned.paths]}
             tuned_trees[dname] = tuned
+            with open(tree_path(args.cache, name, dname), "w") as f:
+                json.dump([list(p) for p in tuned.paths], f)
         results = {}
         for batch in (1, 4):
             groups = [[q] for q in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
@@ -144,7 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for key, kw in runs.items():
                 toks, secs, acc, outs = 0, 0.0, [], []
                 for group in groups:
-                    out, tps = timed(model, group, max_new_tokens=args.new_tokens, **kw)
+                    out, tps = timed(model, group, max_new_tokens=args.new_tokens, repeats=args.repeats, **kw)
                     n = sum(len(s) for s in out.sequences)
                     toks, secs = toks + n, secs + n / tps
                     acc += out.accepted_lengths
