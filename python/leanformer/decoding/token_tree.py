@@ -91,14 +91,14 @@ class TreeShape:
     def structure(self, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(parents [T], depths [T], mask [T, T], flat candidate index [T - 1])`` on
         ``device``, built once: node i > 0 takes candidate ``depth * top_k + rank``."""
-        key = str(torch.device(device) if device is not None else "cpu")
-        if key not in self._structure:
+        def build():
             proto = TokenTree.from_nodes([[(-1, 0)] + [(self.parents[i + 1], i) for i in range(len(self.paths))]],
                                          device=device)
             flat = torch.tensor([(len(p) - 1) * self.top_k + p[-1] for p in self.paths], dtype=torch.long,
                                 device=device)
-            self._structure[key] = (proto.parents[0], proto.depths[0], proto.mask[0], flat)
-        return self._structure[key]
+            return proto.parents[0], proto.depths[0], proto.mask[0], flat
+
+        return self.cached("structure", device, build)
 
     def fill(self, root_tokens: Tensor, candidates: Tensor) -> "TokenTree":
         """The tree with tokens: ``root_tokens [B]``, ``candidates [B, depth, top_k]`` (the
