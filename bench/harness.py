@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.benchmark import Timer
 
+from leanformer import _C
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -108,7 +110,7 @@ def machine_info(device: str) -> dict:
         pass
     info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "device": device}
+            "device": device, "cpu_vector_isa": _C.cpu_vector_isa()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -50,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            {"dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
                             "min_run_time_s": min_run_time})
     m = report["machine"]
-    print(f"leanformer bench · {m.get('gpu', m['cpu'])} · {m['cpu_count']} cores · torch {report['torch']}"
+    print(f"leanformer bench · {m.get('gpu', m['cpu'])} · {m['cpu_count']} cores ({m['cpu_vector_isa']}) · torch {report['torch']}"
           f" · commit {report['commit']} · {report['dtype']}")
     print(format_table(rows))
     print(f"results: {stem}.json, {stem}.png")

@@ -3,11 +3,22 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// An importable (empty) Python module, so `import leanformer._C` loads the schemas and
-// kernels without pulling pybind11 into every translation unit.
+#include "small_gemm.h"
+
+// An importable Python module, so `import leanformer._C` loads the schemas and kernels without
+// pulling pybind11 into every translation unit. Its one function names the vector tiles the
+// CPU kernels run with here (the ISA is picked at load time, so users and tests can see it).
 extern "C" {
+static PyObject* cpu_vector_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(leanformer::cpu_vector_isa());
+}
+
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_vector_isa", cpu_vector_isa, METH_NOARGS,
+       "'avx512', 'avx2' or 'portable': the vector tiles leanformer's CPU kernels use here."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

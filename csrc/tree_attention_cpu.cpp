@@ -28,31 +28,54 @@ constexpr int64_t kKeyChunk = 128;
 constexpr int64_t kMaxQueryColumns = 256;
 
 // Online softmax over one chunk: St [n, ld] scores (-inf = masked) become the unnormalized
-// probabilities, and the running (m, l) and the output rows O [nq, ldo] are rescaled.
-LEANFORMER_CLONES void softmax_chunk(float* St, int64_t n, int64_t ld, float* m, float* l,
-                                     float* O, int64_t nq, int64_t ldo, float* corr) {
+// probabilities, and the running (m, l) and the output rows O [nq, ldo] are rescaled; V is a
+// vector of floats, one vector of query columns at a time (ld is a multiple of its width).
+template <typename V>
+__attribute__((always_inline)) inline void softmax_chunk_impl(float* St, int64_t n, int64_t ld, float* m,
+                                                              float* l, float* O, int64_t nq, int64_t ldo,
+                                                              float* corr) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < ld; c += 8) {
-    v8f mx = v8f_splat(neg_inf);
-    for (int64_t r = 0; r < n; ++r) mx = v8f_max(mx, v8f_load(St + r * ld + c));
-    const v8f m_old = v8f_load(m + c);
-    const v8f m_new = v8f_max(m_old, mx);
+  for (int64_t c = 0; c < ld; c += W) {
+    V mx = vsplat<V>(neg_inf);
+    for (int64_t r = 0; r < n; ++r) mx = vmax(mx, vload<V>(St + r * ld + c));
+    const V m_old = vload<V>(m + c);
+    const V m_new = vmax(m_old, mx);
     // A column that saw only masked keys keeps m = -inf; subtracting 0 keeps its p at 0.
-    const v8f shift = m_new == v8f_splat(neg_inf) ? v8f{} : m_new;
-    v8f sum{};
+    const V shift = m_new == vsplat<V>(neg_inf) ? V{} : m_new;
+    V sum{};
     for (int64_t r = 0; r < n; ++r) {
-      const v8f p = v8f_exp(v8f_load(St + r * ld + c) - shift);
-      v8f_store(St + r * ld + c, p);
+      const V p = vexp(vload<V>(St + r * ld + c) - shift);
+      vstore(St + r * ld + c, p);
       sum += p;
     }
-    const v8f scale = v8f_exp(m_old - shift);
-    v8f_store(corr + c, scale);
-    v8f_store(l + c, v8f_load(l + c) * scale + sum);
-    v8f_store(m + c, m_new);
+    const V scale = vexp(m_old - shift);
+    vstore(corr + c, scale);
+    vstore(l + c, vload<V>(l + c) * scale + sum);
+    vstore(m + c, m_new);
   }
   for (int64_t i = 0; i < nq; ++i)
     if (corr[i] != 1.0f)
       for (int64_t d = 0; d < ldo; ++d) O[i * ldo + d] *= corr[i];
+}
+
+LEANFORMER_AVX512 void softmax_chunk_avx512(float* St, int64_t n, int64_t ld, float* m, float* l, float* O,
+                                            int64_t nq, int64_t ldo, float* corr) {
+  softmax_chunk_impl<v16f>(St, n, ld, m, l, O, nq, ldo, corr);
+}
+
+LEANFORMER_CLONES void softmax_chunk_avx2(float* St, int64_t n, int64_t ld, float* m, float* l, float* O,
+                                          int64_t nq, int64_t ldo, float* corr) {
+  softmax_chunk_impl<v8f>(St, n, ld, m, l, O, nq, ldo, corr);
+}
+
+void softmax_chunk(float* St, int64_t n, int64_t ld, float* m, float* l, float* O, int64_t nq, int64_t ldo,
+                   float* corr) {
+  static_assert(kGemmColBlock % 16 == 0, "query columns are padded to whole 512-bit vectors");
+  if (cpu_has_avx512())
+    softmax_chunk_avx512(St, n, ld, m, l, O, nq, ldo, corr);
+  else
+    softmax_chunk_avx2(St, n, ld, m, l, O, nq, ldo, corr);
 }
 
 void softmax_chunk(double* St, int64_t n, int64_t ld, double* m, double* l, double* O, int64_t nq,

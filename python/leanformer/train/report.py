@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import torch
 
+from leanformer import _C
+
 
 def commit() -> str:
     try:
@@ -28,7 +30,7 @@ def stem(folder: str, name: str) -> str:
 
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu_vector_isa": _C.cpu_vector_isa()}
 
 
 def write_json(stem: str, data: dict) -> str:

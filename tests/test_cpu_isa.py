@@ -1,0 +1,65 @@
+"""The CPU kernels pick their vector tiles (AVX-512, AVX2, portable) when the library loads;
+LEANFORMER_DISABLE_AVX512=1 forces the AVX2 tiles, so both paths of the shared small GEMM and
+the softmax are checked against the references on one AVX-512 machine."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from leanformer import _C
+
+SCRIPT = r"""
+import json, torch
+from leanformer import _C
+from leanformer.ops import simplified_linear_attention, tree_attention
+from leanformer.reference import sla_causal_quadratic_reference, tree_attention_reference
+torch.manual_seed(0)
+errors = {}
+# head dims 80 and 40: whole 64-column AVX-512 blocks plus a 16-column tail; fp64 as gradcheck runs it
+for dtype in (torch.float32, torch.float64):
+    B, L, T, Hq, Hkv, D = 2, 300, 21, 6, 2, 80
+    args = [torch.randn(B, T, Hq, D, dtype=dtype), torch.randn(B, L, Hkv, D, dtype=dtype),
+            torch.randn(B, L, Hkv, D, dtype=dtype), torch.tensor([300, 97]),
+            torch.randn(B, T, Hkv, D, dtype=dtype), torch.randn(B, T, Hkv, D, dtype=dtype)]
+    parents = torch.tensor([-1] + [int(i * 0.6) for i in range(1, T)])
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[parents[i]]
+    args.append(mask)
+    errors[f"tree_attention {dtype}"] = (tree_attention(*args) - tree_attention_reference(*args)).abs().max().item()
+    q, k, v = (torch.randn(1, 150, 3, 40, dtype=dtype) for _ in range(3))
+    errors[f"linear_attention {dtype}"] = (simplified_linear_attention(q, k, v, causal=True)
+                                           - sla_causal_quadratic_reference(q, k, v)[0]).abs().max().item()
+print(json.dumps({"isa": _C.cpu_vector_isa(), "errors": errors}))
+"""
+
+
+def run(disable_avx512: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("LEANFORMER_DISABLE_AVX512", None)
+    if disable_avx512:
+        env["LEANFORMER_DISABLE_AVX512"] = "1"
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check(result: dict) -> None:
+    for what, err in result["errors"].items():
+        assert err <= (1e-4 if "float32" in what else 1e-10), f"{result['isa']} {what}: max error {err:.3g}"
+
+
+def test_default_tiles_match_the_references():
+    result = run(disable_avx512=False)
+    assert result["isa"] == _C.cpu_vector_isa() or "LEANFORMER_DISABLE_AVX512" in os.environ
+    check(result)
+
+
+@pytest.mark.skipif(_C.cpu_vector_isa() != "avx512" or "LEANFORMER_DISABLE_AVX512" in os.environ,
+                    reason="the CPU has no AVX-512: the default run already uses the AVX2 tiles")
+def test_avx2_tiles_on_an_avx512_cpu_match_the_references():
+    result = run(disable_avx512=True)
+    assert result["isa"] == "avx2"
+    check(result)
