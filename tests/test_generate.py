@@ -328,3 +328,33 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             assert row["plain"]["mean_accepted"] == 1
             assert {f"{d}/{t}" for d in ("medusa", "hidden-transfer") for t in ("static", "dynamic", "tuned")} <= set(row)
         assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size
+
+
+@pytest.mark.parametrize("kind", ["medusa", "ht"])
+def test_stacked_drafter_weights_follow_training_and_loading(kind):
+    """Inference keeps the drafters' stacked [K, C, C] weight; it must never go stale."""
+    model = LlamaLM(LlamaConfig(dim=32, depth=2, num_heads=2, num_kv_heads=1)).eval().requires_grad_(False)
+    drafter = MedusaHeads(model, 3) if kind == "medusa" else HiddenTransfer(model, 1, 3)
+    linears = drafter.heads if kind == "medusa" else drafter.transfers
+    fresh = lambda: torch.stack([lin.weight for lin in linears])
+    with torch.no_grad():
+        first = drafter._stacked()[0]
+        assert drafter._stacked()[0] is first and torch.equal(first, fresh())  # kept, not restacked
+    opt = torch.optim.SGD(drafter.parameters(), lr=0.1)
+    w, _ = drafter._stacked()  # grad enabled: stacked in the graph
+    assert w.requires_grad
+    w.sum().backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(drafter._stacked()[0], fresh()) and not torch.equal(drafter._stacked()[0], first)
+    other = MedusaHeads(model, 3) if kind == "medusa" else HiddenTransfer(model, 1, 3)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    drafter.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(drafter._stacked()[0], fresh())
+        copied = copy.deepcopy(drafter)
+        assert torch.equal(copied._stacked()[0], fresh())
+        for p in copied.parameters():
+            p.mul_(2)
+        assert torch.equal(copied._stacked()[0], 2 * fresh())

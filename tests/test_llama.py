@@ -123,3 +123,22 @@ def test_training_script(tmp_path):
     assert s["cached_vs_full_max_abs_logit_diff"] < 1e-4
     assert 1 < s["final"]["val_ppl"] < 400
     assert isinstance(load_pretrained(str(tmp_path / "model")), LlamaLM)
+
+
+def test_rotary_tables_are_reused_only_for_the_same_unchanged_positions():
+    x = torch.randn(2, 5, 3, 8)
+    pos = torch.arange(5).expand(2, 5).clone()
+
+    def fresh(p):
+        inv = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+        ang = p.float()[..., None] * inv
+        cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    assert torch.allclose(rotary_at(x, pos, 10000.0), fresh(pos))
+    pos.add_(3)  # in place: the cached tables must not be used
+    assert torch.allclose(rotary_at(x, pos, 10000.0), fresh(pos))
+    other = pos + 1
+    assert torch.allclose(rotary_at(x, other, 10000.0), fresh(other))
+    assert not torch.allclose(rotary_at(x, pos, 500.0), fresh(pos))  # another base, other tables

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from leanformer.decoding.stacked_linears import StackedLinears
 from leanformer.decoding.token_tree import TokenTree
 
 
@@ -127,12 +128,12 @@ class HiddenTransfer(nn.Module):
         for t in self.transfers:  # start from "the next position looks like this one"
             nn.init.eye_(t.weight)
             nn.init.zeros_(t.bias)
+        self.__dict__["_stacked"] = StackedLinears(self.transfers)
 
     def _pseudo(self, h: Tensor) -> Tensor:
         """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
         B, S, C = h.shape
-        w = torch.stack([t.weight for t in self.transfers])  # [K, C, C]: one batched matmul for all K
-        b = torch.stack([t.bias for t in self.transfers])
+        w, b = self._stacked()  # [K, C, C], [K, C]: one batched matmul for all K
         return (torch.einsum("bsc,kdc->bskd", h, w) + b).reshape(B, S * self.num_future, C)
 
     def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanformer.decoding.stacked_linears import StackedLinears
 from leanformer.decoding.token_tree import TokenTree
 
 
@@ -35,12 +36,12 @@ class MedusaHeads(nn.Module):
         for head in self.heads:  # Medusa's init: each head starts as the identity block
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        self.__dict__["_stacked"] = StackedLinears(self.heads)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
         # all heads in one batched matmul: per-head Linear calls cost more than their arithmetic
-        w = torch.stack([head.weight for head in self.heads])  # [K, C, C]
-        b = torch.stack([head.bias for head in self.heads])  # [K, C]
+        w, b = self._stacked()  # [K, C, C], [K, C]
         z = torch.einsum("...c,kdc->...kd", hidden, w) + b
         return self.model.lm_head(hidden.unsqueeze(-2) + F.silu(z))
 

@@ -66,12 +66,27 @@ def rotary_at(x: Tensor, positions: Tensor, base: float) -> Tensor:
     """RoPE (rotate-half form) of ``x [B, T, H, D]`` at integer ``positions [B, T]``: the
     position of a token may differ per sequence (per-sequence cache lengths) and need not
     increase along T (tree nodes sit at ``cache_len + depth``)."""
-    D = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    cos, sin = _rotary_tables(positions, x.shape[-1], base)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# The last (positions, D, base) and its cos/sin: every layer's q and k of one forward share the
+# positions tensor, so a decoding step computes its tables once instead of 2 x depth times. The
+# entry holds the tensor itself (its identity cannot be reused while cached) and its version,
+# and is replaced as one tuple (a thread never reads another's key with its own tables).
+_ROTARY_LAST: list = [None]
+
+
+def _rotary_tables(positions: Tensor, D: int, base: float):
+    entry = _ROTARY_LAST[0]
+    if entry is not None and entry[0] is positions and entry[1] == (positions._version, D, base):
+        return entry[2]
+    inv_freq = base ** (-torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    tables = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    _ROTARY_LAST[0] = (positions, (positions._version, D, base), tables)
+    return tables
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,32 @@
+"""K Linears of one drafter as one [K, out, in] weight (and [K, out] bias) for a batched matmul."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class StackedLinears:
+    """Stacks ``linears`` per call while autograd needs the graph (training); at inference it
+    keeps the stacked copy, which a decoding step would otherwise rebuild (K x out x in floats)
+    every forward, and stacks again only when a weight moved or changed (an optimizer step or
+    ``load_state_dict`` bumps its version)."""
+
+    def __init__(self, linears: nn.ModuleList):
+        self.linears = linears
+        self._key, self._stacked = None, None
+
+    def __call__(self) -> Tuple[Tensor, Tensor]:
+        params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._stack()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if key != self._key:
+            with torch.no_grad():
+                self._stacked = self._stack()
+            self._key = key
+        return self._stacked
+
+    def _stack(self) -> Tuple[Tensor, Tensor]:
+        return (torch.stack([lin.weight for lin in self.linears]), torch.stack([lin.bias for lin in self.linears]))
