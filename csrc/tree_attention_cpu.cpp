@@ -24,8 +24,11 @@ namespace leanformer {
 namespace {
 
 constexpr int64_t kKeyChunk = 128;
-// Query columns per task: the score and output tiles stay in L2 (256 x 128 x 4 B = 128 KiB).
-constexpr int64_t kMaxQueryColumns = 256;
+// Query columns per task: the score, query and output tiles (128 keys x 128 columns, 64 x 128,
+// 128 x 64 floats: 128 KiB) stay in L2 next to the K/V chunk. GQA's G query heads of a node
+// share the columns, so at G = 4 a 64-node tree is two tasks per KV head (each rereading the
+// head's prefix): on a 2-core AVX-512 Xeon 2.2-2.3 ms against 2.5 ms with 256 columns.
+constexpr int64_t kMaxQueryColumns = 128;
 
 // Online softmax over one chunk: St [n, ld] scores (-inf = masked) become the unnormalized
 // probabilities, and the running (m, l) and the output rows O [nq, ldo] are rescaled; V is a
