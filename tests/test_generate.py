@@ -196,29 +196,44 @@ def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, device,
 
 @pytest.mark.parametrize("family", ["llama", "slab"])
 def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, request, drafters, prompts):
-    """The pseudo tokens of the main chain in a tree forward over a cached prefix give the same
-    logits as the dense chain forward it is trained with, at the same positions; and a stop
-    off the chain drafts from the chain node above it, shifted."""
-    from leanformer.decoding.hidden_transfer import main_chain
+    """The pseudo tokens of every anchor (the main chain and, at branch_depth 1, the root's other
+    children) in a tree forward over a cached prefix give the same logits as the dense forward
+    they are trained with, at the same positions; a node that is no anchor drafts from the
+    deepest anchor above it, shifted."""
+    from leanformer.decoding.hidden_transfer import anchor_nodes, main_chain
 
     model = request.getfixturevalue(family)
     ht = drafters[f"{family}-ht"]
     K = ht.num_future
+    assert ht.branch_depth == 1
     prefix, chain_tokens = prompts[1][:30], prompts[1][30:34]  # a chain tree: the root and 3 children
     runner = runner_for(model, 1)
     with torch.no_grad():
         runner.prefill(prefix[None], torch.tensor([30]))
         tree = TokenTree.from_nodes([[(-1, int(chain_tokens[0]))] + [(i, int(t)) for i, t in enumerate(chain_tokens[1:])]
-                                     + [(0, 200)]])  # a side branch off the root
+                                     + [(0, 200), (4, 201)]])  # a side branch off the root, two deep
         assert main_chain(tree.parents, tree.depths).tolist() == [[0, 1, 2, 3]]
+        assert anchor_nodes(tree.parents, tree.depths, 1).tolist() == [[0, 1, 2, 3, 4]]
         logits, feats = ht.tree_forward(runner, tree)
         _, dense = ht.sequence_drafts(torch.cat([prefix, chain_tokens])[None])
+        _, side = ht.sequence_drafts(torch.cat([prefix, chain_tokens[:1], torch.tensor([200])])[None])
     for s in range(4):
         torch.testing.assert_close(feats.logits[0, s], dense[0, 30 + s], atol=3e-4, rtol=1e-4)
-    on_chain = ht.draft(feats, torch.tensor([2]))
-    torch.testing.assert_close(on_chain[0], feats.logits[0, 2])
-    off = ht.draft(feats, torch.tensor([4]))  # node 4 (depth 1) hangs off the root: shift 1
-    torch.testing.assert_close(off[0, :K - 1], feats.logits[0, 0, 1:])
+    torch.testing.assert_close(feats.logits[0, 4], side[0, 31], atol=3e-4, rtol=1e-4)
+    torch.testing.assert_close(ht.draft(feats, torch.tensor([2]))[0], feats.logits[0, 2])
+    torch.testing.assert_close(ht.draft(feats, torch.tensor([4]))[0], feats.logits[0, 4])
+    below = ht.draft(feats, torch.tensor([5]))  # node 5 (depth 2) is no anchor: node 4's drafts, shift 1
+    torch.testing.assert_close(below[0, :K - 1], feats.logits[0, 4, 1:])
+    assert (below[0, K - 1] == 0).all()
+    ht.branch_depth = 0  # the main chain alone: node 4 drafts from the root, shifted
+    try:
+        with torch.no_grad():
+            _, chain_only = ht.tree_forward(runner, tree)
+    finally:
+        ht.branch_depth = 1
+    assert chain_only.anchors.tolist() == [[0, 1, 2, 3]]
+    off = ht.draft(chain_only, torch.tensor([4]))
+    torch.testing.assert_close(off[0, :K - 1], chain_only.logits[0, 0, 1:])
     assert (off[0, K - 1] == 0).all()
 
 

@@ -4,11 +4,13 @@ remaining layers in the SAME forward that verifies the current token tree, so dr
 no forward of its own.
 
 The accepted node is unknown until verification, so pseudo tokens would be needed at every
-node. They go only to the tree's main chain (the root and each node's best-ranked child, the
-path accepted when every draft is right): T + (depth + 1) K tokens in the upper layers
-instead of T (1 + K). When verification stops off the chain, the drafts come from the deepest
-chain node on the accepted path, shifted by the depth between the two: its pseudo tokens are
-guesses for fixed positions, not for a branch."""
+node. They go only to anchor nodes: the tree's main chain (the root and each node's
+best-ranked child, the path accepted when every draft is right) and, with ``branch_depth`` b,
+every node of depth <= b (verification most often leaves the chain near the root): T + S K
+tokens in the upper layers for S anchors instead of T (1 + K). When verification stops at a
+node that is no anchor, the drafts come from the deepest anchor on the accepted path, shifted
+by the depth between the two: its pseudo tokens are guesses for fixed positions, not for the
+branch taken."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
@@ -34,6 +36,23 @@ def main_chain(parents: Tensor, depths: Tensor) -> Tensor:
         cur = torch.where(first < T, first, -1)
         out.append(cur)
     return torch.stack(out, 1)
+
+
+def anchor_nodes(parents: Tensor, depths: Tensor, branch_depth: int) -> Tensor:
+    """``[B, S]``: the :func:`main_chain`, then every other node of depth 1..``branch_depth``
+    (in node order); -1 pads the sequences with fewer."""
+    chain = main_chain(parents, depths)
+    if branch_depth < 1:
+        return chain
+    B, T = parents.shape
+    idx = torch.arange(T, device=parents.device).expand(B, T)
+    on_chain = (idx[:, :, None] == chain[:, None, :]).any(-1)
+    extra = (depths.expand(B, T) >= 1) & (depths.expand(B, T) <= branch_depth) & ~on_chain
+    n = int(extra.sum(1).max())
+    # the extra nodes first, in node order (a stable sort of "not extra"), then -1 padding
+    order = torch.sort((~extra).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    picked = torch.where(extra.gather(1, order), order, -1)
+    return torch.cat([chain, picked], 1)
 
 
 def attach_pseudo_tokens(mask: Tensor, depths: Tensor, parents: Tensor, anchors: Tensor,
@@ -64,10 +83,11 @@ def attach_pseudo_tokens(mask: Tensor, depths: Tensor, parents: Tensor, anchors:
 
 class Drafts(NamedTuple):
     """What a Hidden Transfer tree forward leaves for drafting: the pseudo tokens' logits
-    ``[B, S, K, V]`` of the main-chain nodes ``chain [B, S]``, and the tree's mask and depths."""
+    ``[B, S, K, V]`` of the anchor nodes ``anchors [B, S]`` (-1: none), and the tree's mask and
+    depths."""
 
     logits: Tensor
-    chain: Tensor
+    anchors: Tensor
     mask: Tensor
     depths: Tensor
 
@@ -95,7 +115,8 @@ class HiddenTransfer(nn.Module):
     (``0 < layer < depth``) into pseudo hidden states at offsets ``1..K``, which pass through
     the remaining blocks next to the tree's real nodes (seeing the prefix, their anchor's branch
     and their own predecessors) and are read out by the LM head: the draft distributions of the
-    K tokens after the next bonus token.
+    K tokens after the next bonus token. Anchors: the tree's main chain and every node of depth
+    <= ``branch_depth`` (0: the chain alone, the cheapest).
 
     The base model is held by reference (not a submodule) and stays frozen.
 
@@ -105,7 +126,7 @@ class HiddenTransfer(nn.Module):
         >>> out = leanformer.generate(model, ids, max_new_tokens=32, drafter=ht)
     """
 
-    def __init__(self, model: nn.Module, layer: int, num_future: int):
+    def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1):
         super().__init__()
         from leanformer.models import LlamaLM, SLABLM
 
@@ -121,8 +142,10 @@ class HiddenTransfer(nn.Module):
             raise ValueError(f"layer must be in 1..{depth - 1} (blocks before the transfer), got {layer}")
         if num_future < 1:
             raise ValueError(f"num_future must be >= 1, got {num_future}")
+        if branch_depth < 0:
+            raise ValueError(f"branch_depth must be >= 0 (0: the main chain alone), got {branch_depth}")
         dim = model.config.dim
-        self.layer, self.num_future = layer, num_future
+        self.layer, self.num_future, self.branch_depth = layer, num_future, branch_depth
         self.__dict__["model"] = model
         self.transfers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_future))
         for t in self.transfers:  # start from "the next position looks like this one"
@@ -152,32 +175,36 @@ class HiddenTransfer(nn.Module):
         return logits[:, :T], logits[:, T:].reshape(B, anchors.shape[1], K, -1)
 
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
-        """One forward: the tree's logits ``[B, T, V]``, and the main chain's drafts."""
+        """One forward: the tree's logits ``[B, T, V]``, and the anchors' drafts."""
         B = tree.tokens.shape[0]
-        if tree.shape is not None:  # a static shape: its chain and extension are fixed
-            chain, ext = tree.shape.cached(("hidden-transfer", self.num_future), tree.tokens.device,
-                                           lambda: self._extension(tree.mask[:1], tree.depths[:1], tree.parents[:1]))
-            chain, ext = chain.expand(B, -1), tuple(t.expand(B, *t.shape[1:]) for t in ext)
+        if tree.shape is not None:  # a static shape: its anchors and extension are fixed
+            anchors, ext = tree.shape.cached(("hidden-transfer", self.num_future, self.branch_depth),
+                                             tree.tokens.device,
+                                             lambda: self._extension(tree.mask[:1], tree.depths[:1], tree.parents[:1]))
+            anchors, ext = anchors.expand(B, -1), tuple(t.expand(B, *t.shape[1:]) for t in ext)
         else:
-            chain, ext = self._extension(tree.mask, tree.depths, tree.parents)
-        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents, chain,
-                                       ext)
-        return logits, Drafts(pseudo, chain, tree.mask, tree.depths)
+            anchors, ext = self._extension(tree.mask, tree.depths, tree.parents)
+        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents,
+                                       anchors, ext)
+        return logits, Drafts(pseudo, anchors, tree.mask, tree.depths)
 
     def _extension(self, mask: Tensor, depths: Tensor, parents: Tensor):
-        chain = main_chain(parents, depths)
-        return chain, attach_pseudo_tokens(mask, depths, parents, chain, self.num_future)
+        anchors = anchor_nodes(parents, depths, self.branch_depth)
+        return anchors, attach_pseudo_tokens(mask, depths, parents, anchors, self.num_future)
 
     def draft(self, features: Drafts, node: Tensor) -> Tensor:
         """Draft logits ``[B, K, V]`` after the last accepted node ``node [B]``: the pseudo tokens
-        of the deepest main-chain node on its path, shifted by the depth between them; positions
-        past the pseudo tokens' reach get flat logits (their candidates are rarely accepted)."""
+        of the deepest anchor on its path (the node itself when it is one), shifted by the depth
+        between them; positions past the pseudo tokens' reach get flat logits (their candidates
+        are rarely accepted)."""
         d = features
         B, S, K, V = d.logits.shape
         b = torch.arange(B, device=node.device)
-        on_path = d.mask[b, node][b[:, None], d.chain.clamp(min=0)] & (d.chain >= 0)  # [B, S], a prefix
-        c = on_path.sum(1) - 1
-        shift = d.depths[b, node] - d.depths[b, d.chain[b, c]]
+        a = d.anchors.clamp(min=0)
+        on_path = d.mask[b, node][b[:, None], a] & (d.anchors >= 0)  # [B, S]; the root always is
+        anchor_depth = torch.where(on_path, d.depths.expand(B, -1).gather(1, a), -1)
+        c = anchor_depth.argmax(1)
+        shift = d.depths[b, node] - anchor_depth[b, c]
         idx = shift[:, None] + torch.arange(K, device=node.device)
         out = d.logits[b, c].gather(1, idx.clamp(max=K - 1)[:, :, None].expand(B, K, V))
         return torch.where((idx < K)[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
