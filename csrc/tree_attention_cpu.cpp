@@ -3,8 +3,8 @@
 // A task is (sequence b, KV head g, block of tree nodes). All G = Hq / Hkv query heads of g
 // and all the block's nodes are the columns of one transposed query tile Qt [D, nq], so each
 // prefix K/V row is read once per block: scores come as St [keys, nq] = K_chunk Qt (K read in
-// place from the cache for fp32), the online softmax runs down the columns with 8 queries per
-// vector, and O [nq, Dv] += P^T V_chunk. The tree keys are one more chunk with the ancestor
+// place from the cache for fp32), the online softmax runs down the columns with 16 (AVX-512) or
+// 8 queries per vector, and O [nq, Dv] += P^T V_chunk. The tree keys are one more chunk with the ancestor
 // mask applied, which is the log-sum-exp merge of the two parts done incrementally.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
