@@ -83,15 +83,13 @@ __attribute__((always_inline)) inline void gemm_any(bool trans_a, int64_t M, int
 // AVX-512: 6 rows x 4 zmm (24 accumulators of the 32 registers, 10 loads per 24 FMAs): at
 // 64 x 64 x 64 tiles about twice the AVX2 tile's rate; a last 16-float column block takes
 // one zmm per row, 12 rows.
-LEANFORMER_AVX512 void gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K,
-                                                           const float* A, int64_t lda, const float* B,
-                                                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+LEANFORMER_AVX512 void gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                   const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   gemm_any<v16f, float, 4, 6, 12>(trans_a, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-LEANFORMER_AVX512 void gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K,
-                                                           const double* A, int64_t lda, const double* B,
-                                                           int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+LEANFORMER_AVX512 void gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                                   const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   gemm_any<v8d, double, 4, 6, 12>(trans_a, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 

@@ -34,8 +34,8 @@ const char* cpu_vector_isa();
 // Tile requirement: N % kGemmColBlock == 0 (callers pad); any M and K.
 constexpr int64_t kGemmColBlock = 16;
 
-// C[M, N] (+)= op(A) * B[K, N]; AVX-512 tiles where the CPU has them, op(A) = A[M, K] or, with trans_a, A[K, M]^T. Row-major,
-// leading dimensions lda, ldb, ldc.
+// C[M, N] (+)= op(A) * B[K, N], op(A) = A[M, K] or, with trans_a, A[K, M]^T. Row-major,
+// leading dimensions lda, ldb, ldc; AVX-512 tiles where the CPU has them.
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,

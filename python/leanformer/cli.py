@@ -12,6 +12,7 @@ def info() -> int:
     import torch
 
     import leanformer
+    from leanformer import _C
     from leanformer._extension import build_config
 
     config = build_config()
@@ -23,8 +24,6 @@ def info() -> int:
     print(f"built against torch {config.get('torch', '?')}, "
           f"CUDA kernels: {'yes, archs ' + ', '.join(config.get('cuda_archs', [])) if config.get('cuda_kernels') else 'no'}"
           + (f", CUTLASS 2:4 GEMM: {'yes' if config.get('cutlass') else 'no'}" if config.get("cuda_kernels") else ""))
-    from leanformer import _C
-
     print(f"CPU kernels' vector tiles here: {_C.cpu_vector_isa()}")
     print("ops (backends with a kernel):")
     for name in ops:
