@@ -331,7 +331,7 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             "--generated-prompts", "8",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     assert cli(args) == 0
-    assert cli(args + ["--reuse"]) == 0
+    assert cli(args + ["--reuse", "--ht-all-anchors"]) == 0
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
     assert len(reports) == 2
     for name in ("llama", "slab"):
@@ -342,16 +342,19 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             row = first["results"][batch]
             assert row["plain"]["mean_accepted"] == 1
             assert {f"{d}/{t}" for d in ("medusa", "hidden-transfer") for t in ("static", "dynamic", "tuned")} <= set(row)
+            assert not any(k.startswith("hidden-transfer-all/") for k in row)
+            rerun = second["results"][batch]
+            assert {"hidden-transfer-all/static", "hidden-transfer-all/tuned"} <= set(rerun)
         assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size
 
 
 @pytest.mark.parametrize("kind", ["medusa", "ht"])
 def test_stacked_drafter_weights_follow_training_and_loading(kind):
-    """Inference keeps the drafters' stacked [K, C, C] weight; it must never go stale."""
+    """Inference keeps the drafters' stacked [K C, C] weight; it must never go stale."""
     model = LlamaLM(LlamaConfig(dim=32, depth=2, num_heads=2, num_kv_heads=1)).eval().requires_grad_(False)
     drafter = MedusaHeads(model, 3) if kind == "medusa" else HiddenTransfer(model, 1, 3)
     linears = drafter.heads if kind == "medusa" else drafter.transfers
-    fresh = lambda: torch.stack([lin.weight for lin in linears])
+    fresh = lambda: torch.cat([lin.weight for lin in linears])
     with torch.no_grad():
         first = drafter._stacked()[0]
         assert drafter._stacked()[0] is first and torch.equal(first, fresh())  # kept, not restacked

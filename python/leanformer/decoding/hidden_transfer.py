@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanformer.decoding.stacked_linears import StackedLinears
@@ -156,8 +157,8 @@ class HiddenTransfer(nn.Module):
     def _pseudo(self, h: Tensor) -> Tensor:
         """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
         B, S, C = h.shape
-        w, b = self._stacked()  # [K, C, C], [K, C]: one batched matmul for all K
-        return (torch.einsum("bsc,kdc->bskd", h, w) + b).reshape(B, S * self.num_future, C)
+        # all K maps in one GEMM: [B, S, K C], pseudo token j of anchor s at s K + j
+        return F.linear(h, *self._stacked()).reshape(B, S * self.num_future, C)
 
     def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
                  anchors: Tensor, extended=None) -> Tuple[Tensor, Tensor]:

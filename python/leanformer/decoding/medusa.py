@@ -40,9 +40,8 @@ class MedusaHeads(nn.Module):
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
-        # all heads in one batched matmul: per-head Linear calls cost more than their arithmetic
-        w, b = self._stacked()  # [K, C, C], [K, C]
-        z = torch.einsum("...c,kdc->...kd", hidden, w) + b
+        z = F.linear(hidden, *self._stacked())  # all heads in one GEMM: [..., K C]
+        z = z.unflatten(-1, (self.num_future, hidden.shape[-1]))
         return self.model.lm_head(hidden.unsqueeze(-2) + F.silu(z))
 
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Tensor]:

@@ -1,4 +1,6 @@
-"""K Linears of one drafter as one [K, out, in] weight (and [K, out] bias) for a batched matmul."""
+"""K Linears of one drafter as one Linear of K x out outputs: a single GEMM where K calls (or a
+batched einsum over a [K, out, in] stack, which permutes the stack every call) cost more than the
+arithmetic."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -8,10 +10,12 @@ from torch import Tensor, nn
 
 
 class StackedLinears:
-    """Stacks ``linears`` per call while autograd needs the graph (training); at inference it
-    keeps the stacked copy, which a decoding step would otherwise rebuild (K x out x in floats)
-    every forward, and stacks again only when a weight moved or changed (an optimizer step or
-    ``load_state_dict`` bumps its version)."""
+    """``linears`` concatenated along their outputs: ``(weight [K out, in], bias [K out])``, so
+    ``F.linear(x, *stacked())`` gives ``[..., K out]`` with Linear k's output at ``k out:(k+1) out``.
+    Concatenated per call while autograd needs the graph (training); at inference the copy is
+    kept, which a decoding step would otherwise rebuild (K x out x in floats) every forward, and
+    made again only when a weight moved or changed (an optimizer step or ``load_state_dict``
+    bumps its version)."""
 
     def __init__(self, linears: nn.ModuleList):
         self.linears = linears
@@ -29,4 +33,4 @@ class StackedLinears:
         return self._stacked
 
     def _stack(self) -> Tuple[Tensor, Tensor]:
-        return (torch.stack([lin.weight for lin in self.linears]), torch.stack([lin.bias for lin in self.linears]))
+        return torch.cat([lin.weight for lin in self.linears]), torch.cat([lin.bias for lin in self.linears])

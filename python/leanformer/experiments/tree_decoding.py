@@ -8,7 +8,7 @@ a static tree, each drafter's accuracy-tuned tree of the same size and a dynamic
 Checkpoints go to ~/.cache/leanformer/tree-decoding/ (not in git): with --reuse a re-measure
 of speed loads them instead of training again.
 
-    leanformer experiment tree-decoding [--lm-steps 1500] [--drafter-steps 600] [--reuse]
+    leanformer experiment tree-decoding [--lm-steps 1500] [--drafter-steps 1200] [--reuse]
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="leanformer experiment tree-decoding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm-steps", type=int, default=1500)
-    p.add_argument("--drafter-steps", type=int, default=600)
+    p.add_argument("--drafter-steps", type=int, default=1200)
     p.add_argument("--dim", type=int, default=256, help="model width (a multiple of 64)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--batch", type=int, default=16)
@@ -98,6 +98,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="drafters learn from the model's greedy continuations of training prompts "
                         "(self-distillation) or from the training text itself")
     p.add_argument("--generated-prompts", type=int, default=512)
+    p.add_argument("--ht-all-anchors", action="store_true",
+                   help="also measure Hidden Transfer with pseudo tokens after every tree node (branch_depth = "
+                        "num_future), not only the main chain and the root's children")
     p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
     p.add_argument("--cache", default=CACHE)
     p.add_argument("--threads", type=int, default=None)
@@ -168,6 +171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             runs = {"plain": {}}
             runs.update({f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()})
             runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
+            if args.ht_all_anchors:  # the same weights with pseudo tokens after every node: Medusa's coverage
+                ht_all = HiddenTransfer(model, drafters["hidden-transfer"].layer, args.num_future,
+                                        branch_depth=args.num_future)
+                ht_all.load_state_dict(drafters["hidden-transfer"].state_dict())
+                runs.update({f"hidden-transfer-all/{t}": {"drafter": ht_all, "tree": tree}
+                             for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
             row = {}
             for key, kw in runs.items():
                 toks, secs, acc, outs = 0, 0.0, [], []
