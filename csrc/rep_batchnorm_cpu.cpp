@@ -80,16 +80,26 @@ int64_t shifted_sums(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp
   });
 }
 
+// alpha's one value without item()'s dispatch (checked float32, or float64 for float64 x).
+inline double alpha_value(const at::Tensor& alpha) {
+  return alpha.scalar_type() == at::kDouble ? *alpha.const_data_ptr<double>()
+                                            : static_cast<double>(*alpha.const_data_ptr<float>());
+}
+
 // Batch statistics (training) or the running ones (eval): mean and 1 / sqrt(var + eps).
 template <typename scalar_t, typename acc_t>
 void bn_statistics(const scalar_t* xp, int64_t N, int64_t C, const bool* maskp, bool training,
                    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                    acc_t* mp, acc_t* ip) {
   if (!training) {
+    // Pointers hoisted: data_ptr<T>() type-checks on every call, which at decoding's one token
+    // per call cost more than the normalization itself.
     const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
+    const acc_t* rmp = rm.data_ptr<acc_t>();
+    const acc_t* rvp = rv.data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      mp[c] = rm.data_ptr<acc_t>()[c];
-      ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv.data_ptr<acc_t>()[c]) + eps));
+      mp[c] = rmp[c];
+      ip[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rvp[c]) + eps));
     }
     return;
   }
@@ -257,18 +267,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
     const double g = args.gamma;
     std::vector<acc_t> scale(C), shift(C), lw(C, acc_t(0)), lb(C, acc_t(0));
     const auto w = args.bn_weight.contiguous(), b = args.bn_bias.contiguous();
-    const double a = args.alpha.item<double>();
+    const double a = alpha_value(args.alpha);
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const acc_t* bp = b.data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const double wi = static_cast<double>(w.data_ptr<acc_t>()[c]) * ip[c];
+      const double wi = static_cast<double>(wp[c]) * ip[c];
       scale[c] = static_cast<acc_t>((1 - g) * (wi + a));
-      shift[c] = static_cast<acc_t>((1 - g) * (b.data_ptr<acc_t>()[c] - mp[c] * wi));
+      shift[c] = static_cast<acc_t>((1 - g) * (bp[c] - mp[c] * wi));
     }
     const bool with_ln = g != 0.0;
     if (with_ln) {
       const auto lwt = args.ln_weight->contiguous(), lbt = args.ln_bias->contiguous();
+      const acc_t* lwp = lwt.data_ptr<acc_t>();
+      const acc_t* lbp = lbt.data_ptr<acc_t>();
       for (int64_t c = 0; c < C; ++c) {
-        lw[c] = static_cast<acc_t>(g * lwt.data_ptr<acc_t>()[c]);
-        lb[c] = static_cast<acc_t>(g * lbt.data_ptr<acc_t>()[c]);
+        lw[c] = static_cast<acc_t>(g * lwp[c]);
+        lb[c] = static_cast<acc_t>(g * lbp[c]);
       }
     }
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -351,11 +365,12 @@ at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const Norm
     const acc_t* mp = m.data_ptr<acc_t>();
     const acc_t* ip = is.data_ptr<acc_t>();
     const acc_t* wp = w.data_ptr<acc_t>();
-    const double a = args.alpha.item<double>();
+    const double a = alpha_value(args.alpha);
     std::vector<acc_t> lw(C, acc_t(0));
     if (with_ln) {
       const auto lwt = args.ln_weight->contiguous();
-      for (int64_t c = 0; c < C; ++c) lw[c] = lwt.data_ptr<acc_t>()[c];
+      const acc_t* lwp = lwt.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) lw[c] = lwp[c];
     }
     const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
     std::vector<acc_t> k1(C), k2(C), k3(C);
@@ -422,12 +437,16 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
   }
   AT_DISPATCH_FLOATING_TYPES(d_bn_w.scalar_type(), "norm_backward_params_cpu", [&] {
     double total_dy_x = 0;
+    scalar_t* dbb = d_bn_b.data_ptr<scalar_t>();
+    scalar_t* dbw = d_bn_w.data_ptr<scalar_t>();
+    scalar_t* dlb = args.ln_weight ? d_ln_b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dlw = args.ln_weight ? d_ln_w.data_ptr<scalar_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      d_bn_b.data_ptr<scalar_t>()[c] = static_cast<scalar_t>((1 - g) * sp[c]);
-      d_bn_w.data_ptr<scalar_t>()[c] = static_cast<scalar_t>((1 - g) * sp[C + c]);
-      if (args.ln_weight) {
-        d_ln_b.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(g * sp[c]);
-        d_ln_w.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(g * sp[3 * C + c]);
+      dbb[c] = static_cast<scalar_t>((1 - g) * sp[c]);
+      dbw[c] = static_cast<scalar_t>((1 - g) * sp[C + c]);
+      if (dlw) {
+        dlb[c] = static_cast<scalar_t>(g * sp[c]);
+        dlw[c] = static_cast<scalar_t>(g * sp[3 * C + c]);
       }
       total_dy_x += sp[2 * C + c];
     }

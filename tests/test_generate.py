@@ -341,6 +341,9 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
         for batch in ("batch1", "batch4"):
             row = first["results"][batch]
             assert row["plain"]["mean_accepted"] == 1
+            for r in row.values():  # each ratio is against the plain runs alternated with it
+                assert r["plain_tokens_per_s"] > 0
+                assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["plain_tokens_per_s"])
             assert {f"{d}/{t}" for d in ("medusa", "hidden-transfer") for t in ("static", "dynamic", "tuned")} <= set(row)
             assert not any(k.startswith("hidden-transfer-all/") for k in row)
             rerun = second["results"][batch]

@@ -55,6 +55,7 @@ def test_prefill_then_steps_equals_full_causal(device, kernel_size):
     parts = [m(x[:, :2], cache=cache), m(x[:, 2:70], cache=cache)]
     parts += [m(x[:, t:t + 1], cache=cache) for t in range(70, 90)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x[:, :1]), full[:, :1], atol=1e-5, rtol=1e-5)  # one token, no cache
     assert cache.length == 90
     assert cache.state[0].shape == (2, 2, 16, 16)
 

@@ -66,16 +66,24 @@ def load_drafter(drafter, path: str) -> None:
 
 
 @torch.no_grad()
-def timed(model, prompts, max_new_tokens: int, repeats: int = 1, **kw):
-    """The generation and its tokens/s, from the fastest of ``repeats`` identical runs (the
-    output is deterministic; the fastest run is the one the machine disturbed least)."""
-    leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8, **kw)  # warm-up
-    best = float("inf")
+def paired(model, prompts, max_new_tokens: int, repeats: int = 1, **kw):
+    """Plain decoding and decoding with ``kw`` (a drafter and tree) of the same prompts,
+    alternated run by run: ``((plain, tokens/s), (tree, tokens/s))`` (the second None without
+    ``kw``), each from its fastest run. On a shared host whose speed drifts by a third within
+    seconds, a baseline timed minutes apart does not make a ratio; one timed between the
+    tree runs does."""
+    leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8)  # warm-up
+    if kw:
+        leanformer.generate(model, [p[:8] for p in prompts], max_new_tokens=8, **kw)
+    best = {"plain": float("inf"), "tree": float("inf")}
+    outs = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = leanformer.generate(model, prompts, max_new_tokens=max_new_tokens, **kw)
-        best = min(best, time.perf_counter() - t0)
-    return out, sum(len(s) for s in out.sequences) / best
+        for key, args in (("plain", {}), ("tree", kw)) if kw else (("plain", {}),):
+            t0 = time.perf_counter()
+            outs[key] = leanformer.generate(model, prompts, max_new_tokens=max_new_tokens, **args)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    rate = {k: sum(len(s) for s in o.sequences) / best[k] for k, o in outs.items()}
+    return (outs["plain"], rate["plain"]), ((outs["tree"], rate["tree"]) if kw else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -104,7 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
     p.add_argument("--cache", default=CACHE)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the fastest counts")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per measurement, alternating plain and tree decoding; the fastest of each counts")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -179,21 +188,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                              for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
             row = {}
             for key, kw in runs.items():
-                toks, secs, acc, outs = 0, 0.0, [], []
+                toks, secs, plain_secs, acc, outs, plain_outs = 0, 0.0, 0.0, [], [], []
                 for group in groups:
-                    out, tps = timed(model, group, max_new_tokens=args.new_tokens, repeats=args.repeats, **kw)
+                    (plain, plain_tps), tree = paired(model, group, args.new_tokens, args.repeats, **kw)
+                    out, tps = tree if tree is not None else (plain, plain_tps)
                     n = sum(len(s) for s in out.sequences)
-                    toks, secs = toks + n, secs + n / tps
+                    toks, secs, plain_secs = toks + n, secs + n / tps, plain_secs + n / plain_tps
                     acc += out.accepted_lengths
                     outs += [s.tolist() for s in out.sequences]
-                row[key] = {"tokens_per_s": toks / secs, "mean_accepted": sum(acc) / len(acc), "outputs": outs}
-            plain_outputs = row["plain"].pop("outputs")
-            for key, r in row.items():
-                r["speedup"] = r["tokens_per_s"] / row["plain"]["tokens_per_s"]
-                r["same_as_plain_greedy"] = r.pop("outputs", plain_outputs) == plain_outputs
+                    plain_outs += [s.tolist() for s in plain.sequences]
+                # the speed-up is against the plain runs alternated with this configuration's
+                row[key] = {"tokens_per_s": toks / secs, "plain_tokens_per_s": toks / plain_secs,
+                            "speedup": plain_secs / secs, "mean_accepted": sum(acc) / len(acc),
+                            "same_as_plain_greedy": outs == plain_outs}
             results[f"batch{batch}"] = row
             for key, r in row.items():
-                print(f"{name:6s} batch {batch}  {key:24s} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup']:.2f}  "
+                print(f"{name:6s} batch {batch}  {key:24s} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup']:.2f} "
+                      f"(plain {r['plain_tokens_per_s']:.0f} tok/s alternated with it)  "
                       f"accepted/forward {r['mean_accepted']:.2f}  same as greedy: {r['same_as_plain_greedy']}")
         entry["results"] = results
         report["models"][name] = entry
