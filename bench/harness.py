@@ -42,25 +42,50 @@ class Timing:
     error: Optional[str] = None
 
 
-def time_callable(fn: Callable[[], object], min_run_time: float) -> Timing:
-    """Median of blocked runs after a warm-up call (torch.utils.benchmark synchronizes CUDA).
-    Timer runs on one thread unless told otherwise; time with the threads torch uses (and the
-    results record), as a user's model would run."""
-    fn()
+# Rounds per case: leanformer and its baselines take turns, each timed for 1/ROUNDS of the
+# run time per round, so that a drift of the host's speed (a third within seconds on a shared
+# 2-core VM) lands on both sides of a ratio instead of on whichever was timed during it.
+ROUNDS = 3
+
+
+def time_callable(fn: Callable[[], object], min_run_time: float) -> List[float]:
+    """Per-call seconds of blocked runs (torch.utils.benchmark synchronizes CUDA). Timer runs on
+    one thread unless told otherwise; time with the threads torch uses (and the results
+    record), as a user's model would run."""
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    return m.median * 1e3, m.iqr * 1e3, len(m.times)
+    return list(m.times)
 
 
 def run_case(case: Case, min_run_time: float) -> List[Timing]:
-    out = []
-    for impl, fn in [("leanformer", case.ours), *case.baselines.items()]:
+    """Every implementation of the case, timed in ROUNDS alternating rounds after a warm-up
+    call each: the median and interquartile range of all their blocked runs."""
+    impls = [("leanformer", case.ours), *case.baselines.items()]
+    per_round = max(min_run_time, case.min_run_time or 0.0) / ROUNDS
+    times: Dict[str, List[float]] = {}
+    errors: Dict[str, str] = {}
+    for impl, fn in impls:
         try:
-            med, iqr, runs = time_callable(fn, max(min_run_time, case.min_run_time or 0.0))
-            out.append(Timing(case.op, case.shape, case.mode, impl, med, iqr, runs))
+            fn()
+            times[impl] = []
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
-            out.append(Timing(case.op, case.shape, case.mode, impl, None, None, 0,
-                              f"{type(e).__name__}: {e}"[:300]))
+            errors[impl] = f"{type(e).__name__}: {e}"[:300]
+    for _ in range(ROUNDS):
+        for impl, fn in impls:
+            if impl in times:
+                try:
+                    times[impl] += time_callable(fn, per_round)
+                except Exception as e:
+                    errors[impl] = f"{type(e).__name__}: {e}"[:300]
+                    del times[impl]
+    out = []
+    for impl, _ in impls:
+        if impl in errors:
+            out.append(Timing(case.op, case.shape, case.mode, impl, None, None, 0, errors[impl]))
+            continue
+        t = torch.tensor(times[impl], dtype=torch.float64)
+        q1, med, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        out.append(Timing(case.op, case.shape, case.mode, impl, med * 1e3, (q3 - q1) * 1e3, len(times[impl])))
     return out
 
 

@@ -49,6 +49,30 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert list(tmp_path.glob("*.png"))
 
 
+def test_bench_case_alternates_implementations_and_reports_failures():
+    """Ours and the baselines take turns round by round (a drifting host then slows both sides
+    of a ratio alike); a baseline that raises is reported, not fatal."""
+    sys.path.insert(0, REPO)
+    from bench.harness import ROUNDS, Case, run_case
+
+    calls = []
+
+    def impl(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("no kernel for this")
+
+    case = Case("op", "shape", "fwd", impl("ours"), {"base": impl("base"), "broken": broken})
+    timings = {t.impl: t for t in run_case(case, min_run_time=0.03)}
+    assert timings["leanformer"].median_ms > 0 and timings["base"].median_ms > 0
+    assert timings["leanformer"].runs >= ROUNDS and timings["base"].runs >= ROUNDS
+    assert timings["broken"].median_ms is None and "RuntimeError: no kernel for this" in timings["broken"].error
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # one entry per run of calls
+    assert runs[:2] == ["ours", "base"]  # the warm-up calls
+    assert runs[2:] == ["ours", "base"] * ROUNDS
+
+
 def test_loader_names_torch_version_on_mismatch(monkeypatch):
     monkeypatch.setattr(_extension, "build_config", lambda: {"torch": "0.0.1"})
     with pytest.raises(ImportError, match="built against torch 0.0.1, but torch .* is installed"):
