@@ -8,9 +8,10 @@ namespace {
 
 // MR rows x NV vectors of C, accumulators in registers for the whole K loop. A is read as
 // scalars (broadcast), so A^T costs nothing more than A.
-template <typename V, typename T, int NV, int MR, bool TransA>
+template <typename V, typename T, int NV, int MR, bool TransA, bool ColMax = false>
 __attribute__((always_inline)) inline void block(int64_t K, const T* A, int64_t lda, const T* B,
-                                                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+                                                 int64_t ldb, T* C, int64_t ldc, bool accumulate,
+                                                 T* colmax = nullptr) {
   constexpr int W = sizeof(V) / sizeof(T);
   V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -31,43 +32,55 @@ __attribute__((always_inline)) inline void block(int64_t K, const T* A, int64_t 
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) std::memcpy(C + r * ldc + v * W, &acc[r][v], sizeof(V));
-}
-
-// The last rows % MR rows of a column block, with a block of exactly that height.
-template <typename V, typename T, int NV, int R, bool TransA>
-__attribute__((always_inline)) inline void tail_rows(int64_t rows, int64_t K, const T* A, int64_t lda,
-                                                     const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                     bool accumulate) {
-  if constexpr (R > 0) {
-    if (rows == R)
-      block<V, T, NV, R, TransA>(K, A, lda, B, ldb, C, ldc, accumulate);
-    else
-      tail_rows<V, T, NV, R - 1, TransA>(rows, K, A, lda, B, ldb, C, ldc, accumulate);
+  if constexpr (ColMax) {  // while the tile is still in registers
+    for (int v = 0; v < NV; ++v) {
+      V mx;
+      std::memcpy(&mx, colmax + v * W, sizeof(V));
+      for (int r = 0; r < MR; ++r) mx = acc[r][v] > mx ? acc[r][v] : mx;
+      std::memcpy(colmax + v * W, &mx, sizeof(V));
+    }
   }
 }
 
-template <typename V, typename T, int NV, int MR, bool TransA>
+// The last rows % MR rows of a column block, with a block of exactly that height.
+template <typename V, typename T, int NV, int R, bool TransA, bool ColMax>
+__attribute__((always_inline)) inline void tail_rows(int64_t rows, int64_t K, const T* A, int64_t lda,
+                                                     const T* B, int64_t ldb, T* C, int64_t ldc,
+                                                     bool accumulate, T* colmax) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      block<V, T, NV, R, TransA, ColMax>(K, A, lda, B, ldb, C, ldc, accumulate, colmax);
+    else
+      tail_rows<V, T, NV, R - 1, TransA, ColMax>(rows, K, A, lda, B, ldb, C, ldc, accumulate, colmax);
+  }
+}
+
+template <typename V, typename T, int NV, int MR, bool TransA, bool ColMax>
 __attribute__((always_inline)) inline void column_block(int64_t M, int64_t K, const T* A, int64_t lda,
                                                         const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                        bool accumulate) {
+                                                        bool accumulate, T* colmax) {
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    block<V, T, NV, MR, TransA>(K, TransA ? A + i : A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  tail_rows<V, T, NV, MR - 1, TransA>(M - i, K, TransA ? A + i : A + i * lda, lda, B, ldb, C + i * ldc, ldc,
-                                      accumulate);
+    block<V, T, NV, MR, TransA, ColMax>(K, TransA ? A + i : A + i * lda, lda, B, ldb, C + i * ldc, ldc,
+                                        accumulate, colmax);
+  tail_rows<V, T, NV, MR - 1, TransA, ColMax>(M - i, K, TransA ? A + i : A + i * lda, lda, B, ldb, C + i * ldc,
+                                              ldc, accumulate, colmax);
 }
 
 // Columns in blocks of NV vectors (NV * W >= kGemmColBlock), the rest one kGemmColBlock at a time.
-template <typename V, typename T, int NV, int MR, int MR_TAIL, bool TransA>
+template <typename V, typename T, int NV, int MR, int MR_TAIL, bool TransA, bool ColMax = false>
 __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                                                      const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                     bool accumulate) {
+                                                     bool accumulate, T* colmax = nullptr) {
   constexpr int64_t W = sizeof(V) / sizeof(T), NB = NV * W, NV_TAIL = kGemmColBlock / W;
   static_assert(NB % kGemmColBlock == 0 && kGemmColBlock % W == 0);
   int64_t j = 0;
-  for (; j + NB <= N; j += NB) column_block<V, T, NV, MR, TransA>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + NB <= N; j += NB)
+    column_block<V, T, NV, MR, TransA, ColMax>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate,
+                                               ColMax ? colmax + j : nullptr);
   for (; j < N; j += kGemmColBlock)
-    column_block<V, T, NV_TAIL, MR_TAIL, TransA>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    column_block<V, T, NV_TAIL, MR_TAIL, TransA, ColMax>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate,
+                                                         ColMax ? colmax + j : nullptr);
 }
 
 template <typename V, typename T, int NV, int MR, int MR_TAIL>
@@ -93,6 +106,11 @@ LEANFORMER_AVX512 void gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K
   gemm_any<v8d, double, 4, 6, 12>(trans_a, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+LEANFORMER_AVX512 void gemm_colmax_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                          const float* B, int64_t ldb, float* C, int64_t ldc, float* colmax) {
+  gemm_impl<v16f, float, 4, 6, 12, false, true>(M, N, K, A, lda, B, ldb, C, ldc, false, colmax);
+}
+
 // AVX2 (and the portable default): 6 x 16 floats keeps 12 accumulators in flight, enough to
 // hide FMA latency on two ports.
 LEANFORMER_CLONES void gemm_avx2(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
@@ -103,6 +121,11 @@ LEANFORMER_CLONES void gemm_avx2(bool trans_a, int64_t M, int64_t N, int64_t K, 
 LEANFORMER_CLONES void gemm_avx2(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
                                  const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   gemm_any<v4d, double, 4, 6, 6>(trans_a, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+LEANFORMER_CLONES void gemm_colmax_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                        const float* B, int64_t ldb, float* C, int64_t ldc, float* colmax) {
+  gemm_impl<v8f, float, 2, 6, 6, false, true>(M, N, K, A, lda, B, ldb, C, ldc, false, colmax);
 }
 
 }  // namespace
@@ -146,6 +169,14 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
           int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   gemm_dispatch(trans_a, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+void gemm_colmax(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, float* colmax) {
+  if (cpu_has_avx512())
+    gemm_colmax_avx512(M, N, K, A, lda, B, ldb, C, ldc, colmax);
+  else
+    gemm_colmax_avx2(M, N, K, A, lda, B, ldb, C, ldc, colmax);
 }
 
 }  // namespace leanformer

@@ -41,6 +41,12 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
           const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
+// C[M, N] = A[M, K] * B[K, N] as gemm, and colmax[j] = max(colmax[j], max_i C[i, j]) taken
+// while each tile is still in registers: the running maximum of an online softmax over the
+// rows (keys) without another pass over C. N % kGemmColBlock == 0.
+void gemm_colmax(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, float* colmax);
+
 // dst[cols, rows] = src[rows, cols]^T (row-major, dense).
 template <typename T>
 inline void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {

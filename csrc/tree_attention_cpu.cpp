@@ -47,14 +47,15 @@ inline void rescale_rows(float* O, int64_t nq, int64_t ldo, const float* corr) {
 template <typename V>
 __attribute__((always_inline)) inline void softmax_chunk_impl(float* St, int64_t n, int64_t ld, float* m,
                                                               float* l, float* O, int64_t nq, int64_t ldo,
-                                                              float* corr) {
+                                                              float* corr, const float* chunk_max) {
   constexpr int64_t W = sizeof(V) / sizeof(float);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < ld; c += W) {
     // Four running maxima: one would chain every row on vmax's latency (a fifth of the
     // kernel at prefix 2048 / tree 64 on AVX-512); max is exact in any order.
     V mx0 = vsplat<V>(neg_inf), mx1 = mx0, mx2 = mx0, mx3 = mx0;
-    int64_t r = 0;
+    int64_t r = chunk_max ? n : 0;
+    if (chunk_max) mx0 = vload<V>(chunk_max + c);
     for (; r + 4 <= n; r += 4) {
       mx0 = vmax(mx0, vload<V>(St + r * ld + c));
       mx1 = vmax(mx1, vload<V>(St + (r + 1) * ld + c));
@@ -114,12 +115,12 @@ LEANFORMER_AVX512 __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
 }
 
 LEANFORMER_AVX512 void softmax_chunk_avx512(float* St, int64_t n, int64_t ld, float* m, float* l, float* O,
-                                            int64_t nq, int64_t ldo, float* corr) {
+                                            int64_t nq, int64_t ldo, float* corr, const float* chunk_max) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < ld; c += 16) {
     float* col = St + c;
-    __m512 mx0 = neg_inf, mx1 = neg_inf, mx2 = neg_inf, mx3 = neg_inf;
-    int64_t r = 0;
+    __m512 mx0 = chunk_max ? _mm512_loadu_ps(chunk_max + c) : neg_inf, mx1 = neg_inf, mx2 = neg_inf, mx3 = neg_inf;
+    int64_t r = chunk_max ? n : 0;  // the GEMM took the chunk's maximum already
     for (; r + 4 <= n; r += 4) {
       mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(col + r * ld));
       mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(col + (r + 1) * ld));
@@ -154,27 +155,28 @@ LEANFORMER_AVX512 void softmax_chunk_avx512(float* St, int64_t n, int64_t ld, fl
 }
 #else
 void softmax_chunk_avx512(float* St, int64_t n, int64_t ld, float* m, float* l, float* O, int64_t nq,
-                          int64_t ldo, float* corr) {
-  softmax_chunk_impl<v8f>(St, n, ld, m, l, O, nq, ldo, corr);  // never called: no AVX-512 here
+                          int64_t ldo, float* corr, const float* chunk_max) {
+  softmax_chunk_impl<v8f>(St, n, ld, m, l, O, nq, ldo, corr, chunk_max);  // never called: no AVX-512 here
 }
 #endif
 
 LEANFORMER_CLONES void softmax_chunk_avx2(float* St, int64_t n, int64_t ld, float* m, float* l, float* O,
-                                          int64_t nq, int64_t ldo, float* corr) {
-  softmax_chunk_impl<v8f>(St, n, ld, m, l, O, nq, ldo, corr);
+                                          int64_t nq, int64_t ldo, float* corr, const float* chunk_max) {
+  softmax_chunk_impl<v8f>(St, n, ld, m, l, O, nq, ldo, corr, chunk_max);
 }
 
+// chunk_max: the column maxima of St when the GEMM took them (gemm_colmax), else nullptr.
 void softmax_chunk(float* St, int64_t n, int64_t ld, float* m, float* l, float* O, int64_t nq, int64_t ldo,
-                   float* corr) {
+                   float* corr, const float* chunk_max) {
   static_assert(kGemmColBlock % 16 == 0, "query columns are padded to whole 512-bit vectors");
   if (cpu_has_avx512())
-    softmax_chunk_avx512(St, n, ld, m, l, O, nq, ldo, corr);
+    softmax_chunk_avx512(St, n, ld, m, l, O, nq, ldo, corr, chunk_max);
   else
-    softmax_chunk_avx2(St, n, ld, m, l, O, nq, ldo, corr);
+    softmax_chunk_avx2(St, n, ld, m, l, O, nq, ldo, corr, chunk_max);
 }
 
 void softmax_chunk(double* St, int64_t n, int64_t ld, double* m, double* l, double* O, int64_t nq,
-                   int64_t ldo, double* corr) {
+                   int64_t ldo, double* corr, const double*) {
   const double neg_inf = -std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < ld; ++c) {
     double mx = neg_inf;
@@ -237,7 +239,7 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
   const int64_t nqp = round_up(nq, kGemmColBlock), Dvp = round_up(std::max<int64_t>(s.Dv, 1), kGemmColBlock);
   // Query column c = (t - t0) * G + j is node t, head g * G + j (q's own memory order).
   std::vector<acc_t> Qt(s.D * nqp, acc_t(0)), St(kKeyChunk * nqp), O(nq * Dvp, acc_t(0));
-  std::vector<acc_t> m(nqp, -std::numeric_limits<acc_t>::infinity()), l(nqp, acc_t(0)), corr(nqp);
+  std::vector<acc_t> m(nqp, -std::numeric_limits<acc_t>::infinity()), l(nqp, acc_t(0)), corr(nqp), chunk_max(nqp);
   std::vector<acc_t> k_buf(kKeyChunk * s.D), v_buf(kKeyChunk * Dvp);
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>() + blk.b * q.stride(0);
   for (int64_t t = blk.t0; t < blk.t1; ++t)
@@ -252,14 +254,23 @@ void attend_block(const Block& blk, const TreeAttentionShape& s, acc_t scale, in
     int64_t ldk, ldv;
     const acc_t* Kc = rows_as_tile<scalar_t, acc_t>(K, r0, n, s.D, s.D, k_buf, ldk);
     const acc_t* Vc = rows_as_tile<scalar_t, acc_t>(V, r0, n, s.Dv, Dvp, v_buf, ldv);
-    gemm(false, n, nqp, s.D, Kc, ldk, Qt.data(), nqp, St.data(), nqp, false);
+    // fp32 prefix chunks: the GEMM also takes each column's maximum (no mask to apply after)
+    acc_t* fused_max = nullptr;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!tree_mask_rows) {
+        std::fill(chunk_max.begin(), chunk_max.end(), -std::numeric_limits<float>::infinity());
+        gemm_colmax(n, nqp, s.D, Kc, ldk, Qt.data(), nqp, St.data(), nqp, chunk_max.data());
+        fused_max = chunk_max.data();
+      }
+    }
+    if (!fused_max) gemm(false, n, nqp, s.D, Kc, ldk, Qt.data(), nqp, St.data(), nqp, false);
     if (tree_mask_rows) {  // key r0 + r is tree node r0 + r; column c is node t0 + c / G
       const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
       for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < nq; ++c)
           if (!tree_mask_rows[(blk.t0 + c / G) * mask_stride_t + r0 + r]) St[r * nqp + c] = neg_inf;
     }
-    softmax_chunk(St.data(), n, nqp, m.data(), l.data(), O.data(), nq, Dvp, corr.data());
+    softmax_chunk(St.data(), n, nqp, m.data(), l.data(), O.data(), nq, Dvp, corr.data(), fused_max);
     gemm(true, nq, Dvp, n, St.data(), nqp, Vc, ldv, O.data(), Dvp, true);
   };
 
