@@ -142,3 +142,8 @@ def test_rotary_tables_are_reused_only_for_the_same_unchanged_positions():
     other = pos + 1
     assert torch.allclose(rotary_at(x, other, 10000.0), fresh(other))
     assert not torch.allclose(rotary_at(x, pos, 500.0), fresh(pos))  # another base, other tables
+    with torch.inference_mode():  # inference tensors keep no version counter
+        ipos = torch.arange(5).expand(2, 5).clone()
+        assert torch.allclose(rotary_at(x, ipos, 10000.0), fresh(ipos))
+        ipos.add_(3)
+        assert torch.allclose(rotary_at(x, ipos, 10000.0), fresh(ipos))

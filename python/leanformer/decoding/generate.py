@@ -63,7 +63,6 @@ def _runner(model, batch: int, max_len: int):
     return LlamaRunner(model, batch, max_len) if isinstance(model, LlamaLM) else SLABRunner(model, batch)
 
 
-@torch.no_grad()
 def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, drafter=None,
              tree: Optional[Union[TreeShape, DynamicTree]] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -117,6 +116,17 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
             raise ValueError("the drafter was built for another model")
     elif tree is not None:
         raise ValueError("a tree needs a drafter (tree=... without drafter=...)")
+    # inference mode, not just no_grad: our custom ops then skip their (Python) autograd
+    # kernel, ~10 us a call at decoding sizes; the returned tensors are made after it ends
+    with torch.inference_mode():
+        out, forwards, accepted_lengths = _decode(model, padded, lengths, max_new_tokens, drafter, tree, greedy,
+                                                  temperature, top_k, top_p, generator, eos_token_id)
+    return Generation([torch.tensor(s, dtype=torch.long) for s in out], forwards,
+                      sum(accepted_lengths) / len(accepted_lengths), accepted_lengths)
+
+
+def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter, tree, greedy: bool,
+            temperature: float, top_k, top_p, generator, eos_token_id):
     device = model.lm_head.weight.device
     B = padded.shape[0]
     per_forward = 1 if drafter is None else tree.size * (1 + getattr(drafter, "num_future", 0))
@@ -168,5 +178,4 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
             nxt = nxt[sel]
             drafts = None if drafts is None else drafts[sel]
         root = nxt
-    return Generation([torch.tensor(s, dtype=torch.long) for s in out], forwards,
-                      sum(accepted_lengths) / len(accepted_lengths), accepted_lengths)
+    return out, forwards, accepted_lengths

@@ -129,7 +129,8 @@ class TreeShape:
     def cached(self, key, device, build):
         """``build()`` once per ``(key, device)``: structure derived from the shape alone (a
         drafter's extension of the tree, say) need not be rebuilt every step."""
-        k = (key, str(torch.device(device) if device is not None else "cpu"))
+        # tensors made under inference mode are not for use outside it: one entry per mode
+        k = (key, str(torch.device(device) if device is not None else "cpu"), torch.is_inference_mode_enabled())
         if k not in self._structure:
             self._structure[k] = build()
         return self._structure[k]

@@ -79,7 +79,7 @@ class SLABRunner:
             raise ValueError("tree decoding of a SLABLM needs attention='sla' (the softmax twin has no cache)")
         self.model, self.batch = model, batch
         self.cache = LMCache([])
-        self._tree_kv = None
+        self._tree_kv = self._pool_idx = None
 
     def _empty_state(self, rows: int):
         attn = self.model.blocks[0].attn
@@ -140,7 +140,8 @@ class SLABRunner:
         B, T = x.shape[:2]
         if start == 0:
             self._tree_kv = []
-        lags = self._lag_table(parents)
+        if self._pool_idx is None or self._pool_idx[0] is not parents:  # drafters may extend the tree midway
+            self._pool_idx = (parents, self._conv_pool_index(parents))
         for block, layer in zip(m.blocks[start:stop], self.cache.layers[start:stop]):
             attn = block.attn
             H, hd = attn.num_heads, attn.head_dim
@@ -148,7 +149,7 @@ class SLABRunner:
             S, z = layer.state
             o = tree_linear_attention(q, k, v, S, z, mask, eps=attn.eps)
             if attn.dwc is not None:
-                o = o + self._tree_conv(attn, v, layer.conv_tail, lags)
+                o = o + self._tree_conv(attn, v, layer.conv_tail, self._pool_idx[1])
             self._tree_kv.append((k, v))
             x = x + attn.proj(o.reshape(B, T, -1))
             x = x + block.mlp(apply_norm(block.norm2, x, None))
@@ -167,41 +168,58 @@ class SLABRunner:
             cur = torch.where(cur >= 0, up, cur - 1)  # past the root: one more step into the tail
         return out
 
+    def _conv_pool_index(self, parents: Tensor) -> Tensor:
+        """``[B, T, ks]``: where lag ``l`` of node i sits in ``cat([conv tail, tree V])`` (the
+        tail's ``ks - 1`` values, oldest first, then the nodes); one table for every layer."""
+        ks = max(self.model.blocks[0].attn.kernel_size, 1)
+        lags = self._lag_table(parents)
+        return torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)  # -1 - r -> ks - 2 - r
+
     @staticmethod
-    def _tree_conv(attn, v: Tensor, tail: Tensor, lags: Tensor) -> Tensor:
+    def _tree_conv(attn, v: Tensor, tail: Tensor, pool_idx: Tensor) -> Tensor:
         """The causal depthwise conv of V along each node's ancestor chain (then the tail)."""
         B, T, H, hd = v.shape
         ks = attn.kernel_size
         tail = tail.view(B, H, hd, ks - 1).permute(0, 3, 1, 2).to(v.dtype)  # [B, ks - 1, H, hd], oldest first
-        # the values in reach of the kernel: the tail (newest at index ks - 2) then the nodes
         pool = torch.cat([tail, v], dim=1)  # [B, ks - 1 + T, H, hd]
-        idx = torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)  # -1 - r -> ks - 2 - r
-        gathered = pool[torch.arange(B, device=v.device)[:, None, None], idx]  # [B, T, ks, H, hd]
+        gathered = pool[torch.arange(B, device=v.device)[:, None, None], pool_idx]  # [B, T, ks, H, hd]
         w = attn.dwc.weight[:, 0, :].flip(-1).t()  # [ks, hd]: lag l uses tap ks - 1 - l
         out = (gathered * w[None, None, :, None, :]).sum(2)
         return out + attn.dwc.bias if attn.dwc.bias is not None else out
 
     def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
+        """All layers at once (their K/V stacked), over the longest accepted path only: a
+        decoding step's commit is a handful of ops instead of a dozen per layer."""
         B, T = tree.tokens.shape
-        on_path = torch.arange(T, device=accepted.device)[None] < num_accepted[:, None]  # [B, T]
-        path = accepted.clamp(min=0)
-        last = accepted.gather(1, (num_accepted - 1)[:, None])
-        lags = self._lag_table(tree.parents)[torch.arange(B, device=accepted.device), last[:, 0]]  # [B, ks]
-        for layer, (k, v), block in zip(self.cache.layers, self._tree_kv, self.model.blocks):
-            bidx = torch.arange(B, device=k.device)[:, None]
-            kp = torch.relu(k[bidx, path].float()) * on_path[..., None, None]  # [B, T, H, Dk]
-            vp = v[bidx, path].float()
+        n_max = int(num_accepted.max())
+        dev = accepted.device
+        bidx = torch.arange(B, device=dev)
+        path = accepted[:, :n_max].clamp(min=0)  # [B, n]
+        K = torch.stack([k[:, :T] for k, _ in self._tree_kv])  # [L, B, T, H, D]: the real nodes
+        V = torch.stack([v[:, :T] for _, v in self._tree_kv])
+        kp = torch.relu(K[:, bidx[:, None], path].float())  # [L, B, n, H, Dk]
+        if bool((num_accepted < n_max).any()):
+            kp = kp * (torch.arange(n_max, device=dev)[None] < num_accepted[:, None])[None, :, :, None, None]
+        vp = V[:, bidx[:, None], path].float()
+        dS = torch.einsum("lbthk,lbthv->lbhkv", kp, vp)
+        dz = kp.sum(2)
+        for i, layer in enumerate(self.cache.layers):
             S, z = layer.state
-            layer.state = (S + torch.einsum("bthk,bthv->bhkv", kp, vp), z + kp.sum(1))
-            attn = block.attn
-            if attn.dwc is not None:
-                ks, H, hd = attn.kernel_size, attn.num_heads, attn.head_dim
-                tail = layer.conv_tail.view(B, H, hd, ks - 1).permute(0, 3, 1, 2).to(v.dtype)
-                pool = torch.cat([tail, v], dim=1)
-                idx = torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)[:, :ks - 1].flip(-1)  # oldest first
-                new_tail = pool[torch.arange(B, device=v.device)[:, None], idx]  # [B, ks - 1, H, hd]
-                layer.conv_tail = new_tail.permute(0, 2, 3, 1).reshape(B * H, hd, ks - 1)
-        self._tree_kv = None
+            layer.state = (S + dS[i], z + dz[i])
+        attn = self.model.blocks[0].attn
+        if attn.dwc is not None:
+            ks, H, hd = attn.kernel_size, attn.num_heads, attn.head_dim
+            last = accepted.gather(1, (num_accepted - 1)[:, None])[:, 0]
+            cached = self._pool_idx is not None and self._pool_idx[0] is tree.parents
+            pool_idx = self._pool_idx[1] if cached else self._conv_pool_index(tree.parents)
+            idx = pool_idx[bidx, last, :ks - 1].flip(-1)  # [B, ks - 1], oldest first
+            tails = torch.stack([layer.conv_tail for layer in self.cache.layers])  # [L, B * H, hd, ks - 1]
+            tails = tails.view(-1, B, H, hd, ks - 1).permute(0, 1, 4, 2, 3).to(V.dtype)  # [L, B, ks - 1, H, hd]
+            pool = torch.cat([tails, V], dim=2)
+            new_tails = pool[:, bidx[:, None], idx].permute(0, 1, 3, 4, 2).reshape(-1, B * H, hd, ks - 1)
+            for i, layer in enumerate(self.cache.layers):
+                layer.conv_tail = new_tails[i]
+        self._tree_kv = self._pool_idx = None
 
     def select(self, rows: Tensor) -> None:
         for layer in self.cache.layers:

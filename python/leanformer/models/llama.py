@@ -75,17 +75,22 @@ def rotary_at(x: Tensor, positions: Tensor, base: float) -> Tensor:
 # positions tensor, so a decoding step computes its tables once instead of 2 x depth times. The
 # entry holds the tensor itself (its identity cannot be reused while cached) and its version,
 # and is replaced as one tuple (a thread never reads another's key with its own tables).
+# Inference tensors (torch.inference_mode) keep no version counter: a copy of their values is
+# compared instead.
 _ROTARY_LAST: list = [None]
 
 
 def _rotary_tables(positions: Tensor, D: int, base: float):
+    inference = positions.is_inference()
+    key = (None if inference else positions._version, D, base)
     entry = _ROTARY_LAST[0]
-    if entry is not None and entry[0] is positions and entry[1] == (positions._version, D, base):
+    if entry is not None and entry[0] is positions and entry[1] == key \
+            and (not inference or torch.equal(entry[3], positions)):
         return entry[2]
     inv_freq = base ** (-torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     tables = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    _ROTARY_LAST[0] = (positions, (positions._version, D, base), tables)
+    _ROTARY_LAST[0] = (positions, key, tables, positions.clone() if inference else None)
     return tables
 
 
