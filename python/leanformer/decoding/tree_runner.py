@@ -79,7 +79,7 @@ class SLABRunner:
             raise ValueError("tree decoding of a SLABLM needs attention='sla' (the softmax twin has no cache)")
         self.model, self.batch = model, batch
         self.cache = LMCache([])
-        self._tree_kv = self._pool_idx = None
+        self._tree_kv, self._pool_idx = None, []
 
     def _empty_state(self, rows: int):
         attn = self.model.blocks[0].attn
@@ -139,9 +139,8 @@ class SLABRunner:
         m = self.model
         B, T = x.shape[:2]
         if start == 0:
-            self._tree_kv = []
-        if self._pool_idx is None or self._pool_idx[0] is not parents:  # drafters may extend the tree midway
-            self._pool_idx = (parents, self._conv_pool_index(parents))
+            self._tree_kv, self._pool_idx = [], []
+        pool_idx = self._pool_index(parents)
         for block, layer in zip(m.blocks[start:stop], self.cache.layers[start:stop]):
             attn = block.attn
             H, hd = attn.num_heads, attn.head_dim
@@ -149,7 +148,7 @@ class SLABRunner:
             S, z = layer.state
             o = tree_linear_attention(q, k, v, S, z, mask, eps=attn.eps)
             if attn.dwc is not None:
-                o = o + self._tree_conv(attn, v, layer.conv_tail, self._pool_idx[1])
+                o = o + self._tree_conv(attn, v, layer.conv_tail, pool_idx)
             self._tree_kv.append((k, v))
             x = x + attn.proj(o.reshape(B, T, -1))
             x = x + block.mlp(apply_norm(block.norm2, x, None))
@@ -167,6 +166,16 @@ class SLABRunner:
             up = parents.gather(1, cur.clamp(min=0))
             cur = torch.where(cur >= 0, up, cur - 1)  # past the root: one more step into the tail
         return out
+
+    def _pool_index(self, parents: Tensor) -> Tensor:
+        """:meth:`_conv_pool_index`, once per parents tensor of the current tree (Hidden Transfer
+        runs the tree, then the tree extended by its pseudo tokens; the commit reads the tree's)."""
+        for p, idx in self._pool_idx:
+            if p is parents:
+                return idx
+        idx = self._conv_pool_index(parents)
+        self._pool_idx.append((parents, idx))
+        return idx
 
     def _conv_pool_index(self, parents: Tensor) -> Tensor:
         """``[B, T, ks]``: where lag ``l`` of node i sits in ``cat([conv tail, tree V])`` (the
@@ -210,16 +219,14 @@ class SLABRunner:
         if attn.dwc is not None:
             ks, H, hd = attn.kernel_size, attn.num_heads, attn.head_dim
             last = accepted.gather(1, (num_accepted - 1)[:, None])[:, 0]
-            cached = self._pool_idx is not None and self._pool_idx[0] is tree.parents
-            pool_idx = self._pool_idx[1] if cached else self._conv_pool_index(tree.parents)
-            idx = pool_idx[bidx, last, :ks - 1].flip(-1)  # [B, ks - 1], oldest first
+            idx = self._pool_index(tree.parents)[bidx, last, :ks - 1].flip(-1)  # [B, ks - 1], oldest first
             tails = torch.stack([layer.conv_tail for layer in self.cache.layers])  # [L, B * H, hd, ks - 1]
             tails = tails.view(-1, B, H, hd, ks - 1).permute(0, 1, 4, 2, 3).to(V.dtype)  # [L, B, ks - 1, H, hd]
             pool = torch.cat([tails, V], dim=2)
             new_tails = pool[:, bidx[:, None], idx].permute(0, 1, 3, 4, 2).reshape(-1, B * H, hd, ks - 1)
             for i, layer in enumerate(self.cache.layers):
                 layer.conv_tail = new_tails[i]
-        self._tree_kv = self._pool_idx = None
+        self._tree_kv, self._pool_idx = None, []
 
     def select(self, rows: Tensor) -> None:
         for layer in self.cache.layers:
