@@ -127,6 +127,11 @@ TORCH_LIBRARY(leanformer, m) {
       "nm_sparse_linear_backward(Tensor grad_y, Tensor x, Tensor values, Tensor meta, *, int n, "
       "int m, bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // Linear for the few rows of a decoding step: y [..., N] = x [..., K] @ W^T + bias, with W
+  // [N, K] prepacked as packed_weight [ceil(N/32), K, 32] (panel p, row k, lane j holds
+  // W[32p + j, k], zero past N; python/leanformer/ops/packed_linear.py packs it).
+  m.def("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features) -> Tensor");
+
   // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each
   // sequence's cached prefix k_cache/v_cache [B, L_max, Hkv, D|Dv] (the first cache_lens[b]
   // slots, int64 [B], unmasked) and over the tree k_tree/v_tree [B, T, Hkv, D|Dv] where
@@ -153,6 +158,13 @@ TORCH_LIBRARY(leanformer, m) {
   // [0, 1) drawn by the caller from its generator, consumed in a fixed order. Same outputs.
   m.def("verify_tree_sampling(Tensor probs, Tensor tree_tokens, Tensor parents, Tensor uniforms) "
         "-> (Tensor, Tensor, Tensor)");
+  // In place, for a SLAB LM after a tree verification, every layer at once: S[l] += sum_j
+  // relu(k[l][b, path[b, j]])^T v[l][b, path[b, j]] and z[l] += the relu(k) rows, j <
+  // num_accepted[b]; conv_tail[l] [B*H, Dv, W] becomes the last W values of "old tail ++ the
+  // path's V" (oldest first). The state plain decoding of the path's tokens would have left.
+  m.def(
+      "sla_tree_commit(Tensor(a!)[] S, Tensor(b!)[] z, Tensor(c!)[] conv_tail, Tensor[] k, Tensor[] v, "
+      "Tensor path, Tensor num_accepted) -> ()");
   // In place, per sequence: the tree's K/V were appended at slots cache_lens[b] + i; keep the
   // accepted nodes (slot L + accepted[b, j] -> L + j, j < num_accepted[b]) and set
   // cache_lens[b] += num_accepted[b].

@@ -194,6 +194,20 @@ def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, device,
     assert out.forwards < plain.forwards and out.tokens_per_forward > 1.2  # the drafts do get accepted
 
 
+@pytest.mark.parametrize("drafter", ["llama-medusa", "slab-ht"])
+def test_greedy_tree_decoding_equals_plain_greedy_without_packed_linears(drafter, drafters, prompts):
+    """generate packs the linears by default (both sides); with F.linear throughout, tree
+    decoding is still token for token plain decoding, and the packed kernel really ran above."""
+    model, drafter = on_device(drafters[drafter], "cpu")
+    plain = leanformer.generate(model, prompts, max_new_tokens=32, pack_linears=False)
+    out = leanformer.generate(model, prompts, max_new_tokens=32, drafter=drafter, tree=STATIC, pack_linears=False)
+    for a, b in zip(out.sequences, plain.sequences):
+        assert a.tolist() == b.tolist()
+    with torch.profiler.profile() as prof:
+        leanformer.generate(model, prompts[:1], max_new_tokens=4, drafter=drafter, tree=STATIC)
+    assert any(e.key == "leanformer::packed_linear" for e in prof.key_averages())
+
+
 @pytest.mark.parametrize("family", ["llama", "slab"])
 def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, request, drafters, prompts):
     """The pseudo tokens of every anchor (the main chain and, at branch_depth 1, the root's other

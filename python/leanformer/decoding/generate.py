@@ -3,6 +3,7 @@ tree -> one forward that verifies it (and, for Hidden Transfer, drafts the next 
 verification op -> cache compaction), for a batch of prompts of different lengths."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -66,7 +67,8 @@ def _runner(model, batch: int, max_len: int):
 def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, drafter=None,
              tree: Optional[Union[TreeShape, DynamicTree]] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
-             generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None) -> Generation:
+             generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None,
+             pack_linears: bool = True) -> Generation:
     """Decodes ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -81,6 +83,10 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
             sampling verification uses, so tree decoding samples exactly what plain does).
         generator: the random source of sampling.
         eos_token_id: a sequence stops after emitting it; the others go on.
+        pack_linears: decode with the model's (and drafter's) float32 CPU ``nn.Linear`` layers
+            on prepacked weights (:func:`leanformer.nn.packed_linears`), plain and tree
+            decoding alike; False keeps ``F.linear``. The tokens are the same up to float
+            summation order.
 
     Returns:
         a :class:`Generation` (tokens and statistics).
@@ -118,7 +124,10 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         raise ValueError("a tree needs a drafter (tree=... without drafter=...)")
     # inference mode, not just no_grad: our custom ops then skip their (Python) autograd
     # kernel, ~10 us a call at decoding sizes; the returned tensors are made after it ends
-    with torch.inference_mode():
+    from leanformer.nn.packed_linear_layers import packed_linears
+
+    linears = packed_linears(model, drafter) if pack_linears else contextlib.nullcontext()
+    with torch.inference_mode(), linears:
         out, forwards, accepted_lengths = _decode(model, padded, lengths, max_new_tokens, drafter, tree, greedy,
                                                   temperature, top_k, top_p, generator, eos_token_id)
     return Generation([torch.tensor(s, dtype=torch.long) for s in out], forwards,

@@ -197,35 +197,15 @@ class SLABRunner:
         return out + attn.dwc.bias if attn.dwc.bias is not None else out
 
     def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
-        """All layers at once (their K/V stacked), over the longest accepted path only: a
-        decoding step's commit is a handful of ops instead of a dozen per layer."""
-        B, T = tree.tokens.shape
-        n_max = int(num_accepted.max())
-        dev = accepted.device
-        bidx = torch.arange(B, device=dev)
-        path = accepted[:, :n_max].clamp(min=0)  # [B, n]
-        K = torch.stack([k[:, :T] for k, _ in self._tree_kv])  # [L, B, T, H, D]: the real nodes
-        V = torch.stack([v[:, :T] for _, v in self._tree_kv])
-        kp = torch.relu(K[:, bidx[:, None], path].float())  # [L, B, n, H, Dk]
-        if bool((num_accepted < n_max).any()):
-            kp = kp * (torch.arange(n_max, device=dev)[None] < num_accepted[:, None])[None, :, :, None, None]
-        vp = V[:, bidx[:, None], path].float()
-        dS = torch.einsum("lbthk,lbthv->lbhkv", kp, vp)
-        dz = kp.sum(2)
-        for i, layer in enumerate(self.cache.layers):
-            S, z = layer.state
-            layer.state = (S + dS[i], z + dz[i])
-        attn = self.model.blocks[0].attn
-        if attn.dwc is not None:
-            ks, H, hd = attn.kernel_size, attn.num_heads, attn.head_dim
-            last = accepted.gather(1, (num_accepted - 1)[:, None])[:, 0]
-            idx = self._pool_index(tree.parents)[bidx, last, :ks - 1].flip(-1)  # [B, ks - 1], oldest first
-            tails = torch.stack([layer.conv_tail for layer in self.cache.layers])  # [L, B * H, hd, ks - 1]
-            tails = tails.view(-1, B, H, hd, ks - 1).permute(0, 1, 4, 2, 3).to(V.dtype)  # [L, B, ks - 1, H, hd]
-            pool = torch.cat([tails, V], dim=2)
-            new_tails = pool[:, bidx[:, None], idx].permute(0, 1, 3, 4, 2).reshape(-1, B * H, hd, ks - 1)
-            for i, layer in enumerate(self.cache.layers):
-                layer.conv_tail = new_tails[i]
+        """One op for every layer (``ops.sla_tree_commit``): the accepted path's K/V into the
+        state, its V into the conv tail; ~40 small PyTorch ops per step before."""
+        from leanformer.ops.tree_decoding import sla_tree_commit
+
+        layers = self.cache.layers
+        S, z = [layer.state[0] for layer in layers], [layer.state[1] for layer in layers]
+        tails = [layer.conv_tail for layer in layers] if self.model.blocks[0].attn.dwc is not None else []
+        sla_tree_commit(S, z, tails, [k for k, _ in self._tree_kv], [v for _, v in self._tree_kv], accepted,
+                        num_accepted)
         self._tree_kv, self._pool_idx = None, []
 
     def select(self, rows: Tensor) -> None:

@@ -7,7 +7,7 @@ j is i or an ancestor of i. The position id of node i is ``cache_lens[b] + depth
 Tree token padding is -1, never a real id.
 
 The kernels are torch.ops.leanformer.tree_attention / tree_linear_attention /
-verify_tree_greedy / verify_tree_sampling / compact_kv_cache (C++ on CPU, CUDA on GPU).
+verify_tree_greedy / verify_tree_sampling / compact_kv_cache / sla_tree_commit (C++ on CPU, CUDA on GPU).
 This file gives them typed wrappers, fake kernels for torch.compile and export, and the
 probability warp (temperature, top-k, top-p) that plain sampling and tree verification
 share, so the two sample the same distribution.
@@ -16,7 +16,7 @@ tree_attention and tree_linear_attention are inference ops: a backward through t
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -228,6 +228,32 @@ def compact_kv_cache(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accep
     _ops.compact_kv_cache(k_cache, v_cache, cache_lens, accepted, num_accepted)
 
 
+def sla_tree_commit(S: List[Tensor], z: List[Tensor], conv_tail: List[Tensor], k: List[Tensor], v: List[Tensor],
+                    path: Tensor, num_accepted: Tensor) -> None:
+    """Fold a verified tree's accepted path into a SLAB LM's recurrent state, every layer at once, in place.
+
+    Per layer l and sequence b, over the path's first ``num_accepted[b]`` nodes
+    ``i = path[b, j]`` in order: ``S[l][b] += relu(k[l][b, i])^T v[l][b, i]`` (per head),
+    ``z[l][b] += relu(k[l][b, i])``, and ``conv_tail[l]`` becomes the last W values of
+    "old tail ++ the path's V", oldest first: the state plain decoding of those tokens leaves.
+
+    Args:
+        S: per layer ``[B, H, Dk, Dv]`` float32/float64 (the state; last dim contiguous).
+        z: per layer ``[B, H, Dk]`` in S's dtype.
+        conv_tail: per layer ``[B*H, Dv, W]`` (the causal conv's last W values of V), or ``[]``.
+        k, v: per layer the tree's ``[B, T, H, Dk]`` / ``[B, T, H, Dv]`` (any strides, one dtype).
+        path: int64 ``[B, n]``, the accepted nodes root first (``verify_tree_greedy``'s
+            ``accepted``); num_accepted: int64 ``[B]``, at most n.
+
+    Example::
+
+        >>> acc, n, bonus = verify_tree_greedy(logits, tree_tokens, parents)
+        >>> sla_tree_commit(S, z, tails, ks, vs, acc, n)
+    """
+    _ops.sla_tree_commit(S, z, conv_tail, k, v, path, num_accepted)
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
 # ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
 
 @torch.library.register_fake("leanformer::tree_attention")
@@ -257,6 +283,11 @@ def _verify_tree_sampling_fake(probs, tree_tokens, parents, uniforms):
 
 @torch.library.register_fake("leanformer::compact_kv_cache")
 def _compact_kv_cache_fake(k_cache, v_cache, cache_lens, accepted, num_accepted):
+    return None
+
+
+@torch.library.register_fake("leanformer::sla_tree_commit")
+def _sla_tree_commit_fake(S, z, conv_tail, k, v, path, num_accepted):
     return None
 
 

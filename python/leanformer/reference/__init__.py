@@ -19,6 +19,7 @@ from leanformer.reference.tree_decoding import (
     ancestor_mask,
     compact_kv_cache_reference,
     prefix_tree_additive_mask,
+    sla_tree_commit_reference,
     tree_attention_reference,
     tree_linear_attention_reference,
     verify_tree_greedy_reference,
@@ -28,6 +29,7 @@ from leanformer.reference.tree_decoding import (
 __all__ = [
     "ancestor_mask",
     "compact_kv_cache_reference",
+    "sla_tree_commit_reference",
     "prefix_tree_additive_mask",
     "tree_attention_reference",
     "tree_linear_attention_reference",

@@ -2,7 +2,7 @@
 
 Attention over [prefix + tree] with an explicit additive mask, masked quadratic linear
 attention plus the prefix state, the two verifications as Python walks down the tree, and
-KV-cache compaction by gather. Shapes follow leanformer.ops.tree_decoding.
+KV-cache compaction by gather, the SLAB state update token by token. Shapes follow leanformer.ops.tree_decoding.
 """
 from __future__ import annotations
 
@@ -187,3 +187,23 @@ def compact_kv_cache_reference(k_cache: Tensor, v_cache: Tensor, cache_lens: Ten
         k[b, L:L + n] = k_cache[b].index_select(0, src)
         v[b, L:L + n] = v_cache[b].index_select(0, src)
     return k, v, cache_lens + num_accepted.to(cache_lens.device)
+
+
+def sla_tree_commit_reference(S: List[Tensor], z: List[Tensor], conv_tail: List[Tensor], k: List[Tensor],
+                              v: List[Tensor], path: Tensor, num_accepted: Tensor):
+    """Out of place: each layer's ``(S, z, conv_tail)`` after plain decoding of the path's tokens,
+    one token at a time (``S += relu(k)^T v``, ``z += relu(k)``, the conv tail shifted by one V)."""
+    S, z = [s.clone() for s in S], [x.clone() for x in z]
+    tails = [t.clone() for t in conv_tail]
+    B, H = S[0].shape[:2]
+    for l in range(len(S)):
+        for b in range(B):
+            for j in range(int(num_accepted[b])):
+                i = int(path[b, j])
+                kf = torch.relu(k[l][b, i].to(S[l].dtype))  # [H, Dk]
+                S[l][b] += kf[:, :, None] * v[l][b, i].to(S[l].dtype)[:, None, :]
+                z[l][b] += kf
+                if tails and tails[l].shape[-1]:
+                    rows = tails[l][b * H:(b + 1) * H]  # [H, Dv, W], oldest first
+                    rows.copy_(torch.cat([rows[..., 1:], v[l][b, i].to(rows.dtype)[..., None]], -1))
+    return S, z, tails

@@ -1,0 +1,89 @@
+"""Linear with a prepacked weight, for the few rows of a decoding step (CPU).
+
+At one token, or a token tree of a few dozen, ``F.linear`` on the CPU spends much of its time
+repacking the weight inside the BLAS call. ``torch.ops.leanformer.packed_linear`` reads W
+from a layout packed once, ``[ceil(N/32), K, 32]`` (32-column panels of W^T, zero past N), and
+runs register-tiled panels over the rows. This file gives it the packing, a typed wrapper, a
+fake kernel and autograd (w.r.t. x, the packed weight and bias).
+:func:`leanformer.nn.packed_linears` swaps it into a model's ``nn.Linear`` layers for decoding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ops = torch.ops.leanformer
+PANEL = 32
+
+
+def pack_linear_weight(weight: Tensor) -> Tensor:
+    """``weight [N, K]`` (``nn.Linear.weight``) -> ``[ceil(N/32), K, 32]``: panel p, row k, lane j
+    holds ``weight[32p + j, k]``, zero past N. A copy; differentiable."""
+    if weight.dim() != 2:
+        raise ValueError(f"pack_linear_weight: weight must be [out_features, in_features], got {tuple(weight.shape)}")
+    N, K = weight.shape
+    NP = -(-N // PANEL)
+    w = F.pad(weight, (0, 0, 0, NP * PANEL - N))
+    return w.view(NP, PANEL, K).transpose(1, 2).contiguous()
+
+
+def unpack_linear_weight(packed_weight: Tensor, out_features: int) -> Tensor:
+    """The inverse of :func:`pack_linear_weight`: ``[out_features, K]``."""
+    NP, K, P = packed_weight.shape
+    return packed_weight.transpose(1, 2).reshape(NP * P, K)[:out_features]
+
+
+def packed_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """``x @ W^T + bias`` with ``W`` given as ``pack_linear_weight(W)``.
+
+    Args:
+        x: ``[..., K]``, float32 (float64 for gradcheck), on the CPU.
+        packed_weight: ``[ceil(N/32), K, 32]`` from :func:`pack_linear_weight`, x's dtype.
+        bias: ``[N]`` or None.
+        out_features: N.
+
+    Returns:
+        ``[..., N]``, equal to ``F.linear(x, W, bias)`` up to summation order.
+
+    Fastest for few rows (1 to a few dozen: a decoding step or a token tree); for long
+    prompts ``F.linear`` is the better call, and :func:`leanformer.nn.packed_linears` switches
+    to it there. CPU only: on CUDA, cuBLAS reads W as it is.
+
+    Example::
+
+        >>> lin = torch.nn.Linear(256, 1024)
+        >>> pw = pack_linear_weight(lin.weight.detach())
+        >>> y = packed_linear(torch.randn(19, 256), pw, lin.bias.detach(), 1024)  # [19, 1024]
+    """
+    return _ops.packed_linear(x, packed_weight, bias, out_features)
+
+
+@torch.library.register_fake("leanformer::packed_linear")
+def _packed_linear_fake(x, packed_weight, bias, out_features):
+    torch._check(x.shape[-1] == packed_weight.shape[1], lambda: "packed_linear: x.shape[-1] must be packed_weight.shape[1]")
+    return x.new_empty([*x.shape[:-1], out_features])
+
+
+def _setup(ctx, inputs, output):
+    x, packed_weight, bias, out_features = inputs
+    ctx.out_features, ctx.has_bias = out_features, bias is not None
+    ctx.save_for_backward(x, packed_weight)
+
+
+def _backward(ctx, grad_y):
+    x, packed_weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ unpack_linear_weight(packed_weight, ctx.out_features)
+    if ctx.needs_input_grad[1]:
+        g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [N, K]
+        grad_w = pack_linear_weight(g)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+torch.library.register_autograd("leanformer::packed_linear", _backward, setup_context=_setup)

@@ -1,0 +1,186 @@
+"""packed_linear (prepacked-weight linear for decoding on the CPU) against F.linear in fp64:
+odd shapes, both dtypes, gradcheck, opcheck, torch.compile, bad inputs; and the packed_linears
+context that swaps it into a model's nn.Linear layers."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_compiles_like_eager
+from leanformer.nn import packed_linears
+from leanformer.ops import pack_linear_weight, packed_linear, unpack_linear_weight
+
+# rows: none, one (a decoding step), a 12-row tile and its neighbours, a 19-node tree, several tiles
+ROWS = [(0,), (1,), (11,), (12,), (13,), (19,), (77,), (3, 13)]
+# (K, N): a partial panel below, at and above 32 columns, several panels with a partial last one
+SIZES = [(1, 1), (7, 31), (16, 32), (33, 33), (256, 100), (100, 257)]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("K,N", SIZES)
+def test_matches_linear(dtype, rows, K, N):
+    for bias in (True, False):
+        w = torch.randn(N, K, dtype=dtype)
+        b = torch.randn(N, dtype=dtype) if bias else None
+        x = torch.randn(*rows, K, dtype=dtype)
+        y = packed_linear(x, pack_linear_weight(w), b, N)
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        assert y.shape == (*rows, N) and y.dtype == dtype
+        if y.numel():
+            err = ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+            assert err <= TOL[dtype], (rows, K, N, bias, err)
+
+
+def test_pack_roundtrip_and_layout():
+    w = torch.randn(70, 9)
+    p = pack_linear_weight(w)
+    assert p.shape == (3, 9, 32)
+    assert torch.equal(p[1, 4, 5], w[32 + 5, 4])
+    assert torch.equal(p[2, :, 6:], torch.zeros(9, 26))  # zero past N
+    assert torch.equal(unpack_linear_weight(p, 70), w)
+
+
+def test_rows_do_not_change_each_others_results():
+    # each row's sum runs in the same order whatever the tile, so a node of a 19-node tree gets
+    # bit for bit what a one-token step gets: tree decoding verifies what plain decoding computes
+    w, b = torch.randn(1024, 256), torch.randn(1024)
+    p, x = pack_linear_weight(w), torch.randn(19, 256)
+    full = packed_linear(x, p, b, 1024)
+    for i in (0, 11, 12, 18):
+        assert torch.equal(packed_linear(x[i:i + 1], p, b, 1024), full[i:i + 1])
+
+
+def test_non_contiguous_input():
+    w = torch.randn(40, 24)
+    x = torch.randn(24, 5).t()
+    torch.testing.assert_close(packed_linear(x, pack_linear_weight(w), None, 40), F.linear(x, w))
+
+
+def test_gradcheck():
+    x = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    p = pack_linear_weight(torch.randn(37, 13, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p, b: packed_linear(x, p, b, 37), (x, p, b))
+
+
+def test_gradient_reaches_the_unpacked_weight():
+    w = torch.randn(33, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    packed_linear(x, pack_linear_weight(w), None, 33).square().sum().backward()
+    w2 = w.detach().clone().requires_grad_(True)
+    F.linear(x, w2).square().sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_opcheck():
+    x = torch.randn(5, 20)
+    p = pack_linear_weight(torch.randn(45, 20))
+    torch.library.opcheck(torch.ops.leanformer.packed_linear.default, (x, p, torch.randn(45), 45))
+    torch.library.opcheck(torch.ops.leanformer.packed_linear.default, (x, p, None, 45))
+
+
+def test_compiles_fullgraph():
+    x = torch.randn(2, 7, 20, requires_grad=True)
+    p = pack_linear_weight(torch.randn(40, 20)).requires_grad_(True)
+    b = torch.randn(40, requires_grad=True)
+    assert_compiles_like_eager(lambda x, p, b: packed_linear(x, p, b, 40), (x, p, b))
+
+
+def test_bad_inputs_name_the_argument():
+    x, w = torch.randn(3, 16), torch.randn(40, 16)
+    p = pack_linear_weight(w)
+    with pytest.raises(RuntimeError, match="packed_weight must be"):
+        packed_linear(torch.randn(3, 15), p, None, 40)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        packed_linear(x.bfloat16(), p.bfloat16(), None, 40)
+    with pytest.raises(RuntimeError, match="packed_weight must have the dtype of x"):
+        packed_linear(x, p.double(), None, 40)
+    with pytest.raises(RuntimeError, match="out_features"):
+        packed_linear(x, p, None, 65)
+    with pytest.raises(RuntimeError, match="out_features"):
+        packed_linear(x, p, None, 32)
+    with pytest.raises(RuntimeError, match=r"bias must be \[out_features\]"):
+        packed_linear(x, p, torch.randn(41), 40)
+    with pytest.raises(RuntimeError, match="bias must have the dtype of x"):
+        packed_linear(x, p, torch.randn(40).double(), 40)
+    with pytest.raises(ValueError, match="weight must be"):
+        pack_linear_weight(torch.randn(3, 4, 5))
+
+
+def small_model():
+    return nn.Sequential(nn.Linear(24, 64), nn.GELU(), nn.Linear(64, 24), nn.Linear(24, 3, bias=False))
+
+
+def test_context_packs_and_restores():
+    model = small_model().eval()
+    x = torch.randn(5, 24)
+    ref = model(x)
+    with torch.inference_mode(), packed_linears(model) as n:
+        assert n == 3
+        assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear))
+        torch.testing.assert_close(model(x), ref)
+    assert not any("forward" in m.__dict__ for m in model)
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_context_runs_the_packed_kernel(monkeypatch):
+    model = small_model().eval()
+    calls = []
+    import leanformer.nn.packed_linear_layers as pl
+
+    real = pl.packed_linear
+    monkeypatch.setattr(pl, "packed_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad(), packed_linears(model, max_rows=8):
+        model(torch.randn(2, 4, 24))  # 8 rows: packed
+        assert len(calls) == 3
+        model(torch.randn(9, 24))  # 9 rows: F.linear
+        assert len(calls) == 3
+
+
+def test_context_switches_paths_with_a_log(caplog):
+    model = small_model().eval()
+    with caplog.at_level(logging.INFO, logger="leanformer.nn.packed_linear_layers"), torch.no_grad(), \
+            packed_linears(model, max_rows=4):
+        model(torch.randn(2, 24))
+        model(torch.randn(5, 24))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("packed_linears: packed_linear for 2 rows") for m in msgs), msgs
+    assert any(m.startswith("packed_linears: F.linear for 5 rows") for m in msgs), msgs
+
+
+def test_context_with_gradients_trains_the_real_weights():
+    model = small_model()
+    x = torch.randn(3, 24)
+    with packed_linears(model):
+        model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for g, g_ref in zip(grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_context_repacks_a_weight_changed_in_place():
+    model = small_model().eval()
+    x = torch.randn(2, 24)
+    with torch.no_grad(), packed_linears(model):
+        model(x)
+        model[0].weight.mul_(2)
+        torch.testing.assert_close(model(x), model[3](model[2](model[1](F.linear(x, model[0].weight, model[0].bias)))))
+
+
+def test_context_leaves_other_dtypes_and_nesting_alone():
+    model = small_model().double()
+    with packed_linears(model) as n:
+        assert n == 0
+    model = small_model()
+    with packed_linears(model, model[0]) as n, packed_linears(model) as inner:
+        assert n == 3 and inner == 0
+    assert not any("forward" in m.__dict__ for m in model)
+    with pytest.raises(ValueError, match="max_rows"):
+        with packed_linears(model, max_rows=0):
+            pass
