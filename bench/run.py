@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "nm_sparse", "dense_sparse_linear", "tree_attention",
+SUITES = ["linear_attention", "rep_batchnorm", "topk_mlp", "nm_sparse", "dense_sparse_linear", "packed_linear", "tree_attention",
           "models", "generate", "nm_sparse_cuda", "tree_attention_cuda"]
 
 

@@ -1,6 +1,6 @@
 """The CPU kernels pick their vector tiles (AVX-512, AVX2, portable) when the library loads;
 LEANFORMER_DISABLE_AVX512=1 forces the AVX2 tiles, so both paths of the shared small GEMM and
-the softmax are checked against the references on one AVX-512 machine."""
+the softmax (and packed_linear's tiles) are checked against the references on one AVX-512 machine."""
 import json
 import os
 import subprocess
@@ -32,6 +32,11 @@ for dtype in (torch.float32, torch.float64):
     q, k, v = (torch.randn(1, 150, 3, 40, dtype=dtype) for _ in range(3))
     errors[f"linear_attention {dtype}"] = (simplified_linear_attention(q, k, v, causal=True)
                                            - sla_causal_quadratic_reference(q, k, v)[0]).abs().max().item()
+    # packed_linear: 12-row (AVX-512) or 3-row (AVX2) tiles, a partial last panel, fp64 as gradcheck runs it
+    from leanformer.ops import pack_linear_weight, packed_linear
+    x, w, b = torch.randn(3, 17, 70, dtype=dtype), torch.randn(45, 70, dtype=dtype), torch.randn(45, dtype=dtype)
+    errors[f"packed_linear {dtype}"] = (packed_linear(x, pack_linear_weight(w), b, 45)
+                                        - torch.nn.functional.linear(x, w, b)).abs().max().item()
 print(json.dumps({"isa": _C.cpu_vector_isa(), "errors": errors}))
 """
 

@@ -127,7 +127,7 @@ def test_context_packs_and_restores():
     torch.testing.assert_close(model(x), ref)
 
 
-def test_context_runs_the_packed_kernel(monkeypatch):
+def test_context_runs_the_packed_kernel_within_its_rows(monkeypatch):
     model = small_model().eval()
     calls = []
     import leanformer.nn.packed_linear_layers as pl
@@ -138,18 +138,24 @@ def test_context_runs_the_packed_kernel(monkeypatch):
         model(torch.randn(2, 4, 24))  # 8 rows: packed
         assert len(calls) == 3
         model(torch.randn(9, 24))  # 9 rows: F.linear
+        model(torch.randn(1, 24))  # 1 row: F.linear (below min_rows = 2)
         assert len(calls) == 3
+    with torch.no_grad(), packed_linears(model, min_rows=1):
+        model(torch.randn(1, 24))
+        assert len(calls) == 6
 
 
-def test_context_switches_paths_with_a_log(caplog):
+def test_context_logs_each_path_once(caplog):
     model = small_model().eval()
     with caplog.at_level(logging.INFO, logger="leanformer.nn.packed_linear_layers"), torch.no_grad(), \
             packed_linears(model, max_rows=4):
-        model(torch.randn(2, 24))
-        model(torch.randn(5, 24))
+        for _ in range(3):
+            model(torch.randn(2, 24))
+            model(torch.randn(5, 24))
+            model(torch.randn(1, 24))
     msgs = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("packed_linears: packed_linear for 2 rows") for m in msgs), msgs
-    assert any(m.startswith("packed_linears: F.linear for 5 rows") for m in msgs), msgs
+    assert msgs == ["packed_linears: packed_linear for 2 rows", "packed_linears: F.linear (5 rows, outside 2..4)",
+                    "packed_linears: F.linear (1 rows, outside 2..4)"], msgs
 
 
 def test_context_with_gradients_trains_the_real_weights():
@@ -181,6 +187,23 @@ def test_context_leaves_other_dtypes_and_nesting_alone():
     with packed_linears(model, model[0]) as n, packed_linears(model) as inner:
         assert n == 3 and inner == 0
     assert not any("forward" in m.__dict__ for m in model)
-    with pytest.raises(ValueError, match="max_rows"):
-        with packed_linears(model, max_rows=0):
-            pass
+    for bad in (dict(max_rows=0), dict(min_rows=0), dict(min_rows=5, max_rows=4)):
+        with pytest.raises(ValueError, match="min_rows <= max_rows"):
+            with packed_linears(model, **bad):
+                pass
+
+
+def test_stacked_drafter_heads_follow_the_context():
+    from leanformer.nn.packed_linear_layers import packed_or_linear
+
+    w, b, x = torch.randn(64, 24), torch.randn(64), torch.randn(3, 24)
+    cache = {}
+    ref = F.linear(x, w, b)
+    assert torch.equal(packed_or_linear(x, w, b, cache), ref) and not cache  # no context: F.linear
+    with torch.no_grad(), packed_linears(small_model()):
+        torch.testing.assert_close(packed_or_linear(x, w, b, cache), ref)
+        assert "packed" in cache
+        w.mul_(2)  # repacked when the weight changes
+        torch.testing.assert_close(packed_or_linear(x, w, b, cache), F.linear(x, w, b))
+        big = torch.randn(200, 24)
+        torch.testing.assert_close(packed_or_linear(big, w, b, cache), F.linear(big, w, b))

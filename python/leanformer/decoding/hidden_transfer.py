@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanformer.decoding.stacked_linears import StackedLinears
@@ -158,7 +157,7 @@ class HiddenTransfer(nn.Module):
         """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
         B, S, C = h.shape
         # all K maps in one GEMM: [B, S, K C], pseudo token j of anchor s at s K + j
-        return F.linear(h, *self._stacked()).reshape(B, S * self.num_future, C)
+        return self._stacked.apply(h).reshape(B, S * self.num_future, C)
 
     def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
                  anchors: Tensor, extended=None) -> Tuple[Tensor, Tensor]:

@@ -40,7 +40,7 @@ class MedusaHeads(nn.Module):
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
-        z = F.linear(hidden, *self._stacked())  # all heads in one GEMM: [..., K C]
+        z = self._stacked.apply(hidden)  # all heads in one GEMM: [..., K C]
         z = z.unflatten(-1, (self.num_future, hidden.shape[-1]))
         return self.model.lm_head(hidden.unsqueeze(-2) + F.silu(z))
 

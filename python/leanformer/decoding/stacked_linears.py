@@ -20,6 +20,13 @@ class StackedLinears:
     def __init__(self, linears: nn.ModuleList):
         self.linears = linears
         self._key, self._stacked = None, None
+        self._packed: dict = {}
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``F.linear(x, *self())``; inside :func:`leanformer.nn.packed_linears`, on a packed copy."""
+        from leanformer.nn.packed_linear_layers import packed_or_linear
+
+        return packed_or_linear(x, *self(), self._packed)
 
     def __call__(self) -> Tuple[Tensor, Tensor]:
         params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
