@@ -131,6 +131,9 @@ TORCH_LIBRARY(leanformer, m) {
   // [N, K] prepacked as packed_weight [ceil(N/32), K, 32] (panel p, row k, lane j holds
   // W[32p + j, k], zero past N; python/leanformer/ops/packed_linear.py packs it).
   m.def("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features) -> Tensor");
+  // y [..., hidden] = silu(x @ Wg^T) * (x @ Wu^T) (Llama's SwiGLU before its down projection),
+  // gate and up [hidden, K] packed side by side per panel: packed_gate_up [ceil(hidden/32), 2, K, 32].
+  m.def("packed_swiglu(Tensor x, Tensor packed_gate_up, int hidden) -> Tensor");
 
   // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each
   // sequence's cached prefix k_cache/v_cache [B, L_max, Hkv, D|Dv] (the first cache_lens[b]

@@ -9,9 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "small_gemm.h"
+#include "vector_exp.h"
 
 namespace leanformer {
 namespace {
@@ -107,6 +110,106 @@ LEANFORMER_CLONES void panels_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N,
   panels<v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
 }
 
+// ---- packed_swiglu: silu(x Wg^T) * (x Wu^T) with the gate and up panels of a column block
+// side by side ([NP, 2, K, 32]), both accumulated in registers and multiplied there: the two
+// GEMMs, the silu and the product in one pass, and no [rows, hidden] intermediates.
+
+template <typename V, typename T>
+__attribute__((always_inline)) inline V silu_times(V g, V u) {
+  if constexpr (std::is_same_v<T, float>) {
+    return g / (vsplat<V>(1.0f) + vexp<V>(-g)) * u;
+  } else {  // fp64 (gradcheck): lane by lane
+    constexpr int W = sizeof(V) / sizeof(T);
+    for (int i = 0; i < W; ++i) g[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+    return g;
+  }
+}
+
+template <typename V, typename T, int NV, int MR>
+__attribute__((always_inline)) inline void swiglu_tile(int64_t K, const T* A, int64_t lda, const T* Bg, T* C,
+                                                       int64_t ldc) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  static_assert(NV * W == kPanel, "a tile spans one panel");
+  const T* Bu = Bg + K * kPanel;
+  V g[MR][NV], u[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) g[r][v] = u[r][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(Bg + (k + 16) * kPanel);
+    __builtin_prefetch(Bg + (k + 16) * kPanel + 16);
+    __builtin_prefetch(Bu + (k + 16) * kPanel);
+    __builtin_prefetch(Bu + (k + 16) * kPanel + 16);
+    V wg[NV], wu[NV];
+    for (int v = 0; v < NV; ++v) {
+      std::memcpy(&wg[v], Bg + k * kPanel + v * W, sizeof(V));
+      std::memcpy(&wu[v], Bu + k * kPanel + v * W, sizeof(V));
+    }
+    for (int r = 0; r < MR; ++r) {
+      const V a = A[r * lda + k] - V{};
+      for (int v = 0; v < NV; ++v) {
+        g[r][v] += a * wg[v];
+        u[r][v] += a * wu[v];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const V o = silu_times<V, T>(g[r][v], u[r][v]);
+      std::memcpy(C + r * ldc + v * W, &o, sizeof(V));
+    }
+}
+
+template <typename V, typename T, int NV, int R>
+__attribute__((always_inline)) inline void swiglu_tail(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bg,
+                                                       T* C, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      swiglu_tile<V, T, NV, R>(K, A, lda, Bg, C, ldc);
+    else
+      swiglu_tail<V, T, NV, R - 1>(rows, K, A, lda, Bg, C, ldc);
+  }
+}
+
+template <typename V, typename T, int NV, int MR>
+__attribute__((always_inline)) inline void swiglu_panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                                         const T* A, const T* Wp, T* C) {
+  alignas(64) T scratch[MR * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* Bg = Wp + p * 2 * K * kPanel;
+    const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+    for (int64_t i = 0; i < M; i += MR) {
+      const int64_t rows = std::min<int64_t>(MR, M - i);
+      const bool direct = cols == kPanel;
+      T* out = direct ? C + i * N + n0 : scratch;
+      const int64_t ldo = direct ? N : kPanel;
+      if (rows == MR)
+        swiglu_tile<V, T, NV, MR>(K, A + i * K, K, Bg, out, ldo);
+      else
+        swiglu_tail<V, T, NV, MR - 1>(rows, K, A + i * K, K, Bg, out, ldo);
+      if (!direct)
+        for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
+    }
+  }
+}
+
+// 6 rows x (2 gate + 2 up) zmm = 24 accumulators (fp32); fp64 3 x (4 + 4); AVX2 one row.
+LEANFORMER_AVX512 void swiglu_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
+                                     const float* Wp, float* C) {
+  swiglu_panels<v16f, float, 2, 6>(p0, p1, M, N, K, A, Wp, C);
+}
+LEANFORMER_AVX512 void swiglu_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
+                                     const double* Wp, double* C) {
+  swiglu_panels<v8d, double, 4, 3>(p0, p1, M, N, K, A, Wp, C);
+}
+LEANFORMER_CLONES void swiglu_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
+                                   const float* Wp, float* C) {
+  swiglu_panels<v8f, float, 4, 1>(p0, p1, M, N, K, A, Wp, C);
+}
+LEANFORMER_CLONES void swiglu_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
+                                   const double* Wp, double* C) {
+  swiglu_panels<v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, C);
+}
+
 void check_packed_linear_inputs(const at::Tensor& x, const at::Tensor& packed_weight,
                                 const std::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(x.dim() >= 1, "packed_linear: x must be [..., K] with at least one dimension, got a scalar");
@@ -168,8 +271,53 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   return y;
 }
 
+at::Tensor packed_swiglu_cpu(const at::Tensor& x, const at::Tensor& packed_gate_up, int64_t hidden) {
+  TORCH_CHECK(x.dim() >= 1, "packed_swiglu: x must be [..., K] with at least one dimension, got a scalar");
+  const auto s = x.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble, "packed_swiglu: x must be float32 or float64, got ", s);
+  TORCH_CHECK(x.device().is_cpu(), "packed_swiglu: x must be on the CPU (it is a CPU decoding kernel), got ",
+              x.device());
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(packed_gate_up.dim() == 4 && packed_gate_up.size(1) == 2 && packed_gate_up.size(2) == K &&
+                  packed_gate_up.size(3) == kPanel,
+              "packed_swiglu: packed_gate_up must be [ceil(hidden/32), 2, K, 32] with K = x.shape[-1] = ", K,
+              " (see pack_swiglu_weight), got ", packed_gate_up.sizes());
+  TORCH_CHECK(packed_gate_up.scalar_type() == s, "packed_swiglu: packed_gate_up must have the dtype of x (", s,
+              "), got ", packed_gate_up.scalar_type());
+  TORCH_CHECK(packed_gate_up.device() == x.device(), "packed_swiglu: packed_gate_up is on ",
+              packed_gate_up.device(), " but x is on ", x.device());
+  const int64_t NP = packed_gate_up.size(0), N = hidden;
+  TORCH_CHECK(N > (NP - 1) * kPanel && N <= NP * kPanel, "packed_swiglu: hidden = ", N,
+              " does not fit packed_gate_up's ", NP, " panels of 32 columns (it must be in (", (NP - 1) * kPanel,
+              ", ", NP * kPanel, "])");
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (rows == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = packed_gate_up.contiguous();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(rows * K * kPanel, 1));
+  AT_DISPATCH_FLOATING_TYPES(s, "packed_swiglu", [&] {
+    const scalar_t* A = xc.data_ptr<scalar_t>();
+    const scalar_t* Wp = wc.data_ptr<scalar_t>();
+    scalar_t* C = y.data_ptr<scalar_t>();
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
+      if (avx512)
+        swiglu_avx512(p0, p1, rows, N, K, A, Wp, C);
+      else
+        swiglu_avx2(p0, p1, rows, N, K, A, Wp, C);
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(leanformer, CPU, m) { m.impl("packed_linear", &packed_linear_cpu); }
+TORCH_LIBRARY_IMPL(leanformer, CPU, m) {
+  m.impl("packed_linear", &packed_linear_cpu);
+  m.impl("packed_swiglu", &packed_swiglu_cpu);
+}
 
 }  // namespace leanformer

@@ -37,6 +37,10 @@ for dtype in (torch.float32, torch.float64):
     x, w, b = torch.randn(3, 17, 70, dtype=dtype), torch.randn(45, 70, dtype=dtype), torch.randn(45, dtype=dtype)
     errors[f"packed_linear {dtype}"] = (packed_linear(x, pack_linear_weight(w), b, 45)
                                         - torch.nn.functional.linear(x, w, b)).abs().max().item()
+    from leanformer.ops import pack_swiglu_weight, packed_swiglu
+    wu = torch.randn(45, 70, dtype=dtype)
+    errors[f"packed_swiglu {dtype}"] = (packed_swiglu(x, pack_swiglu_weight(w, wu), 45) - torch.nn.functional.silu(
+        torch.nn.functional.linear(x, w)) * torch.nn.functional.linear(x, wu)).abs().max().item()
 print(json.dumps({"isa": _C.cpu_vector_isa(), "errors": errors}))
 """
 

@@ -197,15 +197,17 @@ def test_greedy_tree_decoding_equals_plain_greedy(family, drafter, tree, device,
 @pytest.mark.parametrize("drafter", ["llama-medusa", "slab-ht"])
 def test_greedy_tree_decoding_equals_plain_greedy_without_packed_linears(drafter, drafters, prompts):
     """generate packs the linears by default (both sides); with F.linear throughout, tree
-    decoding is still token for token plain decoding, and the packed kernel really ran above."""
-    model, drafter = on_device(drafters[drafter], "cpu")
+    decoding is still token for token plain decoding, and the packed kernels really run by default."""
+    name, (model, drafter) = drafter, on_device(drafters[drafter], "cpu")
     plain = leanformer.generate(model, prompts, max_new_tokens=32, pack_linears=False)
     out = leanformer.generate(model, prompts, max_new_tokens=32, drafter=drafter, tree=STATIC, pack_linears=False)
     for a, b in zip(out.sequences, plain.sequences):
         assert a.tolist() == b.tolist()
     with torch.profiler.profile() as prof:
         leanformer.generate(model, prompts[:1], max_new_tokens=4, drafter=drafter, tree=STATIC)
-    assert any(e.key == "leanformer::packed_linear" for e in prof.key_averages())
+    ran = {e.key for e in prof.key_averages()}
+    assert "leanformer::packed_linear" in ran
+    assert ("leanformer::packed_swiglu" in ran) == name.startswith("llama")  # LlamaLM's MLP, fused
 
 
 @pytest.mark.parametrize("family", ["llama", "slab"])

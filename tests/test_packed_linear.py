@@ -145,6 +145,15 @@ def test_context_runs_the_packed_kernel_within_its_rows(monkeypatch):
         assert len(calls) == 6
 
 
+def test_context_packs_a_layer_on_its_first_packed_call():
+    model = small_model().eval()
+    with torch.no_grad(), packed_linears(model):
+        model(torch.randn(1, 24))  # a plain decoding step: F.linear, nothing packed
+        assert all(not m.forward.cache for m in model if isinstance(m, nn.Linear))
+        model(torch.randn(3, 24))
+        assert all(m.forward.cache["packed"].shape[1:] == (m.in_features, 32) for m in model if isinstance(m, nn.Linear))
+
+
 def test_context_logs_each_path_once(caplog):
     model = small_model().eval()
     with caplog.at_level(logging.INFO, logger="leanformer.nn.packed_linear_layers"), torch.no_grad(), \
@@ -207,3 +216,79 @@ def test_stacked_drafter_heads_follow_the_context():
         torch.testing.assert_close(packed_or_linear(x, w, b, cache), F.linear(x, w, b))
         big = torch.randn(200, 24)
         torch.testing.assert_close(packed_or_linear(big, w, b, cache), F.linear(big, w, b))
+
+
+# ---- packed_swiglu: silu(x Wg^T) * (x Wu^T) on gate and up panels side by side ----
+
+def swiglu_reference(x, wg, wu):
+    x, wg, wu = x.double(), wg.double(), wu.double()
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [(0,), (1,), (5,), (6,), (7,), (19,), (2, 9)])
+@pytest.mark.parametrize("K,N", [(1, 1), (7, 31), (33, 64), (256, 100)])
+def test_swiglu_matches_reference(dtype, rows, K, N):
+    wg, wu = torch.randn(N, K, dtype=dtype) * K ** -0.5, torch.randn(N, K, dtype=dtype)
+    x = torch.randn(*rows, K, dtype=dtype) * 3
+    from leanformer.ops import pack_swiglu_weight, packed_swiglu
+
+    y = packed_swiglu(x, pack_swiglu_weight(wg, wu), N)
+    ref = swiglu_reference(x, wg, wu)
+    assert y.shape == (*rows, N) and y.dtype == dtype
+    if y.numel():
+        err = ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+        assert err <= (2e-6 if dtype == torch.float32 else 1e-12), (rows, K, N, err)
+
+
+def test_swiglu_gradcheck_opcheck_compile():
+    from leanformer.ops import pack_swiglu_weight, packed_swiglu
+
+    x = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    p = pack_swiglu_weight(torch.randn(37, 13, dtype=torch.float64), torch.randn(37, 13, dtype=torch.float64))
+    p.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, p: packed_swiglu(x, p, 37), (x, p))
+    torch.library.opcheck(torch.ops.leanformer.packed_swiglu.default, (torch.randn(5, 20), pack_swiglu_weight(
+        torch.randn(40, 20), torch.randn(40, 20)), 40))
+    x32 = torch.randn(4, 20, requires_grad=True)
+    p32 = pack_swiglu_weight(torch.randn(40, 20), torch.randn(40, 20)).requires_grad_(True)
+    assert_compiles_like_eager(lambda x, p: packed_swiglu(x, p, 40), (x32, p32))
+
+
+def test_swiglu_bad_inputs_name_the_argument():
+    from leanformer.ops import pack_swiglu_weight, packed_swiglu
+
+    x, p = torch.randn(3, 16), pack_swiglu_weight(torch.randn(40, 16), torch.randn(40, 16))
+    with pytest.raises(RuntimeError, match="packed_gate_up must be"):
+        packed_swiglu(torch.randn(3, 15), p, 40)
+    with pytest.raises(RuntimeError, match="packed_gate_up must be"):
+        packed_swiglu(x, p[:, 0], 40)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        packed_swiglu(x.half(), p.half(), 40)
+    with pytest.raises(RuntimeError, match="packed_gate_up must have the dtype of x"):
+        packed_swiglu(x, p.double(), 40)
+    with pytest.raises(RuntimeError, match="hidden = 70"):
+        packed_swiglu(x, p, 70)
+    with pytest.raises(ValueError, match="gate_weight and up_weight"):
+        pack_swiglu_weight(torch.randn(40, 16), torch.randn(41, 16))
+
+
+def test_context_fuses_a_swiglu_mlp(monkeypatch):
+    from leanformer.models.llama import SwiGLU
+    import leanformer.nn.packed_linear_layers as pl
+
+    mlp = SwiGLU(24, 70).eval()
+    x = torch.randn(3, 5, 24)
+    ref = mlp(x)
+    calls = []
+    real = pl.packed_swiglu
+    monkeypatch.setattr(pl, "packed_swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad(), packed_linears(mlp) as n:
+        assert n == 4  # the MLP and its three linears
+        torch.testing.assert_close(mlp(x), ref)
+        assert len(calls) == 1
+        torch.testing.assert_close(mlp(x[:1, :1]), ref[:1, :1])  # one row: the module's own forward
+        assert len(calls) == 1
+        mlp.up.weight.mul_(2)  # repacked
+        torch.testing.assert_close(mlp(x), mlp.down(F.silu(mlp.gate(x)) * mlp.up(x)))
+    assert "forward" not in mlp.__dict__

@@ -115,6 +115,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
+    def swiglu_linears(self):
+        """``(gate, up, down)``: :func:`leanformer.nn.packed_linears` runs gate, up and the silu
+        product as one fused op (``ops.packed_swiglu``) while decoding."""
+        return self.gate, self.up, self.down
+
 
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE. Three ways to run (see :meth:`LlamaLM.forward`):

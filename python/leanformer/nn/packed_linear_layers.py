@@ -8,9 +8,12 @@ instance ``forward`` that calls the packed kernel for ``min_rows`` to ``max_rows
 prefill (the BLAS GEMM is faster), or where gradients are needed (the packed copy of the
 weight would not pass them on). Each path and reason is logged the first time it is taken in
 a context (logger ``leanformer.nn.packed_linear_layers``, INFO). The packed weights are copies,
-refreshed when a weight changes in place; leaving the context restores the layers and frees
-them. Costs the linears' weight memory once more while active. Linears that are not modules
-(a drafter's heads stacked into one GEMM) join in through :func:`packed_or_linear`.
+made on a layer's first packed call and refreshed when its weight changes in place; leaving
+the context restores the layers and frees them. Costs the packed linears' weight memory once
+more while active. Linears that are not modules
+(a drafter's heads stacked into one GEMM) join in through :func:`packed_or_linear`; a SwiGLU
+MLP (a module with ``swiglu_linears()``, e.g. LlamaLM's) runs its gate, up and silu product
+as one :func:`leanformer.ops.packed_swiglu`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer.ops.packed_linear import pack_linear_weight, packed_linear
+from leanformer.ops.packed_linear import pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +90,48 @@ def packed_or_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: d
 
 
 class _PackedForward:
-    """The instance forward of one ``nn.Linear`` inside :func:`packed_linears` (packed on entry)."""
+    """The instance forward of one ``nn.Linear`` inside :func:`packed_linears`; the weight is
+    packed on its first packed call (plain decoding, one row a step, never packs at all)."""
 
     def __init__(self, linear: nn.Linear, settings: _Settings):
-        self.linear, self.settings = linear, settings
-        with torch.no_grad():
-            self.cache = {"packed": pack_linear_weight(linear.weight.detach()), "key": _key(linear.weight)}
+        self.linear, self.settings, self.cache = linear, settings, {}
 
     def __call__(self, x: Tensor) -> Tensor:
         return _linear(self.settings, x, self.linear.weight, self.linear.bias, self.cache)
+
+
+class _PackedSwiGLU:
+    """The instance forward of a SwiGLU MLP (a module with ``swiglu_linears() -> (gate, up,
+    down)``, gate and up without bias) inside :func:`packed_linears`: ``down(packed_swiglu(x))``,
+    where the rows would be packed; the module's own forward elsewhere."""
+
+    def __init__(self, module: nn.Module, settings: _Settings):
+        self.module, self.settings, self.cache = module, settings, {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        gate, up, down = self.module.swiglu_linears()
+        if gate.bias is not None or up.bias is not None or up.weight.requires_grad != gate.weight.requires_grad \
+                or not self.settings.use_packed(x, gate.weight, None):
+            return type(self.module).forward(self.module, x)
+        key = (_key(gate.weight), _key(up.weight))
+        if self.cache.get("key") != key:
+            with torch.no_grad():
+                self.cache["packed"] = pack_swiglu_weight(gate.weight.detach(), up.weight.detach())
+            self.cache["key"] = key
+        return down(packed_swiglu(x, self.cache["packed"], gate.out_features))
+
+
+def _eligible(m: nn.Linear) -> bool:
+    return m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and "forward" not in m.__dict__
 
 
 @contextlib.contextmanager
 def packed_linears(*modules: nn.Module, min_rows: int = DEFAULT_MIN_ROWS,
                    max_rows: int = DEFAULT_MAX_ROWS) -> Iterator[int]:
     """Runs the ``nn.Linear`` layers of ``modules`` (float32, CPU) through
-    :func:`leanformer.ops.packed_linear` while the context is open; yields how many it packed.
+    :func:`leanformer.ops.packed_linear`, and their SwiGLU MLPs through
+    :func:`leanformer.ops.packed_swiglu`, while the context is open; yields how many layers and
+    MLPs it took over.
 
     Example::
 
@@ -117,11 +146,17 @@ def packed_linears(*modules: nn.Module, min_rows: int = DEFAULT_MIN_ROWS,
             if module is None:
                 continue
             for m in module.modules():
-                if (type(m) is nn.Linear and id(m) not in seen and m.weight.device.type == "cpu"
-                        and m.weight.dtype == torch.float32 and "forward" not in m.__dict__):
-                    seen.add(id(m))
+                if id(m) in seen:
+                    continue
+                if type(m) is nn.Linear and _eligible(m):
                     m.forward = _PackedForward(m, settings)
-                    patched.append(m)
+                elif hasattr(m, "swiglu_linears") and all(_eligible(lin) for lin in m.swiglu_linears()[:2]) \
+                        and "forward" not in m.__dict__:
+                    m.forward = _PackedSwiGLU(m, settings)
+                else:
+                    continue
+                seen.add(id(m))
+                patched.append(m)
         token = _ACTIVE.set(settings)
         try:
             yield len(patched)

@@ -87,3 +87,63 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("leanformer::packed_linear", _backward, setup_context=_setup)
+
+
+def pack_swiglu_weight(gate_weight: Tensor, up_weight: Tensor) -> Tensor:
+    """Gate and up weights ``[hidden, K]`` (a SwiGLU's, no bias) -> ``[ceil(hidden/32), 2, K, 32]``:
+    each 32-column panel of the gate next to the up's. A copy; differentiable."""
+    if gate_weight.shape != up_weight.shape or gate_weight.dim() != 2:
+        raise ValueError(f"pack_swiglu_weight: gate_weight and up_weight must both be [hidden, K], got "
+                         f"{tuple(gate_weight.shape)} and {tuple(up_weight.shape)}")
+    return torch.stack([pack_linear_weight(gate_weight), pack_linear_weight(up_weight)], dim=1)
+
+
+def packed_swiglu(x: Tensor, packed_gate_up: Tensor, hidden: int) -> Tensor:
+    """``silu(x @ Wg^T) * (x @ Wu^T)`` (a SwiGLU MLP before its down projection) in one pass.
+
+    Args:
+        x: ``[..., K]``, float32 (float64 for gradcheck), on the CPU.
+        packed_gate_up: ``pack_swiglu_weight(Wg, Wu)``, ``[ceil(hidden/32), 2, K, 32]``.
+        hidden: the gate's and up's output width.
+
+    Returns:
+        ``[..., hidden]``. Both products, the silu and the product accumulate in registers:
+        four ops (two linears, silu, mul) become one, with no ``[rows, hidden]`` intermediates.
+
+    Example::
+
+        >>> pw = pack_swiglu_weight(mlp.gate.weight.detach(), mlp.up.weight.detach())
+        >>> y = mlp.down(packed_swiglu(x, pw, mlp.gate.out_features))
+    """
+    return _ops.packed_swiglu(x, packed_gate_up, hidden)
+
+
+@torch.library.register_fake("leanformer::packed_swiglu")
+def _packed_swiglu_fake(x, packed_gate_up, hidden):
+    torch._check(x.shape[-1] == packed_gate_up.shape[2], lambda: "packed_swiglu: x.shape[-1] must be packed_gate_up.shape[2]")
+    return x.new_empty([*x.shape[:-1], hidden])
+
+
+def _swiglu_setup(ctx, inputs, output):
+    x, packed, hidden = inputs
+    ctx.hidden = hidden
+    ctx.save_for_backward(x, packed)
+
+
+def _swiglu_backward(ctx, grad_y):
+    x, packed = ctx.saved_tensors
+    wg, wu = (unpack_linear_weight(packed[:, i], ctx.hidden) for i in (0, 1))
+    g, u = F.linear(x, wg), F.linear(x, wu)
+    sig = torch.sigmoid(g)
+    grad_u = grad_y * g * sig
+    grad_g = grad_y * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg
+    grad_x = grad_p = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_g @ wg + grad_u @ wu
+    if ctx.needs_input_grad[1]:
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_p = pack_swiglu_weight(grad_g.reshape(-1, ctx.hidden).t() @ x2, grad_u.reshape(-1, ctx.hidden).t() @ x2)
+    return grad_x, grad_p, None
+
+
+torch.library.register_autograd("leanformer::packed_swiglu", _swiglu_backward, setup_context=_swiglu_setup)
