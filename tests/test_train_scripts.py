@@ -40,3 +40,20 @@ def test_lm_text(tmp_path):
 def test_unknown_trainer_is_refused(capsys):
     assert cli(["train", "nope"]) == 2
     assert "usage: leanformer train" in capsys.readouterr().err
+
+
+def test_results_name_their_commit_and_whether_the_checkout_was_dirty():
+    import os
+    import subprocess
+
+    from leanformer.train.report import commit
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    assert commit() == head + ("+dirty" if dirty else "")

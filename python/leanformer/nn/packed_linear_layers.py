@@ -10,10 +10,9 @@ weight would not pass them on). Each path and reason is logged the first time it
 a context (logger ``leanformer.nn.packed_linear_layers``, INFO). The packed weights are copies,
 made on a layer's first packed call and refreshed when its weight changes in place; leaving
 the context restores the layers and frees them. Costs the packed linears' weight memory once
-more while active. Linears that are not modules
-(a drafter's heads stacked into one GEMM) join in through :func:`packed_or_linear`; a SwiGLU
-MLP (a module with ``swiglu_linears()``, e.g. LlamaLM's) runs its gate, up and silu product
-as one :func:`leanformer.ops.packed_swiglu`.
+more while active. Linears that are not modules (a drafter's heads stacked into one GEMM) join
+in through :func:`packed_or_linear`; a SwiGLU MLP (a module with ``swiglu_linears()``, e.g.
+LlamaLM's) runs its gate, up and silu product as one :func:`leanformer.ops.packed_swiglu`.
 """
 from __future__ import annotations
 
