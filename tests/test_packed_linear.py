@@ -193,7 +193,7 @@ def test_context_leaves_other_dtypes_and_nesting_alone():
     with packed_linears(model) as n:
         assert n == 0
     model = small_model()
-    with packed_linears(model, model[0]) as n, packed_linears(model) as inner:
+    with packed_linears(model, model[0], None, object()) as n, packed_linears(model) as inner:
         assert n == 3 and inner == 0
     assert not any("forward" in m.__dict__ for m in model)
     for bad in (dict(max_rows=0), dict(min_rows=0), dict(min_rows=5, max_rows=4)):

@@ -38,6 +38,9 @@ class TreeShape:
     def __init__(self, paths: List[Tuple[int, ...]], parents: List[int]):
         self.paths, self.parents = paths, parents
         self._structure = {}
+        # read by build() every decoding step: computed once, not per step
+        self._depth = max(len(p) for p in paths)
+        self._top_k = max(max(p) for p in paths) + 1
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeShape":
@@ -81,12 +84,12 @@ class TreeShape:
 
     @property
     def depth(self) -> int:
-        return max(len(p) for p in self.paths)
+        return self._depth
 
     @property
     def top_k(self) -> int:
         """Candidates needed per depth (the largest rank used, plus one)."""
-        return max(max(p) for p in self.paths) + 1
+        return self._top_k
 
     def structure(self, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(parents [T], depths [T], mask [T, T], flat candidate index [T - 1])`` on

@@ -130,7 +130,8 @@ def packed_linears(*modules: nn.Module, min_rows: int = DEFAULT_MIN_ROWS,
     """Runs the ``nn.Linear`` layers of ``modules`` (float32, CPU) through
     :func:`leanformer.ops.packed_linear`, and their SwiGLU MLPs through
     :func:`leanformer.ops.packed_swiglu`, while the context is open; yields how many layers and
-    MLPs it took over.
+    MLPs it took over. Arguments that are not modules (None; a drafter such as
+    ``layers.ShallowExitDrafter`` that runs the model's own layers) add nothing.
 
     Example::
 
@@ -142,7 +143,7 @@ def packed_linears(*modules: nn.Module, min_rows: int = DEFAULT_MIN_ROWS,
     seen, patched, settings = set(), [], _Settings(min_rows, max_rows)
     try:
         for module in modules:
-            if module is None:
+            if not isinstance(module, nn.Module):  # None, or a drafter made of the model's own layers
                 continue
             for m in module.modules():
                 if id(m) in seen:
