@@ -49,67 +49,6 @@ __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t l
     for (int v = 0; v < NV; ++v) std::memcpy(C + r * ldc + v * W, &acc[r][v], sizeof(V));
 }
 
-template <typename V, typename T, int NV, int R>
-__attribute__((always_inline)) inline void tail_tile(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B,
-                                                     const T* bias, T* C, int64_t ldc) {
-  if constexpr (R > 0) {
-    if (rows == R)
-      tile<V, T, NV, R>(K, A, lda, B, bias, C, ldc);
-    else
-      tail_tile<V, T, NV, R - 1>(rows, K, A, lda, B, bias, C, ldc);
-  }
-}
-
-// Panels [p0, p1) for all M rows. A partial last panel (N % 32) goes through a scratch tile,
-// its bias zero-padded, so nothing is read or written past row ends.
-template <typename V, typename T, int NV, int MR>
-__attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                                  const T* A, const T* Wp, const T* bias, T* C) {
-  alignas(64) T scratch[MR * kPanel];
-  alignas(64) T bias_pad[kPanel];
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* B = Wp + p * K * kPanel;
-    const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-    const T* b = bias ? bias + n0 : nullptr;
-    if (bias && cols < kPanel) {
-      std::fill(bias_pad, bias_pad + kPanel, T(0));
-      std::copy(bias + n0, bias + n0 + cols, bias_pad);
-      b = bias_pad;
-    }
-    for (int64_t i = 0; i < M; i += MR) {
-      const int64_t rows = std::min<int64_t>(MR, M - i);
-      const bool direct = cols == kPanel;
-      T* out = direct ? C + i * N + n0 : scratch;
-      const int64_t ldo = direct ? N : kPanel;
-      if (rows == MR)
-        tile<V, T, NV, MR>(K, A + i * K, K, B, b, out, ldo);
-      else
-        tail_tile<V, T, NV, MR - 1>(rows, K, A + i * K, K, B, b, out, ldo);
-      if (!direct)
-        for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
-    }
-  }
-}
-
-// AVX-512: 12 rows x 2 zmm (fp32) keeps 24 of the 32 registers accumulating; fp64 6 x 4.
-LEANFORMER_AVX512 void panels_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
-                                     const float* Wp, const float* bias, float* C) {
-  panels<v16f, float, 2, 12>(p0, p1, M, N, K, A, Wp, bias, C);
-}
-LEANFORMER_AVX512 void panels_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
-                                     const double* Wp, const double* bias, double* C) {
-  panels<v8d, double, 4, 6>(p0, p1, M, N, K, A, Wp, bias, C);
-}
-// AVX2 (16 registers): 3 rows x 4 ymm for fp32, 1 row x 8 ymm for fp64.
-LEANFORMER_CLONES void panels_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
-                                   const float* Wp, const float* bias, float* C) {
-  panels<v8f, float, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C);
-}
-LEANFORMER_CLONES void panels_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
-                                   const double* Wp, const double* bias, double* C) {
-  panels<v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
-}
-
 // ---- packed_swiglu: silu(x Wg^T) * (x Wu^T) with the gate and up panels of a column block
 // side by side ([NP, 2, K, 32]), both accumulated in registers and multiplied there: the two
 // GEMMs, the silu and the product in one pass, and no [rows, hidden] intermediates.
@@ -159,55 +98,112 @@ __attribute__((always_inline)) inline void swiglu_tile(int64_t K, const T* A, in
     }
 }
 
-template <typename V, typename T, int NV, int R>
-__attribute__((always_inline)) inline void swiglu_tail(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bg,
-                                                       T* C, int64_t ldc) {
+// One tile of `rows` (1..R) rows, the linear's or the SwiGLU's, instantiated for exactly that height.
+template <bool Gated, typename V, typename T, int NV, int R>
+__attribute__((always_inline)) inline void tail_tile(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B,
+                                                     const T* bias, T* C, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R)
-      swiglu_tile<V, T, NV, R>(K, A, lda, Bg, C, ldc);
+    if (rows != R) return tail_tile<Gated, V, T, NV, R - 1>(rows, K, A, lda, B, bias, C, ldc);
+    if constexpr (Gated)
+      swiglu_tile<V, T, NV, R>(K, A, lda, B, C, ldc);
     else
-      swiglu_tail<V, T, NV, R - 1>(rows, K, A, lda, Bg, C, ldc);
+      tile<V, T, NV, R>(K, A, lda, B, bias, C, ldc);
   }
 }
 
-template <typename V, typename T, int NV, int MR>
-__attribute__((always_inline)) inline void swiglu_panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                                         const T* A, const T* Wp, T* C) {
+// Panels [p0, p1) for all M rows, in blocks of MR rows: a linear's (panel p at Wp + p K 32, with
+// bias) or a SwiGLU's (gate and up panels side by side at Wp + 2 p K 32). A partial last panel
+// (N % 32) goes through a scratch tile, its bias zero-padded, so nothing is read or written past
+// row ends.
+template <bool Gated, typename V, typename T, int NV, int MR>
+__attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                                  const T* A, const T* Wp, const T* bias, T* C) {
   alignas(64) T scratch[MR * kPanel];
+  alignas(64) T bias_pad[kPanel];
   for (int64_t p = p0; p < p1; ++p) {
-    const T* Bg = Wp + p * 2 * K * kPanel;
+    const T* B = Wp + p * (Gated ? 2 : 1) * K * kPanel;
     const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+    const T* b = bias ? bias + n0 : nullptr;
+    if (bias && cols < kPanel) {
+      std::fill(bias_pad, bias_pad + kPanel, T(0));
+      std::copy(bias + n0, bias + n0 + cols, bias_pad);
+      b = bias_pad;
+    }
     for (int64_t i = 0; i < M; i += MR) {
       const int64_t rows = std::min<int64_t>(MR, M - i);
       const bool direct = cols == kPanel;
       T* out = direct ? C + i * N + n0 : scratch;
       const int64_t ldo = direct ? N : kPanel;
-      if (rows == MR)
-        swiglu_tile<V, T, NV, MR>(K, A + i * K, K, Bg, out, ldo);
-      else
-        swiglu_tail<V, T, NV, MR - 1>(rows, K, A + i * K, K, Bg, out, ldo);
+      tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B, b, out, ldo);
       if (!direct)
         for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
     }
   }
 }
 
-// 6 rows x (2 gate + 2 up) zmm = 24 accumulators (fp32); fp64 3 x (4 + 4); AVX2 one row.
-LEANFORMER_AVX512 void swiglu_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
-                                     const float* Wp, float* C) {
-  swiglu_panels<v16f, float, 2, 6>(p0, p1, M, N, K, A, Wp, C);
+// AVX-512: the linear's 12 rows x 2 zmm (fp32) keep 24 of the 32 registers accumulating, fp64
+// 6 x 4; the SwiGLU's 6 rows x (2 gate + 2 up) zmm, fp64 3 x (4 + 4).
+LEANFORMER_AVX512 void panels_avx512(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                     const float* A, const float* Wp, const float* bias, float* C) {
+  if (gated)
+    panels<true, v16f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+  else
+    panels<false, v16f, float, 2, 12>(p0, p1, M, N, K, A, Wp, bias, C);
 }
-LEANFORMER_AVX512 void swiglu_avx512(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
-                                     const double* Wp, double* C) {
-  swiglu_panels<v8d, double, 4, 3>(p0, p1, M, N, K, A, Wp, C);
+LEANFORMER_AVX512 void panels_avx512(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                     const double* A, const double* Wp, const double* bias, double* C) {
+  if (gated)
+    panels<true, v8d, double, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C);
+  else
+    panels<false, v8d, double, 4, 6>(p0, p1, M, N, K, A, Wp, bias, C);
 }
-LEANFORMER_CLONES void swiglu_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const float* A,
-                                   const float* Wp, float* C) {
-  swiglu_panels<v8f, float, 4, 1>(p0, p1, M, N, K, A, Wp, C);
+// AVX2 (16 registers): the linear's 3 rows x 4 ymm for fp32, 1 row x 8 ymm for fp64; the
+// SwiGLU's one row.
+LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                   const float* A, const float* Wp, const float* bias, float* C) {
+  if (gated)
+    panels<true, v8f, float, 4, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+  else
+    panels<false, v8f, float, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C);
 }
-LEANFORMER_CLONES void swiglu_avx2(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K, const double* A,
-                                   const double* Wp, double* C) {
-  swiglu_panels<v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, C);
+LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
+                                   const double* A, const double* Wp, const double* bias, double* C) {
+  if (gated)
+    panels<true, v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+  else
+    panels<false, v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+}
+
+// y [..., N] from x [..., K] over the packed panels, split over threads by panel. A chunk carries
+// at least ~64K multiply-adds (the SwiGLU's two products: ~32K panels' worth): below that the
+// parallel region's wake-up costs more than it saves (M = 1, 256 x 256 stays serial).
+at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t N,
+                      bool gated) {
+  const int64_t K = x.size(-1), NP = packed.size(0);
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (rows == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
+  const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << (gated ? 15 : 16)) / std::max<int64_t>(rows * K * kPanel, 1));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packed_panels", [&] {
+    const scalar_t* A = xc.data_ptr<scalar_t>();
+    const scalar_t* Wp = wc.data_ptr<scalar_t>();
+    const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
+    scalar_t* C = y.data_ptr<scalar_t>();
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
+      if (avx512)
+        panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, C);
+      else
+        panels_avx2(gated, p0, p1, rows, N, K, A, Wp, b, C);
+    });
+  });
+  return y;
 }
 
 void check_packed_linear_inputs(const at::Tensor& x, const at::Tensor& packed_weight,
@@ -242,33 +238,7 @@ void check_packed_linear_inputs(const at::Tensor& x, const at::Tensor& packed_we
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
                              const std::optional<at::Tensor>& bias, int64_t out_features) {
   check_packed_linear_inputs(x, packed_weight, bias, out_features);
-  const int64_t K = x.size(-1), N = out_features;
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (rows == 0 || N == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = packed_weight.contiguous();
-  const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const int64_t NP = wc.size(0);
-  // Split panels over threads only where a chunk carries ~64K multiply-adds: below that the
-  // parallel region's wake-up costs more than it saves (M = 1, 256 x 256 stays serial).
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(rows * K * kPanel, 1));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packed_linear", [&] {
-    const scalar_t* A = xc.data_ptr<scalar_t>();
-    const scalar_t* Wp = wc.data_ptr<scalar_t>();
-    const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
-    scalar_t* C = y.data_ptr<scalar_t>();
-    const bool avx512 = cpu_has_avx512();
-    at::parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
-      if (avx512)
-        panels_avx512(p0, p1, rows, N, K, A, Wp, b, C);
-      else
-        panels_avx2(p0, p1, rows, N, K, A, Wp, b, C);
-    });
-  });
-  return y;
+  return run_panels(x, packed_weight, bias, out_features, /*gated=*/false);
 }
 
 at::Tensor packed_swiglu_cpu(const at::Tensor& x, const at::Tensor& packed_gate_up, int64_t hidden) {
@@ -290,27 +260,7 @@ at::Tensor packed_swiglu_cpu(const at::Tensor& x, const at::Tensor& packed_gate_
   TORCH_CHECK(N > (NP - 1) * kPanel && N <= NP * kPanel, "packed_swiglu: hidden = ", N,
               " does not fit packed_gate_up's ", NP, " panels of 32 columns (it must be in (", (NP - 1) * kPanel,
               ", ", NP * kPanel, "])");
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (rows == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = packed_gate_up.contiguous();
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(rows * K * kPanel, 1));
-  AT_DISPATCH_FLOATING_TYPES(s, "packed_swiglu", [&] {
-    const scalar_t* A = xc.data_ptr<scalar_t>();
-    const scalar_t* Wp = wc.data_ptr<scalar_t>();
-    scalar_t* C = y.data_ptr<scalar_t>();
-    const bool avx512 = cpu_has_avx512();
-    at::parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
-      if (avx512)
-        swiglu_avx512(p0, p1, rows, N, K, A, Wp, C);
-      else
-        swiglu_avx2(p0, p1, rows, N, K, A, Wp, C);
-    });
-  });
-  return y;
+  return run_panels(x, packed_gate_up, std::nullopt, N, /*gated=*/true);
 }
 
 }  // namespace
