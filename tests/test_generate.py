@@ -253,6 +253,27 @@ def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, r
     assert (off[0, K - 1] == 0).all()
 
 
+def test_hidden_transfer_static_tree_routes_match_the_per_step_ones(llama, drafters, prompts):
+    """A static shape keeps its anchors and draft routes from the first step; each node must
+    draft what the same tree without a shape (everything computed per step) drafts, for a
+    batch of two."""
+    import dataclasses
+
+    ht = drafters["llama-ht"]
+    runner = runner_for(llama, 2)
+    with torch.no_grad():
+        runner.prefill(torch.stack([prompts[0][:20], prompts[1][:20]]), torch.tensor([20, 17]))
+        drafts = torch.randn(2, ht.num_future, llama.config.vocab_size, generator=torch.Generator().manual_seed(0))
+        tree = STATIC.build(torch.tensor([5, 9]), drafts)
+        assert tree.shape is STATIC
+        _, cached = ht.tree_forward(runner, tree)
+        _, fresh = ht.tree_forward(runner, dataclasses.replace(tree, shape=None))
+    torch.testing.assert_close(cached.logits, fresh.logits)
+    for i in range(tree.size):
+        for node in (torch.tensor([i, i]), torch.tensor([i, tree.size - 1 - i])):
+            torch.testing.assert_close(ht.draft(cached, node), ht.draft(fresh, node))
+
+
 def test_sequences_finish_independently(llama, drafters, prompts):
     plain = leanformer.generate(llama, prompts, max_new_tokens=40)
     eos = int(plain.sequences[1][5])  # a token that ends sequence 1 early, maybe others too
@@ -365,6 +386,19 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             rerun = second["results"][batch]
             assert {"hidden-transfer-all/static", "hidden-transfer-all/tuned"} <= set(rerun)
         assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size
+
+
+def test_experiment_keeps_a_hidden_transfer_of_another_layer_apart():
+    """--ht-layer 3 must train and save its own checkpoint, never reload the half-depth one."""
+    from leanformer.experiments.tree_decoding import checkpoint_stem, drafters_for
+
+    model = LlamaLM(LlamaConfig(dim=32, depth=4, num_heads=2, num_kv_heads=1)).eval()
+    default, later = drafters_for(model, 2), drafters_for(model, 2, ht_layer=3, ht_branch_depth=0)
+    assert default["hidden-transfer"].layer == 2 and later["hidden-transfer"].layer == 3
+    assert later["hidden-transfer"].branch_depth == 0
+    assert checkpoint_stem(model, "hidden-transfer", default["hidden-transfer"]) == "hidden-transfer"
+    assert checkpoint_stem(model, "hidden-transfer", later["hidden-transfer"]) == "hidden-transfer-l3"
+    assert checkpoint_stem(model, "medusa", later["medusa"]) == "medusa"
 
 
 @pytest.mark.parametrize("kind", ["medusa", "ht"])

@@ -81,15 +81,31 @@ def attach_pseudo_tokens(mask: Tensor, depths: Tensor, parents: Tensor, anchors:
     return out, torch.cat([depths.expand(B, T), pd], 1), torch.cat([parents.expand(B, T), pp], 1)
 
 
+def draft_routes(anchors: Tensor, mask: Tensor, depths: Tensor, num_future: int) -> Tuple[Tensor, Tensor]:
+    """Where each node's drafts come from: ``(pos [B, T, K], valid [B, T, K])``, ``pos`` indexing
+    the ``S K`` pseudo tokens (anchor-major). Node i reads the deepest anchor on its path (itself
+    when it is one; the root always is), shifted by the depth between them; ``valid`` is False
+    past the pseudo tokens' reach. For every node at once, so a static tree computes it once and
+    a decoding step only gathers."""
+    B, S = anchors.shape
+    K = num_future
+    a = anchors.clamp(min=0)
+    on_path = mask.gather(2, a[:, None, :].expand(B, mask.shape[1], S)) & (anchors >= 0)[:, None, :]  # [B, T, S]
+    anchor_depth = torch.where(on_path, depths.expand(B, -1).gather(1, a)[:, None, :], -1)
+    best = anchor_depth.max(-1)
+    shift = depths.expand(B, -1) - best.values  # [B, T]
+    idx = shift[..., None] + torch.arange(K, device=anchors.device)
+    return best.indices[..., None] * K + idx.clamp(max=K - 1), idx < K
+
+
 class Drafts(NamedTuple):
     """What a Hidden Transfer tree forward leaves for drafting: the pseudo tokens' logits
-    ``[B, S, K, V]`` of the anchor nodes ``anchors [B, S]`` (-1: none), and the tree's mask and
-    depths."""
+    ``[B, S, K, V]`` of the anchor nodes ``anchors [B, S]`` (-1: none), and each tree node's
+    draft route (:func:`draft_routes`)."""
 
     logits: Tensor
     anchors: Tensor
-    mask: Tensor
-    depths: Tensor
+    routes: Tuple[Tensor, Tensor]
 
 
 class _DenseLlama:
@@ -177,37 +193,33 @@ class HiddenTransfer(nn.Module):
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
         """One forward: the tree's logits ``[B, T, V]``, and the anchors' drafts."""
         B = tree.tokens.shape[0]
-        if tree.shape is not None:  # a static shape: its anchors and extension are fixed
-            anchors, ext = tree.shape.cached(("hidden-transfer", self.num_future, self.branch_depth),
-                                             tree.tokens.device,
-                                             lambda: self._extension(tree.mask[:1], tree.depths[:1], tree.parents[:1]))
-            anchors, ext = anchors.expand(B, -1), tuple(t.expand(B, *t.shape[1:]) for t in ext)
+        if tree.shape is not None:  # a static shape: its anchors, extension and routes are fixed
+            anchors, ext, routes = tree.shape.cached(
+                ("hidden-transfer", self.num_future, self.branch_depth), tree.tokens.device,
+                lambda: self._extension(tree.mask[:1], tree.depths[:1], tree.parents[:1]))
+            anchors, ext, routes = (anchors.expand(B, -1), tuple(t.expand(B, *t.shape[1:]) for t in ext),
+                                    tuple(t.expand(B, *t.shape[1:]) for t in routes))
         else:
-            anchors, ext = self._extension(tree.mask, tree.depths, tree.parents)
+            anchors, ext, routes = self._extension(tree.mask, tree.depths, tree.parents)
         logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents,
                                        anchors, ext)
-        return logits, Drafts(pseudo, anchors, tree.mask, tree.depths)
+        return logits, Drafts(pseudo, anchors, routes)
 
     def _extension(self, mask: Tensor, depths: Tensor, parents: Tensor):
         anchors = anchor_nodes(parents, depths, self.branch_depth)
-        return anchors, attach_pseudo_tokens(mask, depths, parents, anchors, self.num_future)
+        return (anchors, attach_pseudo_tokens(mask, depths, parents, anchors, self.num_future),
+                draft_routes(anchors, mask, depths, self.num_future))
 
     def draft(self, features: Drafts, node: Tensor) -> Tensor:
         """Draft logits ``[B, K, V]`` after the last accepted node ``node [B]``: the pseudo tokens
         of the deepest anchor on its path (the node itself when it is one), shifted by the depth
         between them; positions past the pseudo tokens' reach get flat logits (their candidates
         are rarely accepted)."""
-        d = features
-        B, S, K, V = d.logits.shape
+        B, S, K, V = features.logits.shape
         b = torch.arange(B, device=node.device)
-        a = d.anchors.clamp(min=0)
-        on_path = d.mask[b, node][b[:, None], a] & (d.anchors >= 0)  # [B, S]; the root always is
-        anchor_depth = torch.where(on_path, d.depths.expand(B, -1).gather(1, a), -1)
-        c = anchor_depth.argmax(1)
-        shift = d.depths[b, node] - anchor_depth[b, c]
-        idx = shift[:, None] + torch.arange(K, device=node.device)
-        out = d.logits[b, c].gather(1, idx.clamp(max=K - 1)[:, :, None].expand(B, K, V))
-        return torch.where((idx < K)[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        pos, valid = (t[b, node] for t in features.routes)  # [B, K]
+        out = features.logits.view(B, S * K, V)[b[:, None], pos]
+        return torch.where(valid[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def sequence_drafts(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
         """For training: the frozen model's logits ``[B, N, V]`` and the drafts ``[B, N, K, V]``

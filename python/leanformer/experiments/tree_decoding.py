@@ -43,9 +43,20 @@ def base_models(lm_steps: int, dim: int = 256, depth: int = 6):
                                     prepbn_steps=int(0.6 * lm_steps)))}
 
 
-def drafters_for(model, num_future: int):
-    depth = model.config.depth
-    return {"medusa": MedusaHeads(model, num_future), "hidden-transfer": HiddenTransfer(model, depth // 2, num_future)}
+def drafters_for(model, num_future: int, ht_layer: Optional[int] = None, ht_branch_depth: int = 1):
+    """Medusa and Hidden Transfer for ``model``; the transfer after ``ht_layer`` blocks (default
+    half the depth)."""
+    layer = model.config.depth // 2 if ht_layer is None else ht_layer
+    return {"medusa": MedusaHeads(model, num_future),
+            "hidden-transfer": HiddenTransfer(model, layer, num_future, branch_depth=ht_branch_depth)}
+
+
+def checkpoint_stem(model, drafter_name: str, drafter) -> str:
+    """A drafter's checkpoint name: Hidden Transfer at a layer other than half the depth is
+    another drafter (``hidden-transfer-l3``), not a reload of the default one."""
+    if isinstance(drafter, HiddenTransfer) and drafter.layer != model.config.depth // 2:
+        return f"{drafter_name}-l{drafter.layer}"
+    return drafter_name
 
 
 def tree_path(cache: str, model_name: str, drafter_name: str) -> str:
@@ -106,6 +117,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="drafters learn from the model's greedy continuations of training prompts "
                         "(self-distillation) or from the training text itself")
     p.add_argument("--generated-prompts", type=int, default=512)
+    p.add_argument("--ht-layer", type=int, default=None,
+                   help="blocks before Hidden Transfer's transfer (default half the depth); the pseudo tokens run "
+                        "through the rest")
+    p.add_argument("--ht-branch-depth", type=int, default=1,
+                   help="Hidden Transfer's anchors: the main chain and every node this deep or shallower (0: the chain)")
     p.add_argument("--ht-all-anchors", action="store_true",
                    help="also measure Hidden Transfer with pseudo tokens after every tree node (branch_depth = "
                         "num_future), not only the main chain and the root's children")
@@ -144,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tuned_trees = {}
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
-        drafters = drafters_for(model, args.num_future)
+        drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth)
         generated = args.drafter_data == "generated"  # the model's own greedy text, as tree decoding meets it
         if generated:
             fit_windows = greedy_corpus(model, train_tokens, prompts=16, prompt_length=32, new_tokens=args.length,
@@ -153,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             fit_windows = sequential_windows(train_tokens, args.length)[-16:, :-1]
         drafter_tokens = None
         for dname, drafter in drafters.items():
-            path = os.path.join(args.cache, f"{name}-{dname}.safetensors")
+            path = os.path.join(args.cache, f"{name}-{checkpoint_stem(model, dname, drafter)}.safetensors")
             if args.reuse and os.path.isfile(path):
                 load_drafter(drafter, path)
                 history = None
@@ -169,10 +185,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             accuracy = rank_accuracy(drafter, fit_windows, top_k=8)
             tuned = TreeShape.from_accuracies(accuracy, args.tree_nodes)
             entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused",
+                                        "checkpoint": os.path.basename(path),
                                         "rank_accuracy": [[round(a, 4) for a in row] for row in accuracy.tolist()],
                                         "tuned_tree_paths": [list(p) for p in tuned.paths]}
             tuned_trees[dname] = tuned
-            with open(tree_path(args.cache, name, dname), "w") as f:
+            with open(tree_path(args.cache, name, checkpoint_stem(model, dname, drafter)), "w") as f:
                 json.dump([list(p) for p in tuned.paths], f)
         results = {}
         for batch in (1, 4):
