@@ -11,6 +11,7 @@ from torch import nn
 from conftest import assert_compiles_like_eager
 from leanformer.nn import packed_linears
 from leanformer.ops import pack_linear_weight, packed_linear, unpack_linear_weight
+from leanformer.models import LlamaConfig, LlamaLM
 
 # rows: none, one (a decoding step), a 12-row tile and its neighbours, a 19-node tree, several tiles
 ROWS = [(0,), (1,), (11,), (12,), (13,), (19,), (77,), (3, 13)]
@@ -216,6 +217,34 @@ def test_stacked_drafter_heads_follow_the_context():
         torch.testing.assert_close(packed_or_linear(x, w, b, cache), F.linear(x, w, b))
         big = torch.randn(200, 24)
         torch.testing.assert_close(packed_or_linear(big, w, b, cache), F.linear(big, w, b))
+        one = torch.randn(1, 24)  # below the context's min_rows = 2 unless the caller lowers it
+        cache.clear()
+        torch.testing.assert_close(packed_or_linear(one, w, b, cache), F.linear(one, w, b))
+        assert not cache
+        torch.testing.assert_close(packed_or_linear(one, w, b, cache, min_rows=1), F.linear(one, w, b))
+        assert "packed" in cache
+
+
+def test_medusa_drafts_one_row_through_the_packed_kernel():
+    """The drafter's stacked heads run packed for the one accepted node of a step; the model's
+    own one-row layers stay on F.linear."""
+    from leanformer.decoding import MedusaHeads
+
+    torch.manual_seed(0)
+    model = LlamaLM(LlamaConfig(dim=64, depth=2, num_heads=4, num_kv_heads=2)).eval()
+    heads = MedusaHeads(model, 3)
+    with torch.no_grad():
+        for h in heads.heads:
+            h.weight.normal_(std=0.1)
+        hidden = torch.randn(1, 64)
+        ref = heads.head_logits(hidden)
+        with packed_linears(model, heads), torch.profiler.profile() as prof:
+            out = heads.head_logits(hidden)
+            model(torch.zeros(1, 1, dtype=torch.long))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    names = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert names.count("leanformer::packed_linear") == 2  # the stacked heads (1 row) and the head (3 rows)
+    assert "aten::linear" in names  # the model's one-row step
 
 
 # ---- packed_swiglu: silu(x Wg^T) * (x Wu^T) on gate and up panels side by side ----

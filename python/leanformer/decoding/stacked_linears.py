@@ -23,10 +23,13 @@ class StackedLinears:
         self._packed: dict = {}
 
     def apply(self, x: Tensor) -> Tensor:
-        """``F.linear(x, *self())``; inside :func:`leanformer.nn.packed_linears`, on a packed copy."""
+        """``F.linear(x, *self())``; inside :func:`leanformer.nn.packed_linears`, on a packed copy,
+        even for one row: Medusa drafts from the one accepted node per step, and for a K-times
+        wide stack the packed kernel beat ``F.linear`` there (a LlamaLM draft right after its tree
+        forward: 297 against 374 us, 100 alternated rounds), unlike the model's own one-row steps."""
         from leanformer.nn.packed_linear_layers import packed_or_linear
 
-        return packed_or_linear(x, *self(), self._packed)
+        return packed_or_linear(x, *self(), self._packed, min_rows=1)
 
     def __call__(self) -> Tuple[Tensor, Tensor]:
         params = [p for lin in self.linears for p in (lin.weight, lin.bias)]

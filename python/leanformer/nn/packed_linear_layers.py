@@ -43,15 +43,16 @@ class _Settings:
     def __init__(self, min_rows: int, max_rows: int):
         self.min_rows, self.max_rows, self.logged = min_rows, max_rows, set()
 
-    def use_packed(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    def use_packed(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], min_rows: Optional[int] = None) -> bool:
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        min_rows = self.min_rows if min_rows is None else min_rows
         if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or
                                         (bias is not None and bias.requires_grad)):
             why = "gradients needed"
         elif x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
             why = "not float32 on the CPU"
-        elif rows < self.min_rows or rows > self.max_rows:
-            why = f"{rows} rows, outside {self.min_rows}..{self.max_rows}"
+        elif rows < min_rows or rows > self.max_rows:
+            why = f"{rows} rows, outside {min_rows}..{self.max_rows}"
         else:
             why = None
         path = "F.linear" if why else "packed_linear"
@@ -72,8 +73,9 @@ def _key(w: Tensor) -> tuple:
     return (w.data_ptr(), None if w.is_inference() else w._version)
 
 
-def _linear(settings: Optional[_Settings], x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: dict) -> Tensor:
-    if settings is None or not settings.use_packed(x, weight, bias):
+def _linear(settings: Optional[_Settings], x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: dict,
+            min_rows: Optional[int] = None) -> Tensor:
+    if settings is None or not settings.use_packed(x, weight, bias, min_rows):
         return F.linear(x, weight, bias)
     if cache.get("key") != _key(weight):
         with torch.no_grad():
@@ -81,11 +83,13 @@ def _linear(settings: Optional[_Settings], x: Tensor, weight: Tensor, bias: Opti
     return packed_linear(x, cache["packed"], bias, weight.shape[0])
 
 
-def packed_or_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: dict) -> Tensor:
+def packed_or_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: dict,
+                     min_rows: Optional[int] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through :func:`packed_linear` where an open
-    :func:`packed_linears` context would pack an ``nn.Linear``. ``cache`` (a dict the caller
-    keeps with the weight) holds the packed copy, remade when the weight changes."""
-    return _linear(_ACTIVE.get(), x, weight, bias, cache)
+    :func:`packed_linears` context would pack an ``nn.Linear`` (``min_rows`` overrides the
+    context's lower row bound for this weight). ``cache`` (a dict the caller keeps with the
+    weight) holds the packed copy, remade when the weight changes."""
+    return _linear(_ACTIVE.get(), x, weight, bias, cache, min_rows)
 
 
 class _PackedForward:
