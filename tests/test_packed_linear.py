@@ -146,6 +146,37 @@ def test_context_runs_the_packed_kernel_within_its_rows(monkeypatch):
         assert len(calls) == 6
 
 
+def test_kept_packed_weights_serve_the_next_context(monkeypatch):
+    """keep_packed (what generate uses): a second context packs nothing again, unless a weight
+    changed; release_packed frees the copies; the default keeps nothing."""
+    import leanformer.nn.packed_linear_layers as pl
+    from leanformer.nn import release_packed
+
+    model = small_model().eval()
+    packs = []
+    real = pl.pack_linear_weight
+    monkeypatch.setattr(pl, "pack_linear_weight", lambda w: packs.append(w.shape) or real(w))
+    x = torch.randn(5, 24)
+    ref = model(x)
+    for _ in range(2):
+        with torch.inference_mode(), packed_linears(model, keep_packed=True):
+            torch.testing.assert_close(model(x), ref)
+    assert len(packs) == 3  # three linears, packed once across both contexts
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+        changed = model(x)
+    with torch.inference_mode(), packed_linears(model, keep_packed=True):
+        torch.testing.assert_close(model(x), changed)
+    assert len(packs) == 4  # only the changed layer again
+    assert release_packed(model) == 3 and release_packed(model) == 0
+    with torch.inference_mode(), packed_linears(model):
+        model(x)
+    with torch.inference_mode(), packed_linears(model):
+        model(x)
+    assert len(packs) == 10  # released, then two contexts that keep nothing
+    assert release_packed(model) == 0
+
+
 def test_context_packs_a_layer_on_its_first_packed_call():
     model = small_model().eval()
     with torch.no_grad(), packed_linears(model):

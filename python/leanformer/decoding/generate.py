@@ -86,7 +86,9 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         pack_linears: decode with the model's (and drafter's) float32 CPU ``nn.Linear`` layers
             on prepacked weights (:func:`leanformer.nn.packed_linears`), plain and tree
             decoding alike; False keeps ``F.linear``. The tokens are the same up to float
-            summation order.
+            summation order. The packed copies stay with the layers for later calls (the
+            linear weights' memory once more; ``leanformer.nn.release_packed(model)`` frees
+            them).
 
     Returns:
         a :class:`Generation` (tokens and statistics).
@@ -126,7 +128,7 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
     # kernel, ~10 us a call at decoding sizes; the returned tensors are made after it ends
     from leanformer.nn.packed_linear_layers import packed_linears
 
-    linears = packed_linears(model, drafter) if pack_linears else contextlib.nullcontext()
+    linears = packed_linears(model, drafter, keep_packed=True) if pack_linears else contextlib.nullcontext()
     with torch.inference_mode(), linears:
         out, forwards, accepted_lengths = _decode(model, padded, lengths, max_new_tokens, drafter, tree, greedy,
                                                   temperature, top_k, top_p, generator, eos_token_id)
