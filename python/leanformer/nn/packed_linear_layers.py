@@ -12,9 +12,10 @@ made on a layer's first packed call and refreshed when its weight changes in pla
 the context restores the layers and frees them, unless ``keep_packed=True`` (what
 :func:`leanformer.generate` passes): then they stay with their layers for the next context
 (packing a 3M-parameter LlamaLM took ~8 ms, a fixed cost on every generate call before)
-until :func:`release_packed`. Costs the packed linears' weight memory once more while kept. Linears that are not modules (a drafter's heads stacked into one GEMM) join
-in through :func:`packed_or_linear`; a SwiGLU MLP (a module with ``swiglu_linears()``, e.g.
-LlamaLM's) runs its gate, up and silu product as one :func:`leanformer.ops.packed_swiglu`.
+until :func:`release_packed`. Costs the packed linears' weight memory once more while kept.
+Linears that are not modules (a drafter's heads stacked into one GEMM) join in through
+:func:`packed_or_linear`; a SwiGLU MLP (a module with ``swiglu_linears()``, e.g. LlamaLM's)
+runs its gate, up and silu product as one :func:`leanformer.ops.packed_swiglu`.
 """
 from __future__ import annotations
 
