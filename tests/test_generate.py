@@ -253,6 +253,58 @@ def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, r
     assert (off[0, K - 1] == 0).all()
 
 
+class _DenseTreeLlama:
+    """A LlamaLM's layers without a cache, under a dense tree mask (masked SDPA over every row):
+    the generic tree forward the LlamaLM training forward of Hidden Transfer must equal."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def tree_layers(self, x, mask, depths, parents, start=0, stop=None):
+        return self.model.run_layers(x, depths, tree_mask=mask, start=start, stop=stop)
+
+    def embed(self, tokens):
+        return self.model.embed(tokens)
+
+    def head(self, h):
+        return self.model.lm_head(self.model.norm(h)), h
+
+
+@pytest.mark.parametrize("drop_last_attention", [False, True])
+def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(drop_last_attention, text):
+    """Hidden Transfer's LlamaLM training forward (the real tokens once, frozen; the pseudo tokens
+    against their keys and their own chain) gives the logits and transfer gradients of the
+    generic tree forward over a dense chain mask with every position an anchor (GQA; a layer
+    whose attention was dropped)."""
+    from leanformer.decoding.medusa import future_kl
+
+    torch.manual_seed(0)
+    model = LlamaLM(LlamaConfig(dim=64, depth=4, num_heads=4, num_kv_heads=2, max_seq_len=128)).eval()
+    if drop_last_attention:
+        model.layers[3].attn = None
+    model.requires_grad_(False)
+    ht = HiddenTransfer(model, layer=2, num_future=3)
+    with torch.no_grad():
+        for t in ht.transfers:
+            t.weight.add_(0.1 * torch.randn_like(t.weight))
+            t.bias.normal_(0, 0.1)
+    ids = text[0][:2 * 37].view(2, 37)
+    B, N = ids.shape
+    pos = torch.arange(N)
+    mask = torch.ones(N, N, dtype=torch.bool).tril().expand(B, N, N)
+    _, ref = ht._forward(_DenseTreeLlama(model), ids, mask, pos.expand(B, N), (pos - 1).expand(B, N), pos.expand(B, N))
+    teacher, fast = ht.sequence_drafts(ids)
+    torch.testing.assert_close(teacher, model(ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    grads = []
+    for drafts in (ref, fast):
+        ht.zero_grad()
+        future_kl(drafts, teacher).backward()
+        grads.append([t.weight.grad.clone() for t in ht.transfers])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_hidden_transfer_static_tree_routes_match_the_per_step_ones(llama, drafters, prompts):
     """A static shape keeps its anchors and draft routes from the first step; each node must
     draft what the same tree without a shape (everything computed per step) drafts, for a
