@@ -108,13 +108,13 @@ class Drafts(NamedTuple):
     routes: Tuple[Tensor, Tensor]
 
 
-def _llama_chain_drafts(model, ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tensor]:
+def _llama_chain_drafts(ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tensor]:
     """:meth:`HiddenTransfer.sequence_drafts` for a LlamaLM, without the dense ``[N(1 + K)]^2``
     mask: the real tokens run once, frozen (they are the teacher's forward, and no pseudo token
     reaches them), keeping each upper layer's K/V; the ``N K`` pseudo tokens then attend to the
     real keys up to their anchor plus their own chain. Same math, ~1/6 of the attention work
     and no gradient through the real rows."""
-    B, N = ids.shape
+    model, (B, N) = ht.model, ids.shape
     K, layers = ht.num_future, model.layers
     pos = torch.arange(N, device=ids.device).expand(B, N)
     with torch.no_grad():
@@ -255,7 +255,7 @@ class HiddenTransfer(nn.Module):
 
         B, N = ids.shape
         if isinstance(self.model, LlamaLM):
-            return _llama_chain_drafts(self.model, self, ids)
+            return _llama_chain_drafts(self, ids)
         with torch.no_grad():
             teacher = self.model(ids)
         dev = ids.device
