@@ -420,7 +420,7 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             "--generated-prompts", "8",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     assert cli(args) == 0
-    assert cli(args + ["--reuse", "--ht-all-anchors"]) == 0
+    assert cli(args + ["--reuse", "--ht-all-anchors", "--accept-prompts", "3"]) == 0
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
     assert len(reports) == 2
     for name in ("llama", "slab"):
@@ -437,6 +437,13 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             assert not any(k.startswith("hidden-transfer-all/") for k in row)
             rerun = second["results"][batch]
             assert {"hidden-transfer-all/static", "hidden-transfer-all/tuned"} <= set(rerun)
+        assert "acceptance" not in first
+        accept = second["acceptance"]
+        assert set(accept) == set(second["results"]["batch1"]) - {"plain"}
+        for r in accept.values():  # 3 prompts, 6 new tokens each: at least 2 forwards a prompt, at most 6
+            assert len(r["per_prompt"]) == 3 and 6 <= r["forwards"] <= 18
+            assert 1 <= r["mean_accepted"] <= 5 and min(r["per_prompt"]) >= 1
+            assert r["same_as_plain_greedy"] and r["standard_error"] >= 0
         assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size
 
 

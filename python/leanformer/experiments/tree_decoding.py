@@ -97,6 +97,31 @@ def paired(model, prompts, max_new_tokens: int, repeats: int = 1, **kw):
     return (outs["plain"], rate["plain"]), ((outs["tree"], rate["tree"]) if kw else None)
 
 
+@torch.no_grad()
+def acceptance(model, tokens, runs, count: int, prompt_length: int, new_tokens: int):
+    """Accepted tokens per forward of each run in ``runs`` on ``count`` prompts spread over
+    ``tokens``, one at a time and untimed (a wider sample than the timed runs): the mean over
+    all forwards, each prompt's mean (the same prompts for every run, so two runs compare
+    prompt by prompt), their standard error across prompts, and whether every output equals
+    plain greedy decoding."""
+    starts = torch.linspace(0, len(tokens) - prompt_length - 1, count).long().tolist()
+    prompts = [tokens[s:s + prompt_length] for s in starts]
+    plain = [leanformer.generate(model, [p], max_new_tokens=new_tokens).sequences[0].tolist() for p in prompts]
+    out = {}
+    for key, kw in runs.items():
+        acc, per_prompt, same = [], [], True
+        for p, ref in zip(prompts, plain):
+            o = leanformer.generate(model, [p], max_new_tokens=new_tokens, **kw)
+            acc += o.accepted_lengths
+            per_prompt.append(sum(o.accepted_lengths) / len(o.accepted_lengths))
+            same &= o.sequences[0].tolist() == ref
+        m = torch.tensor(per_prompt, dtype=torch.float64)
+        out[key] = {"mean_accepted": sum(acc) / len(acc), "standard_error": (m.std() / count ** 0.5).item(),
+                    "forwards": len(acc), "per_prompt": [round(x, 4) for x in per_prompt],
+                    "same_as_plain_greedy": same}
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="leanformer experiment tree-decoding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ht-all-anchors", action="store_true",
                    help="also measure Hidden Transfer with pseudo tokens after every tree node (branch_depth = "
                         "num_future), not only the main chain and the root's children")
+    p.add_argument("--accept-prompts", type=int, default=0,
+                   help="also measure accepted tokens per forward (untimed, batch 1) on this many held-out "
+                        "prompts, with a standard error across prompts: a wider sample than the timed --prompts")
     p.add_argument("--reuse", action="store_true", help="load the checkpoints under --cache instead of training")
     p.add_argument("--cache", default=CACHE)
     p.add_argument("--threads", type=int, default=None)
@@ -191,20 +219,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             tuned_trees[dname] = tuned
             with open(tree_path(args.cache, name, checkpoint_stem(model, dname, drafter)), "w") as f:
                 json.dump([list(p) for p in tuned.paths], f)
+        runs = {f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()}
+        runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
+        if args.ht_all_anchors:  # the same weights with pseudo tokens after every node: Medusa's coverage
+            ht_all = HiddenTransfer(model, drafters["hidden-transfer"].layer, args.num_future,
+                                    branch_depth=args.num_future)
+            ht_all.load_state_dict(drafters["hidden-transfer"].state_dict())
+            runs.update({f"hidden-transfer-all/{t}": {"drafter": ht_all, "tree": tree}
+                         for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
+        if args.accept_prompts:
+            entry["acceptance"] = acceptance(model, val_tokens, runs, args.accept_prompts, args.prompt_length,
+                                             args.new_tokens)
+            for key, r in entry["acceptance"].items():
+                print(f"{name:6s} {args.accept_prompts} held-out prompts  {key:24s} accepted/forward "
+                      f"{r['mean_accepted']:.3f} +- {r['standard_error']:.3f} over {r['forwards']} forwards  "
+                      f"same as greedy: {r['same_as_plain_greedy']}")
         results = {}
         for batch in (1, 4):
             groups = [[q] for q in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-            runs = {"plain": {}}
-            runs.update({f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()})
-            runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
-            if args.ht_all_anchors:  # the same weights with pseudo tokens after every node: Medusa's coverage
-                ht_all = HiddenTransfer(model, drafters["hidden-transfer"].layer, args.num_future,
-                                        branch_depth=args.num_future)
-                ht_all.load_state_dict(drafters["hidden-transfer"].state_dict())
-                runs.update({f"hidden-transfer-all/{t}": {"drafter": ht_all, "tree": tree}
-                             for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
             row = {}
-            for key, kw in runs.items():
+            for key, kw in {"plain": {}, **runs}.items():
                 toks, secs, plain_secs, acc, outs, plain_outs = 0, 0.0, 0.0, [], [], []
                 for group in groups:
                     (plain, plain_tps), tree = paired(model, group, args.new_tokens, args.repeats, **kw)
