@@ -270,8 +270,8 @@ class _DenseTreeLlama:
         return self.model.lm_head(self.model.norm(h)), h
 
 
-@pytest.mark.parametrize("drop_last_attention", [False, True])
-def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(drop_last_attention, text):
+@pytest.mark.parametrize("drop_last_attention,readout", [(False, False), (True, False), (False, True)])
+def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(drop_last_attention, readout, text):
     """Hidden Transfer's LlamaLM training forward (the real tokens once, frozen; the pseudo tokens
     against their keys and their own chain) gives the logits and transfer gradients of the
     generic tree forward over a dense chain mask with every position an anchor (GQA; a layer
@@ -283,11 +283,14 @@ def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(dr
     if drop_last_attention:
         model.layers[3].attn = None
     model.requires_grad_(False)
-    ht = HiddenTransfer(model, layer=2, num_future=3)
+    ht = HiddenTransfer(model, layer=2, num_future=3, readout=readout)
     with torch.no_grad():
         for t in ht.transfers:
             t.weight.add_(0.1 * torch.randn_like(t.weight))
             t.bias.normal_(0, 0.1)
+        for r in ht.readouts or []:
+            r.weight.normal_(0, 0.1)
+            r.bias.normal_(0, 0.1)
     ids = text[0][:2 * 37].view(2, 37)
     B, N = ids.shape
     pos = torch.arange(N)
@@ -300,9 +303,32 @@ def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(dr
     for drafts in (ref, fast):
         ht.zero_grad()
         future_kl(drafts, teacher).backward()
-        grads.append([t.weight.grad.clone() for t in ht.transfers])
+        grads.append([t.weight.grad.clone() for t in [*ht.transfers, *(ht.readouts or [])]])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "slab"])
+def test_hidden_transfer_with_a_readout_decodes_like_plain_greedy(family, llama, slab, drafters, prompts):
+    """A readout block changes the drafts, never the output; and it does change the drafts (each
+    offset's own block)."""
+    base = drafters[f"{family}-ht"]
+    model = base.model
+    ht = HiddenTransfer(model, base.layer, base.num_future, readout=True)
+    ht.load_state_dict({**ht.state_dict(), **base.state_dict()})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for r in ht.readouts:
+            r.weight.normal_(0, 0.05)
+    ids = prompts[1][None, :32]
+    with torch.no_grad():
+        _, plain_drafts = base.sequence_drafts(ids)
+        _, drafts = ht.sequence_drafts(ids)
+    assert not torch.allclose(drafts, plain_drafts, atol=1e-3)
+    plain = leanformer.generate(model, prompts, max_new_tokens=32)
+    out = leanformer.generate(model, prompts, max_new_tokens=32, drafter=ht, tree=STATIC)
+    assert [s.tolist() for s in out.sequences] == [s.tolist() for s in plain.sequences]
+    assert out.tokens_per_forward > 1
 
 
 def test_hidden_transfer_static_tree_routes_match_the_per_step_ones(llama, drafters, prompts):
@@ -458,6 +484,9 @@ def test_experiment_keeps_a_hidden_transfer_of_another_layer_apart():
     assert checkpoint_stem(model, "hidden-transfer", default["hidden-transfer"]) == "hidden-transfer"
     assert checkpoint_stem(model, "hidden-transfer", later["hidden-transfer"]) == "hidden-transfer-l3"
     assert checkpoint_stem(model, "medusa", later["medusa"]) == "medusa"
+    read = drafters_for(model, 2, ht_readout=True)["hidden-transfer"]
+    assert checkpoint_stem(model, "hidden-transfer", read) == "hidden-transfer-ro"
+    assert "readouts.0.weight" in read.state_dict() and "readouts.0.weight" not in default["hidden-transfer"].state_dict()
 
 
 @pytest.mark.parametrize("kind", ["medusa", "ht"])

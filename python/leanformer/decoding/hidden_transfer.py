@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanformer.decoding.stacked_linears import StackedLinears
@@ -147,7 +148,7 @@ def _llama_chain_drafts(ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tens
             p = p + a.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, N * K, -1))
         if block.mlp is not None:
             p = p + block.mlp(block.mlp_norm(p))
-    return teacher, model.lm_head(model.norm(p)).view(B, N, K, -1)
+    return teacher, ht._read(p).view(B, N, K, -1)
 
 
 class HiddenTransfer(nn.Module):
@@ -159,6 +160,11 @@ class HiddenTransfer(nn.Module):
     K tokens after the next bonus token. Anchors: the tree's main chain and every node of depth
     <= ``branch_depth`` (0: the chain alone, the cheapest).
 
+    ``readout=True`` (not in the paper) puts a trainable Medusa-style block (``h + SiLU(W_k h)``,
+    one per offset, starting at the identity) between the final norm and the frozen LM head of
+    the pseudo tokens: the paper reads them with the LM head alone, which was made for real
+    tokens' states.
+
     The base model is held by reference (not a submodule) and stays frozen.
 
     Example::
@@ -167,7 +173,7 @@ class HiddenTransfer(nn.Module):
         >>> out = leanformer.generate(model, ids, max_new_tokens=32, drafter=ht)
     """
 
-    def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1):
+    def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1, readout: bool = False):
         super().__init__()
         from leanformer.models import LlamaLM, SLABLM
 
@@ -193,12 +199,34 @@ class HiddenTransfer(nn.Module):
             nn.init.eye_(t.weight)
             nn.init.zeros_(t.bias)
         self.__dict__["_stacked"] = StackedLinears(self.transfers)
+        self.readouts = None
+        if readout:
+            self.readouts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_future))
+            for r in self.readouts:  # Medusa's init: the identity block, so training starts from plain HT
+                nn.init.zeros_(r.weight)
+                nn.init.zeros_(r.bias)
+            self.__dict__["_readout_stack"] = StackedLinears(self.readouts)
 
     def _pseudo(self, h: Tensor) -> Tensor:
         """Anchor states ``h [B, S, C]`` -> pseudo states ``[B, S K, C]`` (anchor-major)."""
         B, S, C = h.shape
         # all K maps in one GEMM: [B, S, K C], pseudo token j of anchor s at s K + j
         return self._stacked.apply(h).reshape(B, S * self.num_future, C)
+
+    def _read(self, p: Tensor) -> Tensor:
+        """Pseudo tokens' final states ``p [B, S K, C]`` (anchor-major, before the final norm) ->
+        their logits ``[B, S K, V]``."""
+        from leanformer.models.block import apply_norm
+
+        h = apply_norm(self.model.norm, p, None)
+        if self.readouts is not None:
+            B, SK, C = h.shape
+            K = self.num_future
+            w, b = self._readout_stack()  # [K C, C]: offset k's block applies to pseudo tokens s K + k only
+            hk = h.view(B, SK // K, K, C)
+            z = torch.einsum("bskc,kdc->bskd", hk, w.view(K, C, C)) + b.view(K, C)
+            h = (hk + F.silu(z)).view(B, SK, C)
+        return self.model.lm_head(h)
 
     def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
                  anchors: Tensor, extended=None) -> Tuple[Tensor, Tensor]:
@@ -212,8 +240,8 @@ class HiddenTransfer(nn.Module):
         mask_x, depths_x, parents_x = extended or attach_pseudo_tokens(mask, depths, parents, anchors, K)
         out = runner.tree_layers(torch.cat([h, self._pseudo(h_anchor)], 1), mask_x, depths_x, parents_x,
                                  self.layer, None)
-        logits, _ = runner.head(out)
-        return logits[:, :T], logits[:, T:].reshape(B, anchors.shape[1], K, -1)
+        logits, _ = runner.head(out[:, :T])
+        return logits, self._read(out[:, T:]).reshape(B, anchors.shape[1], K, -1)
 
     def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
         """One forward: the tree's logits ``[B, T, V]``, and the anchors' drafts."""

@@ -43,20 +43,25 @@ def base_models(lm_steps: int, dim: int = 256, depth: int = 6):
                                     prepbn_steps=int(0.6 * lm_steps)))}
 
 
-def drafters_for(model, num_future: int, ht_layer: Optional[int] = None, ht_branch_depth: int = 1):
+def drafters_for(model, num_future: int, ht_layer: Optional[int] = None, ht_branch_depth: int = 1,
+                 ht_readout: bool = False):
     """Medusa and Hidden Transfer for ``model``; the transfer after ``ht_layer`` blocks (default
     half the depth)."""
     layer = model.config.depth // 2 if ht_layer is None else ht_layer
     return {"medusa": MedusaHeads(model, num_future),
-            "hidden-transfer": HiddenTransfer(model, layer, num_future, branch_depth=ht_branch_depth)}
+            "hidden-transfer": HiddenTransfer(model, layer, num_future, branch_depth=ht_branch_depth,
+                                              readout=ht_readout)}
 
 
 def checkpoint_stem(model, drafter_name: str, drafter) -> str:
-    """A drafter's checkpoint name: Hidden Transfer at a layer other than half the depth is
-    another drafter (``hidden-transfer-l3``), not a reload of the default one."""
-    if isinstance(drafter, HiddenTransfer) and drafter.layer != model.config.depth // 2:
-        return f"{drafter_name}-l{drafter.layer}"
-    return drafter_name
+    """A drafter's checkpoint name: Hidden Transfer at a layer other than half the depth, or with
+    a readout, is another drafter (``hidden-transfer-l3``, ``hidden-transfer-ro``), not a reload
+    of the default one."""
+    name = drafter_name
+    if isinstance(drafter, HiddenTransfer):
+        name += f"-l{drafter.layer}" if drafter.layer != model.config.depth // 2 else ""
+        name += "-ro" if drafter.readouts is not None else ""
+    return name
 
 
 def tree_path(cache: str, model_name: str, drafter_name: str) -> str:
@@ -150,6 +155,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ht-all-anchors", action="store_true",
                    help="also measure Hidden Transfer with pseudo tokens after every tree node (branch_depth = "
                         "num_future), not only the main chain and the root's children")
+    p.add_argument("--ht-readout", action="store_true",
+                   help="Hidden Transfer with a trainable Medusa-style block before the LM head of its pseudo "
+                        "tokens (not in the paper; its own checkpoint)")
     p.add_argument("--accept-prompts", type=int, default=0,
                    help="also measure accepted tokens per forward (untimed, batch 1) on this many held-out "
                         "prompts, with a standard error across prompts: a wider sample than the timed --prompts")
@@ -188,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tuned_trees = {}
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
-        drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth)
+        drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth, args.ht_readout)
         generated = args.drafter_data == "generated"  # the model's own greedy text, as tree decoding meets it
         if generated:
             fit_windows = greedy_corpus(model, train_tokens, prompts=16, prompt_length=32, new_tokens=args.length,
@@ -223,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
         if args.ht_all_anchors:  # the same weights with pseudo tokens after every node: Medusa's coverage
             ht_all = HiddenTransfer(model, drafters["hidden-transfer"].layer, args.num_future,
-                                    branch_depth=args.num_future)
+                                    branch_depth=args.num_future, readout=args.ht_readout)
             ht_all.load_state_dict(drafters["hidden-transfer"].state_dict())
             runs.update({f"hidden-transfer-all/{t}": {"drafter": ht_all, "tree": tree}
                          for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
