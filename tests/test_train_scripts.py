@@ -57,3 +57,15 @@ def test_results_name_their_commit_and_whether_the_checkout_was_dirty():
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     assert commit() == head + ("+dirty" if dirty else "")
+
+
+def test_results_name_the_commit_the_run_started_on(tmp_path, monkeypatch):
+    from leanformer.train import report
+
+    monkeypatch.setattr(report, "STARTED_ON", "aaaaaaa")
+    monkeypatch.setattr(report, "commit", lambda: "aaaaaaa")
+    out = json.loads(open(report.write_json(str(tmp_path / "same"), {"x": 1})).read())
+    assert out["commit"] == "aaaaaaa" and "commit_at_write" not in out and out["x"] == 1
+    monkeypatch.setattr(report, "commit", lambda: "bbbbbbb+dirty")  # committed or edited while it ran
+    out = json.loads(open(report.write_json(str(tmp_path / "moved"), {"x": 1})).read())
+    assert out["commit"] == "aaaaaaa" and out["commit_at_write"] == "bbbbbbb+dirty"

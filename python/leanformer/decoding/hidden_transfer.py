@@ -240,6 +240,9 @@ class HiddenTransfer(nn.Module):
         mask_x, depths_x, parents_x = extended or attach_pseudo_tokens(mask, depths, parents, anchors, K)
         out = runner.tree_layers(torch.cat([h, self._pseudo(h_anchor)], 1), mask_x, depths_x, parents_x,
                                  self.layer, None)
+        if self.readouts is None:  # real and pseudo rows share the LM head: one GEMM
+            logits, _ = runner.head(out)
+            return logits[:, :T], logits[:, T:].reshape(B, anchors.shape[1], K, -1)
         logits, _ = runner.head(out[:, :T])
         return logits, self._read(out[:, T:]).reshape(B, anchors.shape[1], K, -1)
 

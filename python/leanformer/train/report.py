@@ -28,6 +28,11 @@ def commit() -> str:
         return "unknown"
 
 
+# The code a run executes is the code it imported: a run that outlives a commit must still name
+# the commit it started on, so the commit is read once, when the scripts import this module.
+STARTED_ON = commit()
+
+
 def stem(folder: str, name: str) -> str:
     """``folder/name-<UTC time>``: the path of one result, without its extension."""
     return os.path.join(folder, f"{name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
@@ -39,10 +44,16 @@ def machine() -> dict:
 
 
 def write_json(stem: str, data: dict) -> str:
-    """``stem.json``: ``data`` with torch, commit and machine beside it; returns the path."""
+    """``stem.json``: ``data`` with torch, commit and machine beside it; returns the path.
+    ``commit`` is the checkout when the run started; ``commit_at_write`` is added when the
+    checkout changed (a commit, an edit) while it ran."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    now = commit()
+    provenance = {"torch": torch.__version__, "commit": STARTED_ON, "machine": machine()}
+    if now != STARTED_ON:
+        provenance["commit_at_write"] = now
     with open(stem + ".json", "w") as f:
-        json.dump({**data, "torch": torch.__version__, "commit": commit(), "machine": machine()}, f, indent=2)
+        json.dump({**data, **provenance}, f, indent=2)
     return stem + ".json"
 
 
