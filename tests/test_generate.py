@@ -308,6 +308,53 @@ def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(dr
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("readout", [False, True])
+def test_hidden_transfer_isolated_offsets_train_each_transfer_on_its_own_loss(readout, text):
+    """isolate_offsets: the same drafts, and each transfer's (and readout's) gradient is the one of
+    its own offset's loss alone in the default forward; the default forward's first transfer is
+    also moved by the later offsets' losses (what the option removes)."""
+    torch.manual_seed(0)
+    model = LlamaLM(LlamaConfig(dim=64, depth=4, num_heads=4, num_kv_heads=2, max_seq_len=128)).eval()
+    model.requires_grad_(False)
+    base = HiddenTransfer(model, layer=2, num_future=3, readout=readout)
+    with torch.no_grad():
+        for t in base.transfers:
+            t.weight.add_(0.1 * torch.randn_like(t.weight))
+            t.bias.normal_(0, 0.1)
+        for r in base.readouts or []:
+            r.weight.normal_(0, 0.1)
+    iso = HiddenTransfer(model, layer=2, num_future=3, readout=readout, isolate_offsets=True)
+    iso.load_state_dict(base.state_dict())
+    ids = text[0][:2 * 37].view(2, 37)
+    N, K = ids.shape[1], 3
+
+    def offset_loss(teacher, drafts, k):
+        s = drafts[:, :N - k - 1, k].log_softmax(-1).flatten(0, 1)
+        return F.kl_div(s, teacher[:, k + 1:].log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean")
+
+    def grads(ht, offsets):
+        ht.zero_grad()
+        teacher, drafts = ht.sequence_drafts(ids)
+        sum(offset_loss(teacher, drafts, k) for k in offsets).backward()
+        return drafts.detach(), [[torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()]
+                                 for m in [*ht.transfers, *(ht.readouts or [])]]
+
+    drafts_iso, g_iso = grads(iso, range(K))
+    drafts_base, _ = grads(base, range(K))
+    torch.testing.assert_close(drafts_iso, drafts_base)
+    for k in range(K):
+        _, g_own = grads(base, [k])
+        for m in [k, K + k] if readout else [k]:  # offset k's transfer and readout
+            for a, b in zip(g_iso[m], g_own[m]):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # offsets 3.. move the first transfer in the default forward, not with isolated offsets
+    _, g_later = grads(base, range(1, K))
+    _, g_later_iso = grads(iso, range(1, K))
+    assert g_later[0][0].norm() > 1e-3 * g_iso[0][0].norm() and g_later_iso[0][0].abs().max() == 0
+    with pytest.raises(ValueError, match="isolate_offsets needs a LlamaLM"):
+        HiddenTransfer(SLABLM(LMConfig(vocab_size=256, dim=64, depth=2, num_heads=1)), 1, 2, isolate_offsets=True)
+
+
 @pytest.mark.parametrize("family", ["llama", "slab"])
 def test_hidden_transfer_with_a_readout_decodes_like_plain_greedy(family, llama, slab, drafters, prompts):
     """A readout block changes the drafts, never the output; and it does change the drafts (each
@@ -487,6 +534,8 @@ def test_experiment_keeps_a_hidden_transfer_of_another_layer_apart():
     read = drafters_for(model, 2, ht_readout=True)["hidden-transfer"]
     assert checkpoint_stem(model, "hidden-transfer", read) == "hidden-transfer-ro"
     assert "readouts.0.weight" in read.state_dict() and "readouts.0.weight" not in default["hidden-transfer"].state_dict()
+    iso = drafters_for(model, 2, ht_isolate_offsets=True)["hidden-transfer"]
+    assert iso.isolate_offsets and checkpoint_stem(model, "hidden-transfer", iso) == "hidden-transfer-iso"
 
 
 @pytest.mark.parametrize("kind", ["medusa", "ht"])

@@ -130,6 +130,7 @@ def _llama_chain_drafts(ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tens
     ppos = (t[:, None] + j + 1).reshape(N * K).expand(B, N * K)
     sees_real = (t[None, :] <= t[:, None]).repeat_interleave(K, 0)  # [N K, N]: pseudo (t, j) sees reals <= t
     sees_own = j[None, :] <= j[:, None]  # [K, K]: pseudo j sees its chain 0..j
+    eye = j[None, :] == j[:, None]
     p = ht._pseudo(h)
     for block, kv in zip(layers[ht.layer:], real_kv):
         if kv is not None:
@@ -142,9 +143,13 @@ def _llama_chain_drafts(ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tens
             ko, vo = (z.view(B, N, K, a.num_kv_heads, a.head_dim).permute(0, 3, 1, 2, 4)[:, :, None] for z in (k, v))
             s_real = (q @ kr.transpose(-1, -2)).masked_fill(~sees_real, float("-inf"))
             qo = q.unflatten(3, (N, K))
-            s_own = (qo @ ko.transpose(-1, -2)).masked_fill(~sees_own, float("-inf"))  # [B, Hkv, G, N, K, K]
-            w = torch.cat([s_real.unflatten(3, (N, K)), s_own], -1).softmax(-1)
-            o = w[..., :N].flatten(3, 4) @ vr + (w[..., N:] @ vo).flatten(3, 4)
+            s_own = qo @ ko.transpose(-1, -2)  # [B, Hkv, G, N, K, K]
+            if ht.isolate_offsets:  # pseudo j reads pseudo i < j's keys and values without a gradient into them
+                s_own = torch.where(eye, s_own, qo @ ko.detach().transpose(-1, -2))
+            w = torch.cat([s_real.unflatten(3, (N, K)), s_own.masked_fill(~sees_own, float("-inf"))], -1).softmax(-1)
+            w_own = w[..., N:]
+            o_own = ((w_own * eye) @ vo + (w_own * ~eye) @ vo.detach()) if ht.isolate_offsets else w_own @ vo
+            o = w[..., :N].flatten(3, 4) @ vr + o_own.flatten(3, 4)
             p = p + a.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, N * K, -1))
         if block.mlp is not None:
             p = p + block.mlp(block.mlp_norm(p))
@@ -165,6 +170,12 @@ class HiddenTransfer(nn.Module):
     the pseudo tokens: the paper reads them with the LM head alone, which was made for real
     tokens' states.
 
+    ``isolate_offsets=True`` (training only, LlamaLM only; not in the paper) trains each offset's
+    transfer on its own offset's loss: pseudo token j still attends to the earlier pseudo tokens
+    of its chain, but without a gradient into them. Otherwise the first transfer (offset 2, the
+    draft on every path of the tree) is also pulled by the losses of offsets 3..K that read it.
+    The forward, and so decoding, is the same either way.
+
     The base model is held by reference (not a submodule) and stays frozen.
 
     Example::
@@ -173,7 +184,8 @@ class HiddenTransfer(nn.Module):
         >>> out = leanformer.generate(model, ids, max_new_tokens=32, drafter=ht)
     """
 
-    def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1, readout: bool = False):
+    def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1, readout: bool = False,
+                 isolate_offsets: bool = False):
         super().__init__()
         from leanformer.models import LlamaLM, SLABLM
 
@@ -182,6 +194,8 @@ class HiddenTransfer(nn.Module):
         elif isinstance(model, SLABLM):
             if model.config.attention != "sla":
                 raise ValueError("HiddenTransfer on a SLABLM needs attention='sla' (tree decoding runs on its state)")
+            if isolate_offsets:  # its pseudo tokens meet in the tree ops, which have no per-pair gradient cut
+                raise ValueError("isolate_offsets needs a LlamaLM (its training forward); got a SLABLM")
             depth = len(model.blocks)
         else:
             raise TypeError(f"HiddenTransfer needs a LlamaLM or a SLABLM, got {type(model).__name__}")
@@ -193,6 +207,7 @@ class HiddenTransfer(nn.Module):
             raise ValueError(f"branch_depth must be >= 0 (0: the main chain alone), got {branch_depth}")
         dim = model.config.dim
         self.layer, self.num_future, self.branch_depth = layer, num_future, branch_depth
+        self.isolate_offsets = isolate_offsets
         self.__dict__["model"] = model
         self.transfers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_future))
         for t in self.transfers:  # start from "the next position looks like this one"

@@ -44,23 +44,24 @@ def base_models(lm_steps: int, dim: int = 256, depth: int = 6):
 
 
 def drafters_for(model, num_future: int, ht_layer: Optional[int] = None, ht_branch_depth: int = 1,
-                 ht_readout: bool = False):
+                 ht_readout: bool = False, ht_isolate_offsets: bool = False):
     """Medusa and Hidden Transfer for ``model``; the transfer after ``ht_layer`` blocks (default
     half the depth)."""
     layer = model.config.depth // 2 if ht_layer is None else ht_layer
     return {"medusa": MedusaHeads(model, num_future),
             "hidden-transfer": HiddenTransfer(model, layer, num_future, branch_depth=ht_branch_depth,
-                                              readout=ht_readout)}
+                                              readout=ht_readout, isolate_offsets=ht_isolate_offsets)}
 
 
 def checkpoint_stem(model, drafter_name: str, drafter) -> str:
     """A drafter's checkpoint name: Hidden Transfer at a layer other than half the depth, or with
-    a readout, is another drafter (``hidden-transfer-l3``, ``hidden-transfer-ro``), not a reload
-    of the default one."""
+    a readout, or trained with isolated offsets, is another drafter (``hidden-transfer-l3``,
+    ``hidden-transfer-ro``, ``hidden-transfer-iso``), not a reload of the default one."""
     name = drafter_name
     if isinstance(drafter, HiddenTransfer):
         name += f"-l{drafter.layer}" if drafter.layer != model.config.depth // 2 else ""
         name += "-ro" if drafter.readouts is not None else ""
+        name += "-iso" if drafter.isolate_offsets else ""
     return name
 
 
@@ -158,6 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ht-readout", action="store_true",
                    help="Hidden Transfer with a trainable Medusa-style block before the LM head of its pseudo "
                         "tokens (not in the paper; its own checkpoint)")
+    p.add_argument("--ht-isolate-offsets", action="store_true",
+                   help="train each Hidden Transfer offset on its own loss alone (LlamaLM; not in the paper; its "
+                        "own checkpoint)")
     p.add_argument("--accept-prompts", type=int, default=0,
                    help="also measure accepted tokens per forward (untimed, batch 1) on this many held-out "
                         "prompts, with a standard error across prompts: a wider sample than the timed --prompts")
@@ -196,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         tuned_trees = {}
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
-        drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth, args.ht_readout)
+        drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth, args.ht_readout,
+                                args.ht_isolate_offsets)
         generated = args.drafter_data == "generated"  # the model's own greedy text, as tree decoding meets it
         if generated:
             fit_windows = greedy_corpus(model, train_tokens, prompts=16, prompt_length=32, new_tokens=args.length,
