@@ -270,18 +270,11 @@ class _DenseTreeLlama:
         return self.model.lm_head(self.model.norm(h)), h
 
 
-@pytest.mark.parametrize("drop_last_attention,readout", [(False, False), (True, False), (False, True)])
-def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(drop_last_attention, readout, text):
-    """Hidden Transfer's LlamaLM training forward (the real tokens once, frozen; the pseudo tokens
-    against their keys and their own chain) gives the logits and transfer gradients of the
-    generic tree forward over a dense chain mask with every position an anchor (GQA; a layer
-    whose attention was dropped)."""
-    from leanformer.decoding.medusa import future_kl
-
+def _small_llama_and_perturbed_transfer(readout: bool):
+    """A frozen 4-block LlamaLM (GQA) and a Hidden Transfer after block 2 whose transfers and
+    readouts are moved off their identity init, so every path carries a gradient."""
     torch.manual_seed(0)
     model = LlamaLM(LlamaConfig(dim=64, depth=4, num_heads=4, num_kv_heads=2, max_seq_len=128)).eval()
-    if drop_last_attention:
-        model.layers[3].attn = None
     model.requires_grad_(False)
     ht = HiddenTransfer(model, layer=2, num_future=3, readout=readout)
     with torch.no_grad():
@@ -291,6 +284,20 @@ def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(dr
         for r in ht.readouts or []:
             r.weight.normal_(0, 0.1)
             r.bias.normal_(0, 0.1)
+    return model, ht
+
+
+@pytest.mark.parametrize("drop_last_attention,readout", [(False, False), (True, False), (False, True)])
+def test_hidden_transfer_llama_training_forward_equals_the_dense_tree_forward(drop_last_attention, readout, text):
+    """Hidden Transfer's LlamaLM training forward (the real tokens once, frozen; the pseudo tokens
+    against their keys and their own chain) gives the logits and transfer gradients of the
+    generic tree forward over a dense chain mask with every position an anchor (GQA; a layer
+    whose attention was dropped)."""
+    from leanformer.decoding.medusa import future_kl
+
+    model, ht = _small_llama_and_perturbed_transfer(readout)
+    if drop_last_attention:
+        model.layers[3].attn = None
     ids = text[0][:2 * 37].view(2, 37)
     B, N = ids.shape
     pos = torch.arange(N)
@@ -313,16 +320,7 @@ def test_hidden_transfer_isolated_offsets_train_each_transfer_on_its_own_loss(re
     """isolate_offsets: the same drafts, and each transfer's (and readout's) gradient is the one of
     its own offset's loss alone in the default forward; the default forward's first transfer is
     also moved by the later offsets' losses (what the option removes)."""
-    torch.manual_seed(0)
-    model = LlamaLM(LlamaConfig(dim=64, depth=4, num_heads=4, num_kv_heads=2, max_seq_len=128)).eval()
-    model.requires_grad_(False)
-    base = HiddenTransfer(model, layer=2, num_future=3, readout=readout)
-    with torch.no_grad():
-        for t in base.transfers:
-            t.weight.add_(0.1 * torch.randn_like(t.weight))
-            t.bias.normal_(0, 0.1)
-        for r in base.readouts or []:
-            r.weight.normal_(0, 0.1)
+    model, base = _small_llama_and_perturbed_transfer(readout)
     iso = HiddenTransfer(model, layer=2, num_future=3, readout=readout, isolate_offsets=True)
     iso.load_state_dict(base.state_dict())
     ids = text[0][:2 * 37].view(2, 37)
