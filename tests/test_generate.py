@@ -534,6 +534,11 @@ def test_experiment_keeps_a_hidden_transfer_of_another_layer_apart():
     assert "readouts.0.weight" in read.state_dict() and "readouts.0.weight" not in default["hidden-transfer"].state_dict()
     iso = drafters_for(model, 2, ht_isolate_offsets=True)["hidden-transfer"]
     assert iso.isolate_offsets and checkpoint_stem(model, "hidden-transfer", iso) == "hidden-transfer-iso"
+    from leanformer.experiments.tree_decoding import main
+
+    with pytest.raises(SystemExit) as e:  # the SLAB LM has no isolated-offsets training: refused up front
+        main(["--ht-isolate-offsets", "--models", "llama,slab", "--cache", "/nonexistent"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("kind", ["medusa", "ht"])

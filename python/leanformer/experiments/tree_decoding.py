@@ -172,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="timed runs per measurement, alternating plain and tree decoding; the fastest of each counts")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
+    if args.ht_isolate_offsets and "slab" in args.models.split(","):  # refused before hours of work, not after
+        p.error("--ht-isolate-offsets trains a LlamaLM's Hidden Transfer only: add --models llama")
     if args.threads:
         torch.set_num_threads(args.threads)
 
