@@ -320,20 +320,18 @@ def test_hidden_transfer_isolated_offsets_train_each_transfer_on_its_own_loss(re
     """isolate_offsets: the same drafts, and each transfer's (and readout's) gradient is the one of
     its own offset's loss alone in the default forward; the default forward's first transfer is
     also moved by the later offsets' losses (what the option removes)."""
+    from leanformer.decoding.medusa import future_kl_per_offset
+
     model, base = _small_llama_and_perturbed_transfer(readout)
     iso = HiddenTransfer(model, layer=2, num_future=3, readout=readout, isolate_offsets=True)
     iso.load_state_dict(base.state_dict())
     ids = text[0][:2 * 37].view(2, 37)
-    N, K = ids.shape[1], 3
-
-    def offset_loss(teacher, drafts, k):
-        s = drafts[:, :N - k - 1, k].log_softmax(-1).flatten(0, 1)
-        return F.kl_div(s, teacher[:, k + 1:].log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean")
+    K = 3
 
     def grads(ht, offsets):
         ht.zero_grad()
         teacher, drafts = ht.sequence_drafts(ids)
-        sum(offset_loss(teacher, drafts, k) for k in offsets).backward()
+        future_kl_per_offset(drafts, teacher)[list(offsets)].sum().backward()
         return drafts.detach(), [[torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()]
                                  for m in [*ht.transfers, *(ht.readouts or [])]]
 

@@ -59,16 +59,22 @@ class MedusaHeads(nn.Module):
         return teacher, self.head_logits(hidden)
 
 
-def future_kl(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean KL(teacher || student) where ``student [B, N, K, V]`` at (t, k) predicts what the
-    teacher ``[B, N, V]`` predicts at t + k + 1 (positions past the end are left out)."""
+def future_kl_per_offset(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) ``[K]`` of each future offset, where ``student [B, N, K, V]`` at
+    (t, k) predicts what the teacher ``[B, N, V]`` predicts at t + k + 1 (positions past the end
+    are left out)."""
     N, K = student.shape[1], student.shape[2]
     losses = []
     for k in range(min(K, N - 1)):
         s = student[:, :N - k - 1, k].float().log_softmax(-1)
         t = teacher[:, k + 1:].float().log_softmax(-1)
         losses.append(F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
+
+
+def future_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """The drafters' training loss: :func:`future_kl_per_offset` averaged over the offsets."""
+    return future_kl_per_offset(student, teacher).mean()
 
 
 def future_agreement(student: Tensor, teacher: Tensor) -> Tensor:

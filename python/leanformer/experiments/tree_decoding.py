@@ -172,8 +172,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="timed runs per measurement, alternating plain and tree decoding; the fastest of each counts")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     args = p.parse_args(argv)
-    if args.ht_isolate_offsets and "slab" in args.models.split(","):  # refused before hours of work, not after
-        p.error("--ht-isolate-offsets trains a LlamaLM's Hidden Transfer only: add --models llama")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -184,9 +182,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(args.tree_nodes, 4)}
     report = {"args": vars(args), "tree_static_paths": STATIC_PATHS, "tree_nodes": len(STATIC_PATHS) + 1,
               "models": {}}
-    for name, model in base_models(args.lm_steps, args.dim, args.depth).items():
-        if name not in args.models.split(","):
-            continue
+    models = {n: m for n, m in base_models(args.lm_steps, args.dim, args.depth).items() if n in args.models.split(",")}
+    for model in models.values():  # a drafter a model refuses fails now, not after the models before it trained
+        try:
+            drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth, args.ht_readout,
+                         args.ht_isolate_offsets)
+        except ValueError as e:
+            p.error(str(e))
+    for name, model in models.items():
         folder = os.path.join(args.cache, name)
         if args.reuse and os.path.isdir(folder):
             model = load_pretrained(folder)
