@@ -3,7 +3,8 @@
 // At such sizes at::linear spends most of its time repacking W for every call (MKL packs B
 // per GEMM); here each panel is contiguous, so a 12-row x 32-column tile streams it once per
 // 12 rows with 24 accumulators in registers. Measured on the 2-core AVX-512 dev machine
-// (19 x 256 -> 1024): about twice at::linear's rate.
+// (19 x 256 -> 1024): about twice at::linear's rate. On the 2-core AMD EPYC (AVX2, 6-row x
+// 16-column tiles) at 19 rows: 1.4-2.0x F.linear, the SwiGLU ~2x F.linear + silu + product.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,12 +22,15 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // columns of W^T per panel; the layout does not depend on the ISA
 
-// MR rows x one panel: C[r, 0:32] = bias + sum_k A[r, k] * B[k, 0:32], in NV vectors of W lanes.
+// MR rows x a stripe of NV vectors (W lanes each) of one panel: C[r, 0:NV W] = bias + sum_k
+// A[r, k] * B[k, 0:NV W], B's rows kPanel apart. Accumulators, the stripe's row and the
+// broadcast must all fit the register file (16 on AVX2): one more and GCC keeps the vectors on
+// the stack, which cost the AVX2 kernels two thirds of their speed before.
 template <typename V, typename T, int NV, int MR>
 __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t lda, const T* B, const T* bias,
                                                 T* C, int64_t ldc) {
   constexpr int W = sizeof(V) / sizeof(T);
-  static_assert(NV * W == kPanel, "a tile spans one panel");
+  static_assert(kPanel % (NV * W) == 0, "a tile spans a whole stripe of one panel");
   V acc[MR][NV];
   for (int v = 0; v < NV; ++v) {
     V b{};
@@ -36,8 +40,7 @@ __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t l
   for (int64_t k = 0; k < K; ++k) {
     // 16 panel rows (4 KB) ahead: at decoding sizes W streams from L3/DRAM, and the hardware
     // prefetcher alone leaves the FMAs waiting (19 x 256 -> 1024, cold W: 130 -> 105 us)
-    __builtin_prefetch(B + (k + 16) * kPanel);
-    __builtin_prefetch(B + (k + 16) * kPanel + 16);
+    for (int off = 0; off < NV * W; off += 64 / int(sizeof(T))) __builtin_prefetch(B + (k + 16) * kPanel + off);
     V bv[NV];
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], B + k * kPanel + v * W, sizeof(V));
     for (int r = 0; r < MR; ++r) {
@@ -51,7 +54,8 @@ __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t l
 
 // ---- packed_swiglu: silu(x Wg^T) * (x Wu^T) with the gate and up panels of a column block
 // side by side ([NP, 2, K, 32]), both accumulated in registers and multiplied there: the two
-// GEMMs, the silu and the product in one pass, and no [rows, hidden] intermediates.
+// GEMMs, the silu and the product in one pass, and no [rows, hidden] intermediates. A tile
+// takes the same stripe of the gate and the up panel.
 
 template <typename V, typename T>
 __attribute__((always_inline)) inline V silu_times(V g, V u) {
@@ -68,16 +72,16 @@ template <typename V, typename T, int NV, int MR>
 __attribute__((always_inline)) inline void swiglu_tile(int64_t K, const T* A, int64_t lda, const T* Bg, T* C,
                                                        int64_t ldc) {
   constexpr int W = sizeof(V) / sizeof(T);
-  static_assert(NV * W == kPanel, "a tile spans one panel");
+  static_assert(kPanel % (NV * W) == 0, "a tile spans a whole stripe of one panel");
   const T* Bu = Bg + K * kPanel;
   V g[MR][NV], u[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) g[r][v] = u[r][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(Bg + (k + 16) * kPanel);
-    __builtin_prefetch(Bg + (k + 16) * kPanel + 16);
-    __builtin_prefetch(Bu + (k + 16) * kPanel);
-    __builtin_prefetch(Bu + (k + 16) * kPanel + 16);
+    for (int off = 0; off < NV * W; off += 64 / int(sizeof(T))) {
+      __builtin_prefetch(Bg + (k + 16) * kPanel + off);
+      __builtin_prefetch(Bu + (k + 16) * kPanel + off);
+    }
     V wg[NV], wu[NV];
     for (int v = 0; v < NV; ++v) {
       std::memcpy(&wg[v], Bg + k * kPanel + v * W, sizeof(V));
@@ -91,9 +95,22 @@ __attribute__((always_inline)) inline void swiglu_tile(int64_t K, const T* A, in
       }
     }
   }
+  // The products leave the registers before the silu: GCC otherwise allocates the loop's registers
+  // with the silu's constants and temporaries in view, and at 4-5 rows kept the up accumulators on
+  // the stack inside the K loop (2.5x slower than at 6 rows).
+  alignas(64) T gu[2][MR][NV * W];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) {
-      const V o = silu_times<V, T>(g[r][v], u[r][v]);
+      std::memcpy(&gu[0][r][v * W], &g[r][v], sizeof(V));
+      std::memcpy(&gu[1][r][v * W], &u[r][v], sizeof(V));
+    }
+  asm volatile("" : : "r"(gu) : "memory");
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      V gv, uv;
+      std::memcpy(&gv, &gu[0][r][v * W], sizeof(V));
+      std::memcpy(&uv, &gu[1][r][v * W], sizeof(V));
+      const V o = silu_times<V, T>(gv, uv);
       std::memcpy(C + r * ldc + v * W, &o, sizeof(V));
     }
 }
@@ -111,32 +128,48 @@ __attribute__((always_inline)) inline void tail_tile(int64_t rows, int64_t K, co
   }
 }
 
-// Panels [p0, p1) for all M rows, in blocks of MR rows: a linear's (panel p at Wp + p K 32, with
-// bias) or a SwiGLU's (gate and up panels side by side at Wp + 2 p K 32). A partial last panel
-// (N % 32) goes through a scratch tile, its bias zero-padded, so nothing is read or written past
-// row ends.
+// Panels [p0, p1) for all M rows: a linear's (panel p at Wp + p K 32, with bias) or a SwiGLU's
+// (gate and up panels side by side at Wp + 2 p K 32), in stripes of NV vectors and blocks of at
+// most MR rows, the blocks balanced (19 rows at MR = 6: 5, 5, 5, 4, not 6, 6, 6, 1, whose
+// single-row tile has too few accumulators to hide the FMA latency). A full panel runs stripe by
+// stripe, every row block over a stripe while it is in L1; a partial last panel (N % 32) runs
+// block by block through a scratch tile, its bias zero-padded, so nothing is read or written
+// past row ends.
 template <bool Gated, typename V, typename T, int NV, int MR>
 __attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
                                                   const T* A, const T* Wp, const T* bias, T* C) {
+  constexpr int64_t kStripe = NV * sizeof(V) / sizeof(T);
   alignas(64) T scratch[MR * kPanel];
   alignas(64) T bias_pad[kPanel];
+  const int64_t blocks = (M + MR - 1) / MR, base = M / blocks, taller = M % blocks;  // `taller` blocks of base + 1
+  auto block_rows = [&](int64_t blk, int64_t& i0) {
+    i0 = blk * base + std::min(blk, taller);
+    return base + (blk < taller);
+  };
   for (int64_t p = p0; p < p1; ++p) {
     const T* B = Wp + p * (Gated ? 2 : 1) * K * kPanel;
     const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
     const T* b = bias ? bias + n0 : nullptr;
-    if (bias && cols < kPanel) {
+    if (cols == kPanel) {
+      for (int64_t s = 0; s < kPanel; s += kStripe)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          int64_t i;
+          const int64_t rows = block_rows(blk, i);
+          tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B + s, b ? b + s : nullptr, C + i * N + n0 + s, N);
+        }
+      continue;
+    }
+    if (bias) {
       std::fill(bias_pad, bias_pad + kPanel, T(0));
       std::copy(bias + n0, bias + n0 + cols, bias_pad);
       b = bias_pad;
     }
-    for (int64_t i = 0; i < M; i += MR) {
-      const int64_t rows = std::min<int64_t>(MR, M - i);
-      const bool direct = cols == kPanel;
-      T* out = direct ? C + i * N + n0 : scratch;
-      const int64_t ldo = direct ? N : kPanel;
-      tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B, b, out, ldo);
-      if (!direct)
-        for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int64_t i;
+      const int64_t rows = block_rows(blk, i);
+      for (int64_t s = 0; s < cols; s += kStripe)
+        tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B + s, b ? b + s : nullptr, scratch + s, kPanel);
+      for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
     }
   }
 }
@@ -157,21 +190,22 @@ LEANFORMER_AVX512 void panels_avx512(bool gated, int64_t p0, int64_t p1, int64_t
   else
     panels<false, v8d, double, 4, 6>(p0, p1, M, N, K, A, Wp, bias, C);
 }
-// AVX2 (16 registers): the linear's 3 rows x 4 ymm for fp32, 1 row x 8 ymm for fp64; the
-// SwiGLU's one row.
+// AVX2 (16 registers): the linear's 6 rows x 2 ymm (16 columns, half a panel), 12 accumulators
+// + 2 panel vectors + the broadcast, as small_gemm's tile; the SwiGLU's 6 rows x (1 gate + 1 up)
+// ymm. fp64 (gradcheck) alike, on half the columns.
 LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
                                    const float* A, const float* Wp, const float* bias, float* C) {
   if (gated)
-    panels<true, v8f, float, 4, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v8f, float, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C);
   else
-    panels<false, v8f, float, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v8f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
 }
 LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
                                    const double* A, const double* Wp, const double* bias, double* C) {
   if (gated)
-    panels<true, v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v4d, double, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C);
   else
-    panels<false, v4d, double, 8, 1>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v4d, double, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
 }
 
 // y [..., N] from x [..., K] over the packed panels, split over threads by panel. A chunk carries

@@ -13,8 +13,10 @@ from leanformer.nn import packed_linears
 from leanformer.ops import pack_linear_weight, packed_linear, unpack_linear_weight
 from leanformer.models import LlamaConfig, LlamaLM
 
-# rows: none, one (a decoding step), a 12-row tile and its neighbours, a 19-node tree, several tiles
-ROWS = [(0,), (1,), (11,), (12,), (13,), (19,), (77,), (3, 13)]
+# rows: none; one (a decoding step); every block height of the AVX2 tiles (at most 6 rows, the
+# blocks balanced: 2, 3, 5, 7 = 4 + 3); the AVX-512 linear's 12-row tile and its neighbours; a
+# 19-node tree; several tiles
+ROWS = [(0,), (1,), (2,), (3,), (5,), (7,), (11,), (12,), (13,), (19,), (77,), (3, 13)]
 # (K, N): a partial panel below, at and above 32 columns, several panels with a partial last one
 SIZES = [(1, 1), (7, 31), (16, 32), (33, 33), (256, 100), (100, 257)]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -135,7 +137,7 @@ def test_context_runs_the_packed_kernel_within_its_rows(monkeypatch):
 
     real = pl.packed_linear
     monkeypatch.setattr(pl, "packed_linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    with torch.no_grad(), packed_linears(model, max_rows=8):
+    with torch.no_grad(), packed_linears(model, min_rows=2, max_rows=8):
         model(torch.randn(2, 4, 24))  # 8 rows: packed
         assert len(calls) == 3
         model(torch.randn(9, 24))  # 9 rows: F.linear
@@ -144,6 +146,21 @@ def test_context_runs_the_packed_kernel_within_its_rows(monkeypatch):
     with torch.no_grad(), packed_linears(model, min_rows=1):
         model(torch.randn(1, 24))
         assert len(calls) == 6
+
+
+def test_default_packs_single_rows_only_on_avx2_tiles():
+    """One row (a plain decoding step) is faster packed than MKL's GEMV with the AVX2 tiles and
+    slower with the AVX-512 ones (measured, see DEFAULT_MIN_ROWS): the default follows the tiles
+    this CPU runs, and a one-row call takes the path it says."""
+    from leanformer import _C
+    import leanformer.nn.packed_linear_layers as pl
+
+    assert pl.DEFAULT_MIN_ROWS == (1 if _C.cpu_vector_isa() == "avx2" else 2)
+    model = small_model().eval()
+    with torch.no_grad(), packed_linears(model):
+        model(torch.randn(1, 24))
+        packed = [bool(m.forward.cache) for m in model if isinstance(m, nn.Linear)]
+    assert packed == [pl.DEFAULT_MIN_ROWS == 1] * 3
 
 
 def test_kept_packed_weights_serve_the_next_context(monkeypatch):
@@ -179,8 +196,8 @@ def test_kept_packed_weights_serve_the_next_context(monkeypatch):
 
 def test_context_packs_a_layer_on_its_first_packed_call():
     model = small_model().eval()
-    with torch.no_grad(), packed_linears(model):
-        model(torch.randn(1, 24))  # a plain decoding step: F.linear, nothing packed
+    with torch.no_grad(), packed_linears(model, min_rows=2):
+        model(torch.randn(1, 24))  # one row, below min_rows: F.linear, nothing packed
         assert all(not m.forward.cache for m in model if isinstance(m, nn.Linear))
         model(torch.randn(3, 24))
         assert all(m.forward.cache["packed"].shape[1:] == (m.in_features, 32) for m in model if isinstance(m, nn.Linear))
@@ -189,7 +206,7 @@ def test_context_packs_a_layer_on_its_first_packed_call():
 def test_context_logs_each_path_once(caplog):
     model = small_model().eval()
     with caplog.at_level(logging.INFO, logger="leanformer.nn.packed_linear_layers"), torch.no_grad(), \
-            packed_linears(model, max_rows=4):
+            packed_linears(model, min_rows=2, max_rows=4):
         for _ in range(3):
             model(torch.randn(2, 24))
             model(torch.randn(5, 24))
@@ -241,7 +258,7 @@ def test_stacked_drafter_heads_follow_the_context():
     cache = {}
     ref = F.linear(x, w, b)
     assert torch.equal(packed_or_linear(x, w, b, cache), ref) and not cache  # no context: F.linear
-    with torch.no_grad(), packed_linears(small_model()):
+    with torch.no_grad(), packed_linears(small_model(), min_rows=2):
         torch.testing.assert_close(packed_or_linear(x, w, b, cache), ref)
         assert "packed" in cache
         w.mul_(2)  # repacked when the weight changes
@@ -257,8 +274,8 @@ def test_stacked_drafter_heads_follow_the_context():
 
 
 def test_medusa_drafts_one_row_through_the_packed_kernel():
-    """The drafter's stacked heads run packed for the one accepted node of a step; the model's
-    own one-row layers stay on F.linear."""
+    """The drafter's stacked heads run packed for the one accepted node of a step, even where
+    the model's own one-row layers stay on F.linear (min_rows = 2, the AVX-512 default)."""
     from leanformer.decoding import MedusaHeads
 
     torch.manual_seed(0)
@@ -269,7 +286,7 @@ def test_medusa_drafts_one_row_through_the_packed_kernel():
             h.weight.normal_(std=0.1)
         hidden = torch.randn(1, 64)
         ref = heads.head_logits(hidden)
-        with packed_linears(model, heads), torch.profiler.profile() as prof:
+        with packed_linears(model, heads, min_rows=2), torch.profiler.profile() as prof:
             out = heads.head_logits(hidden)
             model(torch.zeros(1, 1, dtype=torch.long))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -286,7 +303,7 @@ def swiglu_reference(x, wg, wu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rows", [(0,), (1,), (5,), (6,), (7,), (19,), (2, 9)])
+@pytest.mark.parametrize("rows", [(0,), (1,), (2,), (3,), (5,), (6,), (7,), (19,), (2, 9)])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 31), (33, 64), (256, 100)])
 def test_swiglu_matches_reference(dtype, rows, K, N):
     wg, wu = torch.randn(N, K, dtype=dtype) * K ** -0.5, torch.randn(N, K, dtype=dtype)
@@ -343,11 +360,11 @@ def test_context_fuses_a_swiglu_mlp(monkeypatch):
     calls = []
     real = pl.packed_swiglu
     monkeypatch.setattr(pl, "packed_swiglu", lambda *a: calls.append(a[0].shape) or real(*a))
-    with torch.no_grad(), packed_linears(mlp) as n:
+    with torch.no_grad(), packed_linears(mlp, min_rows=2) as n:
         assert n == 4  # the MLP and its three linears
         torch.testing.assert_close(mlp(x), ref)
         assert len(calls) == 1
-        torch.testing.assert_close(mlp(x[:1, :1]), ref[:1, :1])  # one row: the module's own forward
+        torch.testing.assert_close(mlp(x[:1, :1]), ref[:1, :1])  # one row, below min_rows: the module's own forward
         assert len(calls) == 1
         mlp.up.weight.mul_(2)  # repacked
         torch.testing.assert_close(mlp(x), mlp.down(F.silu(mlp.gate(x)) * mlp.up(x)))

@@ -4,9 +4,9 @@ forward). :func:`leanformer.generate` decodes inside it.
 
 Inside the context each eligible layer (exactly ``nn.Linear``, float32 on the CPU) gets an
 instance ``forward`` that calls the packed kernel for ``min_rows`` to ``max_rows`` rows, and
-``F.linear`` otherwise: for one row (MKL's GEMV is as fast there), for a long prompt's
-prefill (the BLAS GEMM is faster), or where gradients are needed (the packed copy of the
-weight would not pass them on). Each path and reason is logged the first time it is taken in
+``F.linear`` otherwise: for one row where MKL's GEMV is as fast (AVX-512 CPUs; see
+:data:`DEFAULT_MIN_ROWS`), for a long prompt's prefill (the BLAS GEMM is faster), or where
+gradients are needed (the packed copy of the weight would not pass them on). Each path and reason is logged the first time it is taken in
 a context (logger ``leanformer.nn.packed_linear_layers``, INFO). The packed weights are copies,
 made on a layer's first packed call and refreshed when its weight changes in place; leaving
 the context restores the layers and frees them, unless ``keep_packed=True`` (what
@@ -33,11 +33,20 @@ from leanformer.ops.packed_linear import pack_linear_weight, pack_swiglu_weight,
 
 logger = logging.getLogger(__name__)
 
+
+def _default_min_rows() -> int:
+    from leanformer import _C
+
+    return 1 if _C.cpu_vector_isa() == "avx2" else 2
+
+
 #: Rows (tokens) from and up to which the packed kernel runs. Measured on the 2-core AVX-512 dev
 #: machine: about 2x F.linear at 19 rows and 1.1x at 76 (256 -> 1024); at one row (a plain
 #: decoding step) MKL's GEMV reads the weight at least as fast, and a LlamaLM step was ~5% slower
-#: packed, so single rows stay on F.linear.
-DEFAULT_MIN_ROWS = 2
+#: packed, so single rows stay on F.linear there. On the 2-core AMD EPYC (AVX2 tiles) one row is
+#: faster packed: plain greedy decoding of the 4.5M-parameter LlamaLM ran at 213-239 tokens/s
+#: packed against 169-199 with F.linear, so AVX2 hosts pack single rows too.
+DEFAULT_MIN_ROWS = _default_min_rows()
 DEFAULT_MAX_ROWS = 128
 
 
