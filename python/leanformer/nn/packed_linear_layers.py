@@ -6,8 +6,9 @@ Inside the context each eligible layer (exactly ``nn.Linear``, float32 on the CP
 instance ``forward`` that calls the packed kernel for ``min_rows`` to ``max_rows`` rows, and
 ``F.linear`` otherwise: for one row where MKL's GEMV is as fast (AVX-512 CPUs; see
 :data:`DEFAULT_MIN_ROWS`), for a long prompt's prefill (the BLAS GEMM is faster), or where
-gradients are needed (the packed copy of the weight would not pass them on). Each path and reason is logged the first time it is taken in
-a context (logger ``leanformer.nn.packed_linear_layers``, INFO). The packed weights are copies,
+gradients are needed (the packed copy of the weight would not pass them on). Each path and
+reason is logged the first time it is taken in a context (logger
+``leanformer.nn.packed_linear_layers``, INFO). The packed weights are copies,
 made on a layer's first packed call and refreshed when its weight changes in place; leaving
 the context restores the layers and frees them, unless ``keep_packed=True`` (what
 :func:`leanformer.generate` passes): then they stay with their layers for the next context
