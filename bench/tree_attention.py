@@ -9,7 +9,9 @@ baselines need no concatenation:
   additive [B, 1, T, L_max + T] mask built for this step (cache_lens change every step);
 - sdpa_prebuilt_mask: the same with the mask built outside the timing (the attention alone).
 tree_linear_attention (the same step for a linear-attention model, prefix as a state) is
-compared with its eager masked-quadratic reference.
+compared with its eager masked-quadratic reference, and tree_dwconv (that model's causal conv of
+V along each node's branch; a SLAB LM tree of 19 nodes, 4 heads x 64, kernel 4) with the
+lag-table gather the SLAB runner ran before it.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case
-from leanformer.ops import tree_attention, tree_linear_attention
-from leanformer.reference import ancestor_mask, tree_linear_attention_reference
+from leanformer.ops import tree_attention, tree_dwconv, tree_linear_attention
+from leanformer.reference import ancestor_mask, tree_dwconv_reference, tree_linear_attention_reference
 
 PREFIX, TREE, HEAD_DIM = 2048, 64, 64
 QUICK = {"prefix": 96, "tree": 8, "head_dim": 16}
@@ -89,6 +91,14 @@ def _linear_cases(g, device, dtype, T, D):
     S = torch.rand(B, H, D, D, generator=g).to(device, state_dtype)
     z = torch.rand(B, H, D, generator=g).to(device, state_dtype)
     mask = _tree_mask(T, g, device)
+    Tc, Hc, Dc, K = (19, 4, 64, 4) if T == TREE else (T, 2, D, 3)
+    vc = randn(B, Tc, 3, Hc, Dc)[:, :, 2]  # a view of the fused qkv, as the runner passes it
+    tail, w, bias = randn(B * Hc, Dc, K - 1), randn(Dc, K), randn(Dc)
+    parents = (torch.rand(Tc, generator=g) * torch.arange(Tc)).long().to(device)
+    parents[0] = -1
     return [Case("tree_linear_attention", f"B={B} tree={T} H={H} D={D}", "fwd",
                  lambda: tree_linear_attention(q, k, v, S, z, mask),
-                 {"eager_reference": lambda: tree_linear_attention_reference(q, k, v, S, z, mask)})]
+                 {"eager_reference": lambda: tree_linear_attention_reference(q, k, v, S, z, mask)}),
+            Case("tree_dwconv", f"B={B} tree={Tc} H={Hc} D={Dc} kernel={K}", "fwd",
+                 lambda: tree_dwconv(vc, tail, parents, w, bias),
+                 {"eager_reference": lambda: tree_dwconv_reference(vc, tail, parents, w, bias)})]

@@ -168,6 +168,11 @@ TORCH_LIBRARY(leanformer, m) {
   m.def(
       "sla_tree_commit(Tensor(a!)[] S, Tensor(b!)[] z, Tensor(c!)[] conv_tail, Tensor[] k, Tensor[] v, "
       "Tensor path, Tensor num_accepted) -> ()");
+  // SLAB's causal depthwise conv of V for each tree node along its ancestor chain, continued
+  // into the prefix's conv tail: v [B, T, H, D], conv_tail [B*H, D, W] (oldest first), parents
+  // int64 [T] or [B, T], weight [D, W + 1] (Conv1d taps, shared by the heads), bias [D]:
+  // out[b, t, h, d] = bias[d] + sum_l weight[d, W - l] * (the value l steps up t's chain).
+  m.def("tree_dwconv(Tensor v, Tensor conv_tail, Tensor parents, Tensor weight, Tensor? bias) -> Tensor");
   // In place, per sequence: the tree's K/V were appended at slots cache_lens[b] + i; keep the
   // accepted nodes (slot L + accepted[b, j] -> L + j, j < num_accepted[b]) and set
   // cache_lens[b] += num_accepted[b].

@@ -79,7 +79,7 @@ class SLABRunner:
             raise ValueError("tree decoding of a SLABLM needs attention='sla' (the softmax twin has no cache)")
         self.model, self.batch = model, batch
         self.cache = LMCache([])
-        self._tree_kv, self._pool_idx = None, []
+        self._tree_kv = None
 
     def _empty_state(self, rows: int):
         attn = self.model.blocks[0].attn
@@ -134,67 +134,24 @@ class SLABRunner:
         on top of the prefix state; each layer's K/V is kept for :meth:`commit` (which reads the
         accepted real nodes, the first T)."""
         from leanformer.models.block import apply_norm
-        from leanformer.ops.tree_decoding import tree_linear_attention
+        from leanformer.ops.tree_decoding import tree_dwconv, tree_linear_attention
 
         m = self.model
         B, T = x.shape[:2]
         if start == 0:
-            self._tree_kv, self._pool_idx = [], []
-        pool_idx = self._pool_index(parents)
+            self._tree_kv = []
         for block, layer in zip(m.blocks[start:stop], self.cache.layers[start:stop]):
             attn = block.attn
             H, hd = attn.num_heads, attn.head_dim
             q, k, v = attn.qkv(apply_norm(block.norm1, x, None)).view(B, T, 3, H, hd).unbind(2)
             S, z = layer.state
             o = tree_linear_attention(q, k, v, S, z, mask, eps=attn.eps)
-            if attn.dwc is not None:
-                o = o + self._tree_conv(attn, v, layer.conv_tail, pool_idx)
+            if attn.dwc is not None:  # the causal conv of V along each node's branch, then the prefix's tail
+                o = o + tree_dwconv(v, layer.conv_tail.to(v.dtype), parents, attn.dwc.weight[:, 0], attn.dwc.bias)
             self._tree_kv.append((k, v))
             x = x + attn.proj(o.reshape(B, T, -1))
             x = x + block.mlp(apply_norm(block.norm2, x, None))
         return x
-
-    def _lag_table(self, parents: Tensor) -> Tensor:
-        """``[B, T, ks]``: node index of node i's ancestor ``l`` steps up (l = 0 is i), or
-        ``-1 - r`` for the r-th value back in the prefix's conv tail (r = 0 the latest)."""
-        ks = self.model.blocks[0].attn.kernel_size
-        B, T = parents.shape
-        out = torch.empty(B, T, max(ks, 1), dtype=torch.long, device=parents.device)
-        cur = torch.arange(T, device=parents.device).expand(B, T).clone()
-        for l in range(max(ks, 1)):
-            out[:, :, l] = cur
-            up = parents.gather(1, cur.clamp(min=0))
-            cur = torch.where(cur >= 0, up, cur - 1)  # past the root: one more step into the tail
-        return out
-
-    def _pool_index(self, parents: Tensor) -> Tensor:
-        """:meth:`_conv_pool_index`, once per parents tensor of the current tree (Hidden Transfer
-        runs the tree, then the tree extended by its pseudo tokens; the commit reads the tree's)."""
-        for p, idx in self._pool_idx:
-            if p is parents:
-                return idx
-        idx = self._conv_pool_index(parents)
-        self._pool_idx.append((parents, idx))
-        return idx
-
-    def _conv_pool_index(self, parents: Tensor) -> Tensor:
-        """``[B, T, ks]``: where lag ``l`` of node i sits in ``cat([conv tail, tree V])`` (the
-        tail's ``ks - 1`` values, oldest first, then the nodes); one table for every layer."""
-        ks = max(self.model.blocks[0].attn.kernel_size, 1)
-        lags = self._lag_table(parents)
-        return torch.where(lags >= 0, lags + ks - 1, ks - 1 + lags)  # -1 - r -> ks - 2 - r
-
-    @staticmethod
-    def _tree_conv(attn, v: Tensor, tail: Tensor, pool_idx: Tensor) -> Tensor:
-        """The causal depthwise conv of V along each node's ancestor chain (then the tail)."""
-        B, T, H, hd = v.shape
-        ks = attn.kernel_size
-        tail = tail.view(B, H, hd, ks - 1).permute(0, 3, 1, 2).to(v.dtype)  # [B, ks - 1, H, hd], oldest first
-        pool = torch.cat([tail, v], dim=1)  # [B, ks - 1 + T, H, hd]
-        gathered = pool[torch.arange(B, device=v.device)[:, None, None], pool_idx]  # [B, T, ks, H, hd]
-        w = attn.dwc.weight[:, 0, :].flip(-1).t()  # [ks, hd]: lag l uses tap ks - 1 - l
-        out = (gathered * w[None, None, :, None, :]).sum(2)
-        return out + attn.dwc.bias if attn.dwc.bias is not None else out
 
     def commit(self, tree: TokenTree, accepted: Tensor, num_accepted: Tensor) -> None:
         """One op for every layer (``ops.sla_tree_commit``): the accepted path's K/V into the
@@ -206,7 +163,7 @@ class SLABRunner:
         tails = [layer.conv_tail for layer in layers] if self.model.blocks[0].attn.dwc is not None else []
         sla_tree_commit(S, z, tails, [k for k, _ in self._tree_kv], [v for _, v in self._tree_kv], accepted,
                         num_accepted)
-        self._tree_kv, self._pool_idx = None, []
+        self._tree_kv = None
 
     def select(self, rows: Tensor) -> None:
         for layer in self.cache.layers:

@@ -18,6 +18,7 @@ from leanformer.ops.tree_decoding import (
     compact_kv_cache,
     sla_tree_commit,
     tree_attention,
+    tree_dwconv,
     tree_linear_attention,
     verify_tree_greedy,
     verify_tree_sampling,
@@ -31,5 +32,5 @@ __all__ = ["progressive_norm", "rep_batchnorm", "simplified_linear_attention", "
            "pack_linear_weight", "pack_swiglu_weight", "packed_linear", "packed_swiglu",
            "unpack_linear_weight",
            "predicted_sparse_mlp", "sparse_down_projection", "topk_activation", "topk_mlp",
-           "compact_kv_cache", "sla_tree_commit", "tree_attention", "tree_linear_attention", "verify_tree_greedy",
-           "verify_tree_sampling", "warp_logits", "warp_probs"]
+           "compact_kv_cache", "sla_tree_commit", "tree_attention", "tree_dwconv", "tree_linear_attention",
+           "verify_tree_greedy", "verify_tree_sampling", "warp_logits", "warp_probs"]

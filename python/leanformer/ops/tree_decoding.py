@@ -7,7 +7,8 @@ j is i or an ancestor of i. The position id of node i is ``cache_lens[b] + depth
 Tree token padding is -1, never a real id.
 
 The kernels are torch.ops.leanformer.tree_attention / tree_linear_attention /
-verify_tree_greedy / verify_tree_sampling / compact_kv_cache / sla_tree_commit (C++ on CPU, CUDA on GPU).
+verify_tree_greedy / verify_tree_sampling / compact_kv_cache / sla_tree_commit / tree_dwconv (C++ on CPU,
+CUDA on GPU).
 This file gives them typed wrappers, fake kernels for torch.compile and export, and the
 probability warp (temperature, top-k, top-p) that plain sampling and tree verification
 share, so the two sample the same distribution.
@@ -253,6 +254,31 @@ def sla_tree_commit(S: List[Tensor], z: List[Tensor], conv_tail: List[Tensor], k
     _ops.sla_tree_commit(S, z, conv_tail, k, v, path, num_accepted)
 
 
+
+def tree_dwconv(v: Tensor, conv_tail: Tensor, parents: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """SLAB's causal depthwise convolution of V for every node of a token tree.
+
+    Node t of sequence b sees the values along its own branch: itself, its parent, ... up to
+    the root, then the prefix's last values (``conv_tail``, newest last), as plain decoding of
+    that branch would: ``out[b, t, h, d] = bias[d] + sum_l weight[d, W - l] * x_l`` with
+    ``x_l`` the value l steps up t's chain (``W = kernel_size - 1``).
+
+    Args:
+        v: ``[B, T, H, D]`` the tree's values (any strides; float32/float64/bfloat16/float16).
+        conv_tail: ``[B*H, D, W]`` in v's dtype, oldest first (``SLACache.conv_tail``).
+        parents: int64 ``[T]`` or ``[B, T]``, ``parents[0] = -1``, ``-1 <= parents[i] < i``.
+        weight: ``[D, W + 1]`` in v's dtype (a depthwise ``nn.Conv1d``'s ``weight[:, 0]``,
+            shared by the heads); bias: ``[D]`` or None.
+
+    Returns:
+        ``[B, T, H, D]`` in v's dtype.
+
+    Example::
+
+        >>> o = o + tree_dwconv(v, cache.conv_tail, tree.parents, attn.dwc.weight[:, 0], attn.dwc.bias)
+    """
+    return _ops.tree_dwconv(v, conv_tail, parents, weight, bias)
+
 # ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
 # ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
 
@@ -290,6 +316,11 @@ def _compact_kv_cache_fake(k_cache, v_cache, cache_lens, accepted, num_accepted)
 def _sla_tree_commit_fake(S, z, conv_tail, k, v, path, num_accepted):
     return None
 
+
+
+@torch.library.register_fake("leanformer::tree_dwconv")
+def _tree_dwconv_fake(v, conv_tail, parents, weight, bias):
+    return v.new_empty(v.shape)
 
 # ---- autograd: the forward is the fused kernel; the backward recomputes the attention through
 # the dense PyTorch reference (O(T (L + T)) memory), which is what training a drafter through
@@ -347,3 +378,27 @@ torch.library.register_autograd("leanformer::tree_attention", _tree_attention_ba
                                 setup_context=_tree_attention_setup)
 torch.library.register_autograd("leanformer::tree_linear_attention", _tree_linear_attention_backward,
                                 setup_context=_tree_linear_attention_setup)
+
+
+
+def _tree_dwconv_setup(ctx, inputs, output):
+    v, conv_tail, parents, weight, bias = inputs
+    ctx.save_for_backward(v, conv_tail, parents, weight, bias)
+    ctx.has_bias = bias is not None
+
+
+def _tree_dwconv_backward(ctx, grad_o):
+    from leanformer.reference.tree_decoding import tree_dwconv_reference
+
+    v, conv_tail, parents, weight, bias = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    if not ctx.has_bias:
+        gv, gt, gw = _grads_through(lambda v_, t_, w_: tree_dwconv_reference(v_, t_, parents, w_),
+                                    [v, conv_tail, weight], [n[0], n[1], n[3]], grad_o)
+        return gv, gt, None, gw, None
+    gv, gt, gw, gb = _grads_through(lambda v_, t_, w_, b_: tree_dwconv_reference(v_, t_, parents, w_, b_),
+                                    [v, conv_tail, weight, bias], [n[0], n[1], n[3], n[4]], grad_o)
+    return gv, gt, None, gw, gb
+
+
+torch.library.register_autograd("leanformer::tree_dwconv", _tree_dwconv_backward, setup_context=_tree_dwconv_setup)
