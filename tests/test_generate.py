@@ -489,7 +489,7 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             "--generated-prompts", "8",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     assert cli(args) == 0
-    assert cli(args + ["--reuse", "--ht-all-anchors", "--accept-prompts", "3"]) == 0
+    assert cli(args + ["--reuse", "--ht-all-anchors", "--accept-prompts", "3", "--tree-nodes", "auto"]) == 0
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
     assert len(reports) == 2
     for name in ("llama", "slab"):
@@ -514,6 +514,13 @@ def test_experiment_script_runs_and_reuses_its_checkpoints(tmp_path):
             assert 1 <= r["mean_accepted"] <= 5 and min(r["per_prompt"]) >= 1
             assert r["same_as_plain_greedy"] and r["standard_error"] >= 0
         assert len(first["drafters"]["hidden-transfer"]["tuned_tree_paths"]) == 18  # the default tree size
+        for d in ("medusa", "hidden-transfer"):  # --tree-nodes auto: the fastest size timed here, per drafter
+            assert "tree_size_tokens_per_s" not in first["drafters"][d]
+            rates = {int(n): r for n, r in second["drafters"][d]["tree_size_tokens_per_s"].items()}
+            assert sorted(rates) == [4, 7, 11, 15, 19, 27] and min(rates.values()) > 0
+            nodes = second["drafters"][d]["tuned_tree_nodes"]
+            assert rates[nodes] == max(rates.values())
+            assert len(second["drafters"][d]["tuned_tree_paths"]) == nodes - 1
 
 
 def test_experiment_keeps_a_hidden_transfer_of_another_layer_apart():

@@ -4,5 +4,6 @@ from leanformer.decoding.generate import Generation, generate
 from leanformer.decoding.hidden_transfer import HiddenTransfer
 from leanformer.decoding.medusa import MedusaHeads
 from leanformer.decoding.token_tree import DynamicTree, TokenTree, TreeShape
+from leanformer.decoding.tree_size import fastest_tree
 
-__all__ = ["DynamicTree", "Generation", "HiddenTransfer", "MedusaHeads", "TokenTree", "TreeShape", "generate"]
+__all__ = ["DynamicTree", "Generation", "HiddenTransfer", "MedusaHeads", "TokenTree", "TreeShape", "fastest_tree", "generate"]

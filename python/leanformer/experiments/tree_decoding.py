@@ -3,7 +3,9 @@ of a few million parameters on Python's pydoc topics (byte level), then Hidden T
 Medusa drafters distilled from each frozen model (by default on its own greedy continuations
 of training prompts, Medusa-2's self-distillation); mean accepted tokens per forward and
 wall-clock tokens/s against plain greedy decoding, at batch 1 and 4, on held-out prompts, with
-a static tree, each drafter's accuracy-tuned tree of the same size and a dynamic tree.
+a static tree, each drafter's accuracy-tuned tree of the same size and a dynamic tree
+(``--tree-nodes auto``: of the size that decodes fastest on this host, per drafter, timed on
+training prompts with :func:`leanformer.decoding.fastest_tree`).
 
 Checkpoints go to ~/.cache/leanformer/tree-decoding/ (not in git): with --reuse a re-measure
 of speed loads them instead of training again.
@@ -23,7 +25,7 @@ import torch
 
 import leanformer
 from leanformer.data import pydoc_text, random_windows, sequential_windows
-from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree, TreeShape
+from leanformer.decoding import DynamicTree, HiddenTransfer, MedusaHeads, TokenTree, TreeShape, fastest_tree
 from leanformer.decoding.distill import distill, greedy_corpus, rank_accuracy
 from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM, load_pretrained, save_pretrained
 from leanformer.train.lm_text import lm_loss
@@ -128,6 +130,15 @@ def acceptance(model, tokens, runs, count: int, prompt_length: int, new_tokens: 
     return out
 
 
+def _tree_nodes(value: str):
+    if value == "auto":
+        return value
+    n = int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"a tree needs >= 2 nodes (the root and one candidate), got {n}")
+    return n
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="leanformer experiment tree-decoding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,8 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts per measurement (batch 1 runs each)")
     p.add_argument("--prompt-length", type=int, default=64)
-    p.add_argument("--tree-nodes", type=int, default=len(STATIC_PATHS) + 1,
-                   help="nodes of the dynamic tree and of each drafter's accuracy-tuned static tree")
+    p.add_argument("--tree-nodes", type=_tree_nodes, default=len(STATIC_PATHS) + 1,
+                   help="nodes of the dynamic tree and of each drafter's accuracy-tuned static tree; 'auto': "
+                        "per drafter, the size that decodes fastest here (timed on training prompts)")
     p.add_argument("--models", default="llama,slab")
     p.add_argument("--drafter-data", choices=["generated", "text"], default="generated",
                    help="drafters learn from the model's greedy continuations of training prompts "
@@ -179,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     val = sequential_windows(val_tokens, args.length)[:32]
     starts = torch.linspace(0, len(val_tokens) - args.prompt_length - 1, args.prompts).long().tolist()
     prompts = [val_tokens[s:s + args.prompt_length] for s in starts]
-    trees = {"static": TokenTree.from_paths(STATIC_PATHS), "dynamic": DynamicTree(args.tree_nodes, 4)}
+    static = TokenTree.from_paths(STATIC_PATHS)
     report = {"args": vars(args), "tree_static_paths": STATIC_PATHS, "tree_nodes": len(STATIC_PATHS) + 1,
               "models": {}}
     models = {n: m for n, m in base_models(args.lm_steps, args.dim, args.depth).items() if n in args.models.split(",")}
@@ -202,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             save_pretrained(model.eval(), folder)
         model.eval()
         entry = {"params": sum(t.numel() for t in model.parameters()), "config": vars(model.config), "drafters": {}}
-        tuned_trees = {}
+        tuned_trees, dynamic_trees = {}, {}
         with torch.no_grad():
             entry["val_loss"] = sum(lm_loss(model, c).item() for c in val.split(16)) / len(val.split(16))
         drafters = drafters_for(model, args.num_future, args.ht_layer, args.ht_branch_depth, args.ht_readout,
@@ -229,22 +241,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                 save_drafter(drafter, path)
             # measured on text from training prompts: the held-out prompts stay unseen
             accuracy = rank_accuracy(drafter, fit_windows, top_k=8)
-            tuned = TreeShape.from_accuracies(accuracy, args.tree_nodes)
-            entry["drafters"][dname] = {"distill_final": history[-1] if history else "reused",
-                                        "checkpoint": os.path.basename(path),
-                                        "rank_accuracy": [[round(a, 4) for a in row] for row in accuracy.tolist()],
-                                        "tuned_tree_paths": [list(p) for p in tuned.paths]}
-            tuned_trees[dname] = tuned
+            info = {"distill_final": history[-1] if history else "reused", "checkpoint": os.path.basename(path),
+                    "rank_accuracy": [[round(a, 4) for a in row] for row in accuracy.tolist()]}
+            if args.tree_nodes == "auto":  # sized on training text, so the held-out prompts stay unseen
+                tuned, rates = fastest_tree(model, drafter, accuracy, [w[:args.prompt_length] for w in fit_windows[:4]],
+                                            max_new_tokens=max(args.new_tokens // 2, 1))
+                info["tree_size_tokens_per_s"] = {str(n): round(r, 1) for n, r in rates.items()}
+            else:
+                tuned = TreeShape.from_accuracies(accuracy, args.tree_nodes)
+            info.update(tuned_tree_nodes=tuned.num_nodes, tuned_tree_paths=[list(p) for p in tuned.paths])
+            entry["drafters"][dname] = info
+            tuned_trees[dname], dynamic_trees[dname] = tuned, DynamicTree(tuned.num_nodes, 4)
             with open(tree_path(args.cache, name, checkpoint_stem(model, dname, drafter)), "w") as f:
                 json.dump([list(p) for p in tuned.paths], f)
-        runs = {f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters for t, tree in trees.items()}
+        runs = {f"{d}/{t}": {"drafter": drafters[d], "tree": tree} for d in drafters
+                for t, tree in (("static", static), ("dynamic", dynamic_trees[d]))}
         runs.update({f"{d}/tuned": {"drafter": drafters[d], "tree": tuned_trees[d]} for d in drafters})
         if args.ht_all_anchors:  # the same weights with pseudo tokens after every node: Medusa's coverage
             ht_all = HiddenTransfer(model, drafters["hidden-transfer"].layer, args.num_future,
                                     branch_depth=args.num_future, readout=args.ht_readout)
             ht_all.load_state_dict(drafters["hidden-transfer"].state_dict())
             runs.update({f"hidden-transfer-all/{t}": {"drafter": ht_all, "tree": tree}
-                         for t, tree in (("static", trees["static"]), ("tuned", tuned_trees["hidden-transfer"]))})
+                         for t, tree in (("static", static), ("tuned", tuned_trees["hidden-transfer"]))})
         if args.accept_prompts:
             entry["acceptance"] = acceptance(model, val_tokens, runs, args.accept_prompts, args.prompt_length,
                                              args.new_tokens)
