@@ -7,13 +7,13 @@ j is i or an ancestor of i. The position id of node i is ``cache_lens[b] + depth
 Tree token padding is -1, never a real id.
 
 The kernels are torch.ops.leanformer.tree_attention / tree_linear_attention /
-verify_tree_greedy / verify_tree_sampling / compact_kv_cache / sla_tree_commit / tree_dwconv (C++ on CPU,
-CUDA on GPU).
-This file gives them typed wrappers, fake kernels for torch.compile and export, and the
-probability warp (temperature, top-k, top-p) that plain sampling and tree verification
-share, so the two sample the same distribution.
+verify_tree_greedy / verify_tree_sampling / compact_kv_cache / sla_tree_commit / tree_dwconv
+(C++ on CPU, CUDA on GPU). This file gives them typed wrappers, fake kernels for torch.compile
+and export, and the probability warp (temperature, top-k, top-p) that plain sampling and tree
+verification share, so the two sample the same distribution.
 
-tree_attention and tree_linear_attention are inference ops: a backward through them raises.
+tree_attention, tree_linear_attention and tree_dwconv are differentiable: their backward
+recomputes through the PyTorch reference (what training a drafter through a tree needs).
 """
 from __future__ import annotations
 
