@@ -123,7 +123,17 @@ def test_bad_inputs_name_the_argument():
         (dict(v=v[0]), "v must be \\[B, T, H, D\\]"),
     ]
     for change, message in bad:
-        kw = dict(v=v, conv_tail=tail, parents=parents, weight=weight, bias=bias, **{})
+        kw = dict(v=v, conv_tail=tail, parents=parents, weight=weight, bias=bias)
         kw.update(change)
         with pytest.raises(RuntimeError, match=message):
             tree_dwconv(**kw)
+
+
+def test_a_sliced_tail_as_the_cache_keeps_it():
+    """SLACache keeps the tail as the last W columns of a longer sequence (not contiguous)."""
+    v, tail, parents, weight, bias = case(2, 6, 2, 5, 4, torch.float64, "cpu", per_sequence=True)
+    sliced = torch.cat([torch.randn(4, 5, 2, dtype=torch.float64), tail], -1)[..., 2:]
+    assert not sliced.is_contiguous() and torch.equal(sliced, tail)
+    want = branch_conv(v, tail, parents, weight, bias)
+    torch.testing.assert_close(tree_dwconv(v, sliced, parents, weight, bias), want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(tree_dwconv_reference(v, sliced, parents, weight, bias), want, atol=1e-12, rtol=1e-12)

@@ -254,7 +254,6 @@ def sla_tree_commit(S: List[Tensor], z: List[Tensor], conv_tail: List[Tensor], k
     _ops.sla_tree_commit(S, z, conv_tail, k, v, path, num_accepted)
 
 
-
 def tree_dwconv(v: Tensor, conv_tail: Tensor, parents: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """SLAB's causal depthwise convolution of V for every node of a token tree.
 
@@ -279,7 +278,7 @@ def tree_dwconv(v: Tensor, conv_tail: Tensor, parents: Tensor, weight: Tensor, b
     """
     return _ops.tree_dwconv(v, conv_tail, parents, weight, bias)
 
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
+
 # ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
 
 @torch.library.register_fake("leanformer::tree_attention")
@@ -317,10 +316,10 @@ def _sla_tree_commit_fake(S, z, conv_tail, k, v, path, num_accepted):
     return None
 
 
-
 @torch.library.register_fake("leanformer::tree_dwconv")
 def _tree_dwconv_fake(v, conv_tail, parents, weight, bias):
     return v.new_empty(v.shape)
+
 
 # ---- autograd: the forward is the fused kernel; the backward recomputes the attention through
 # the dense PyTorch reference (O(T (L + T)) memory), which is what training a drafter through
@@ -380,7 +379,6 @@ torch.library.register_autograd("leanformer::tree_linear_attention", _tree_linea
                                 setup_context=_tree_linear_attention_setup)
 
 
-
 def _tree_dwconv_setup(ctx, inputs, output):
     v, conv_tail, parents, weight, bias = inputs
     ctx.save_for_backward(v, conv_tail, parents, weight, bias)
@@ -392,13 +390,12 @@ def _tree_dwconv_backward(ctx, grad_o):
 
     v, conv_tail, parents, weight, bias = ctx.saved_tensors
     n = ctx.needs_input_grad
-    if not ctx.has_bias:
-        gv, gt, gw = _grads_through(lambda v_, t_, w_: tree_dwconv_reference(v_, t_, parents, w_),
-                                    [v, conv_tail, weight], [n[0], n[1], n[3]], grad_o)
-        return gv, gt, None, gw, None
-    gv, gt, gw, gb = _grads_through(lambda v_, t_, w_, b_: tree_dwconv_reference(v_, t_, parents, w_, b_),
-                                    [v, conv_tail, weight, bias], [n[0], n[1], n[3], n[4]], grad_o)
-    return gv, gt, None, gw, gb
+    inputs, needs = [v, conv_tail, weight], [n[0], n[1], n[3]]
+    if ctx.has_bias:
+        inputs, needs = inputs + [bias], needs + [n[4]]
+    grads = _grads_through(lambda v_, t_, w_, *b_: tree_dwconv_reference(v_, t_, parents, w_, *b_), inputs, needs,
+                           grad_o)
+    return grads[0], grads[1], None, grads[2], grads[3] if ctx.has_bias else None
 
 
 torch.library.register_autograd("leanformer::tree_dwconv", _tree_dwconv_backward, setup_context=_tree_dwconv_setup)

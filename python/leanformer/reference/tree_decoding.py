@@ -226,7 +226,7 @@ def tree_dwconv_reference(v: Tensor, conv_tail: Tensor, parents: Tensor, weight:
         lags.append(cur)
         cur = torch.where(cur >= 0, par.gather(1, cur.clamp(min=0)), cur - 1)
     pool_idx = torch.stack(lags, -1) + W  # into cat([tail, v]): node n -> W + n, tail value r back -> W - 1 - r
-    pool = torch.cat([conv_tail.view(B, H, D, W).permute(0, 3, 1, 2), v], dim=1).to(cd)  # [B, W + T, H, D]
+    pool = torch.cat([conv_tail.reshape(B, H, D, W).permute(0, 3, 1, 2), v], dim=1).to(cd)  # [B, W + T, H, D]
     gathered = pool[torch.arange(B, device=v.device)[:, None, None], pool_idx]  # [B, T, K, H, D]
     out = (gathered * weight.to(cd).flip(-1).t()[None, None, :, None, :]).sum(2)
     return (out + bias.to(cd) if bias is not None else out).to(v.dtype)
