@@ -6,8 +6,9 @@
 // No kernel goes below it without fewer FLOPs or a cheaper exp: it tells whether a speed-up
 // target over SDPA is within reach on this host.
 //
+// x86-64 with GCC (the kernels' target attributes), from the repository root:
 //   g++ -O3 -fopenmp -Icsrc bench/attention_bound.cpp -o /tmp/attention_bound
-//   /tmp/attention_bound [prefix=2048 tree=64 heads=8 head_dim=64]
+//   /tmp/attention_bound [prefix=2048 tree=64 query_heads=8 head_dim=64]
 #include <omp.h>
 
 #include <chrono>
