@@ -2,6 +2,8 @@
 // attention, so a direct torch.ops call gets the same clear error as the Python API.
 #pragma once
 
+#include "checks.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -14,15 +16,7 @@ struct SlaShape {
 };
 
 // States (S, z) accumulate in fp32, or fp64 when the inputs are fp64 (gradcheck).
-inline at::ScalarType sla_state_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline void check_floating(const at::Tensor& t, const char* name) {
-  auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
-              name, " must be float32, float16, bfloat16 or float64, got ", s);
-}
+inline at::ScalarType sla_state_dtype(at::ScalarType input) { return accumulate_dtype(input); }
 
 inline void check_state(const std::optional<at::Tensor>& S, const std::optional<at::Tensor>& z,
                         const SlaShape& s, const at::Tensor& q, const char* S_name,
@@ -30,22 +24,7 @@ inline void check_state(const std::optional<at::Tensor>& S, const std::optional<
   TORCH_CHECK(S.has_value() == z.has_value(), S_name, " and ", z_name,
               " must be given together (the state is the pair (S, z))");
   if (!S.has_value()) return;
-  const auto dtype = sla_state_dtype(q.scalar_type());
-  TORCH_CHECK(S->dim() == 4 && S->size(0) == s.B && S->size(1) == s.H && S->size(2) == s.Dk &&
-                  S->size(3) == s.Dv,
-              S_name, " must have shape [B, H, Dk, Dv] = [", s.B, ", ", s.H, ", ", s.Dk, ", ",
-              s.Dv, "], got ", S->sizes());
-  TORCH_CHECK(z->dim() == 3 && z->size(0) == s.B && z->size(1) == s.H && z->size(2) == s.Dk,
-              z_name, " must have shape [B, H, Dk] = [", s.B, ", ", s.H, ", ", s.Dk, "], got ",
-              z->sizes());
-  TORCH_CHECK(S->scalar_type() == dtype, S_name, " must be ", dtype, " for ", q.scalar_type(),
-              " inputs, got ", S->scalar_type());
-  TORCH_CHECK(z->scalar_type() == dtype, z_name, " must be ", dtype, " for ", q.scalar_type(),
-              " inputs, got ", z->scalar_type());
-  TORCH_CHECK(S->device() == q.device(), S_name, " is on ", S->device(), " but q is on ",
-              q.device());
-  TORCH_CHECK(z->device() == q.device(), z_name, " is on ", z->device(), " but q is on ",
-              q.device());
+  check_linear_attention_state(*S, S_name, *z, z_name, s.B, s.H, s.Dk, s.Dv, q);
 }
 
 // q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; optional state (S [B, H, Dk, Dv], z [B, H, Dk]).
@@ -63,12 +42,8 @@ inline SlaShape check_sla_inputs(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(v.size(0) == s.B && v.size(1) == s.T && v.size(2) == s.H,
               "v must match q in [B, T, H] = [", s.B, ", ", s.T, ", ", s.H, "], got ", v.sizes());
   check_floating(q, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (",
-              q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (",
-              q.scalar_type(), "), got ", v.scalar_type());
-  TORCH_CHECK(k.device() == q.device(), "k is on ", k.device(), " but q is on ", q.device());
-  TORCH_CHECK(v.device() == q.device(), "v is on ", v.device(), " but q is on ", q.device());
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
   TORCH_CHECK(causal || !initial_S.has_value(),
               "initial_state is only supported with causal=True");
   check_state(initial_S, initial_z, s, q, "initial_state S", "initial_state z");
@@ -83,10 +58,8 @@ inline void check_sla_grad_output(const at::Tensor& grad_o, const at::Tensor& o,
               o.sizes());
   TORCH_CHECK(grad_o.sizes() == o.sizes(), "grad_o must have the shape of o ", o.sizes(),
               ", got ", grad_o.sizes());
-  TORCH_CHECK(grad_o.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type(),
-              "grad_o and o must have the dtype of q (", q.scalar_type(), ")");
-  TORCH_CHECK(grad_o.device() == q.device() && o.device() == q.device(),
-              "grad_o and o must be on the device of q (", q.device(), ")");
+  check_like(o, "o", q, "q");
+  check_like(grad_o, "grad_o", q, "q");
 }
 
 // Decode step: q, k [B, H, Dk], v [B, H, Dv], S [B, H, Dk, Dv], z [B, H, Dk].
@@ -102,10 +75,8 @@ inline SlaShape check_sla_step_inputs(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(v.size(0) == s.B && v.size(1) == s.H, "v must match q in [B, H] = [", s.B, ", ",
               s.H, "], got ", v.sizes());
   check_floating(q, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "k and v must have the dtype of q (", q.scalar_type(), ")");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
-              "k and v must be on the device of q (", q.device(), ")");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
   check_state(S, z, s, q, "state S", "state z");
   return s;
 }

@@ -1,5 +1,11 @@
-// Every leanformer op schema lives here; backends register implementations in their
-// own files (csrc/*_cpu.cpp, csrc/cuda/*.cu) with TORCH_LIBRARY_IMPL.
+// Every leanformer op schema lives here, grouped by family; backends register implementations
+// in their own files with TORCH_LIBRARY_IMPL. A family's files share its stem:
+//   csrc/<family>_checks.h        argument checks every backend calls first (csrc/checks.h: shared)
+//   csrc/<family>[_<part>]_cpu.cpp   CPU kernels     csrc/cuda/<family>[_<part>]_cuda.cu  CUDA
+//   python/leanformer/ops/<family>.py, reference/<family>.py, tests/ops/test_<family>*.py,
+//   bench/bench_<family>.py
+// Families: linear_attention (schemas sla_*), rep_batchnorm (rep_batchnorm*, progressive_norm*),
+// topk_mlp, nm_sparse_linear, packed_linear (CPU only), tree_attention, tree_verify, tree_state.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,6 +30,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(leanformer, m) {
+  // ---- linear_attention ----
   // Simplified linear attention (SLAB). q, k [B, T, H, Dk]; v [B, T, H, Dv]; ReLU feature map
   // inside. Returns (o [B, T, H, Dv], S [B, H, Dk, Dv], z [B, H, Dk]) with the final state.
   m.def(
@@ -39,6 +46,7 @@ TORCH_LIBRARY(leanformer, m) {
   m.def("sla_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, float eps) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // ---- rep_batchnorm ----
   // RepBN (SLAB): BatchNorm over every token of x [..., C] per channel, plus alpha * x.
   // Training normalizes with the batch statistics of the tokens where mask is true (all when
   // mask is None); eval with the running ones. Functional: returns (y, mean, invstd) and the
@@ -78,6 +86,8 @@ TORCH_LIBRARY(leanformer, m) {
       "progressive_norm_backward_elemt(Tensor grad_y, Tensor x, Tensor? ln_weight, "
       "Tensor bn_weight, Tensor alpha, Tensor bn_mean, Tensor bn_invstd, Tensor mean_dy, "
       "Tensor mean_dy_xhat, float gamma, float ln_eps, Tensor? mask) -> Tensor");
+
+  // ---- topk_mlp ----
   // Top-k sparse MLP activation (Lazy Neuron). Per row of h [..., d_ff]: the k largest
   // act(h) (act = "relu" or "gelu"; ties -> lowest index) as (values [..., k] in h's dtype,
   // indices [..., k] int64 ascending).
@@ -113,6 +123,7 @@ TORCH_LIBRARY(leanformer, m) {
       "predicted_sparse_mlp(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down_t, Tensor? b_down, "
       "Tensor indices, str activation) -> (Tensor, Tensor)");
 
+  // ---- nm_sparse_linear ----
   // N:M sparse linear (DSFormer's sparse factor; see python/leanformer/sparse/nm_format.py for
   // the packed layout). S [rows, K] is N:M sparse along K: values [rows, K/m*n] (the n kept
   // entries of each group of m columns, ascending column order), meta int32 [rows, W] with the
@@ -127,6 +138,7 @@ TORCH_LIBRARY(leanformer, m) {
       "nm_sparse_linear_backward(Tensor grad_y, Tensor x, Tensor values, Tensor meta, *, int n, "
       "int m, bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // ---- packed_linear ----
   // Linear for the few rows of a decoding step: y [..., N] = x [..., K] @ W^T + bias, with W
   // [N, K] prepacked as packed_weight [ceil(N/32), K, 32] (panel p, row k, lane j holds
   // W[32p + j, k], zero past N; python/leanformer/ops/packed_linear.py packs it).
@@ -135,6 +147,7 @@ TORCH_LIBRARY(leanformer, m) {
   // gate and up [hidden, K] packed side by side per panel: packed_gate_up [ceil(hidden/32), 2, K, 32].
   m.def("packed_swiglu(Tensor x, Tensor packed_gate_up, int hidden) -> Tensor");
 
+  // ---- tree_attention ----
   // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each
   // sequence's cached prefix k_cache/v_cache [B, L_max, Hkv, D|Dv] (the first cache_lens[b]
   // slots, int64 [B], unmasked) and over the tree k_tree/v_tree [B, T, Hkv, D|Dv] where
@@ -150,6 +163,8 @@ TORCH_LIBRARY(leanformer, m) {
   m.def(
       "tree_linear_attention(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, Tensor tree_mask, "
       "float eps) -> Tensor");
+
+  // ---- tree_verify ----
   // Greedy verification. logits [B, T, V] of the tree nodes, tree_tokens [B, T] int64 (node 0
   // is the root, the last verified token), parents [T] or [B, T] int64 (parents[0] = -1,
   // parents[i] < i). Returns (accepted [B, T] int64 node indices along the accepted path,
@@ -161,6 +176,14 @@ TORCH_LIBRARY(leanformer, m) {
   // [0, 1) drawn by the caller from its generator, consumed in a fixed order. Same outputs.
   m.def("verify_tree_sampling(Tensor probs, Tensor tree_tokens, Tensor parents, Tensor uniforms) "
         "-> (Tensor, Tensor, Tensor)");
+  // In place, per sequence: the tree's K/V were appended at slots cache_lens[b] + i; keep the
+  // accepted nodes (slot L + accepted[b, j] -> L + j, j < num_accepted[b]) and set
+  // cache_lens[b] += num_accepted[b].
+  m.def(
+      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, "
+      "Tensor accepted, Tensor num_accepted) -> ()");
+
+  // ---- tree_state ----
   // In place, for a SLAB LM after a tree verification, every layer at once: S[l] += sum_j
   // relu(k[l][b, path[b, j]])^T v[l][b, path[b, j]] and z[l] += the relu(k) rows, j <
   // num_accepted[b]; conv_tail[l] [B*H, Dv, W] becomes the last W values of "old tail ++ the
@@ -173,10 +196,4 @@ TORCH_LIBRARY(leanformer, m) {
   // int64 [T] or [B, T], weight [D, W + 1] (Conv1d taps, shared by the heads), bias [D]:
   // out[b, t, h, d] = bias[d] + sum_l weight[d, W - l] * (the value l steps up t's chain).
   m.def("tree_dwconv(Tensor v, Tensor conv_tail, Tensor parents, Tensor weight, Tensor? bias) -> Tensor");
-  // In place, per sequence: the tree's K/V were appended at slots cache_lens[b] + i; keep the
-  // accepted nodes (slot L + accepted[b, j] -> L + j, j < num_accepted[b]) and set
-  // cache_lens[b] += num_accepted[b].
-  m.def(
-      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_lens, "
-      "Tensor accepted, Tensor num_accepted) -> ()");
 }

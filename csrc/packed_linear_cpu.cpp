@@ -14,13 +14,12 @@
 #include <cstring>
 #include <type_traits>
 
+#include "packed_linear_checks.h"
 #include "small_gemm.h"
 #include "vector_exp.h"
 
 namespace leanformer {
 namespace {
-
-constexpr int64_t kPanel = 32;  // columns of W^T per panel; the layout does not depend on the ISA
 
 // MR rows x a stripe of NV vectors (W lanes each) of one panel: C[r, 0:NV W] = bias + sum_k
 // A[r, k] * B[k, 0:NV W], B's rows kPanel apart. Accumulators, the stripe's row and the
@@ -240,35 +239,6 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::
   return y;
 }
 
-void check_packed_linear_inputs(const at::Tensor& x, const at::Tensor& packed_weight,
-                                const std::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(x.dim() >= 1, "packed_linear: x must be [..., K] with at least one dimension, got a scalar");
-  const auto s = x.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble, "packed_linear: x must be float32 or float64, got ", s);
-  TORCH_CHECK(x.device().is_cpu(), "packed_linear: x must be on the CPU (it is a CPU decoding kernel), got ",
-              x.device());
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(packed_weight.dim() == 3 && packed_weight.size(1) == K && packed_weight.size(2) == kPanel,
-              "packed_linear: packed_weight must be [ceil(N/32), K, 32] with K = x.shape[-1] = ", K,
-              " (see pack_linear_weight), got ", packed_weight.sizes());
-  TORCH_CHECK(packed_weight.scalar_type() == s, "packed_linear: packed_weight must have the dtype of x (", s,
-              "), got ", packed_weight.scalar_type());
-  TORCH_CHECK(packed_weight.device() == x.device(), "packed_linear: packed_weight is on ", packed_weight.device(),
-              " but x is on ", x.device());
-  const int64_t NP = packed_weight.size(0);
-  TORCH_CHECK(out_features > (NP - 1) * kPanel && out_features <= NP * kPanel,
-              "packed_linear: out_features = ", out_features, " does not fit packed_weight's ", NP,
-              " panels of 32 columns (it must be in (", (NP - 1) * kPanel, ", ", NP * kPanel, "])");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "packed_linear: bias must be [out_features] = [",
-                out_features, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == s, "packed_linear: bias must have the dtype of x (", s, "), got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), "packed_linear: bias is on ", bias->device(), " but x is on ",
-                x.device());
-  }
-}
-
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
                              const std::optional<at::Tensor>& bias, int64_t out_features) {
   check_packed_linear_inputs(x, packed_weight, bias, out_features);
@@ -276,25 +246,8 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
 }
 
 at::Tensor packed_swiglu_cpu(const at::Tensor& x, const at::Tensor& packed_gate_up, int64_t hidden) {
-  TORCH_CHECK(x.dim() >= 1, "packed_swiglu: x must be [..., K] with at least one dimension, got a scalar");
-  const auto s = x.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble, "packed_swiglu: x must be float32 or float64, got ", s);
-  TORCH_CHECK(x.device().is_cpu(), "packed_swiglu: x must be on the CPU (it is a CPU decoding kernel), got ",
-              x.device());
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(packed_gate_up.dim() == 4 && packed_gate_up.size(1) == 2 && packed_gate_up.size(2) == K &&
-                  packed_gate_up.size(3) == kPanel,
-              "packed_swiglu: packed_gate_up must be [ceil(hidden/32), 2, K, 32] with K = x.shape[-1] = ", K,
-              " (see pack_swiglu_weight), got ", packed_gate_up.sizes());
-  TORCH_CHECK(packed_gate_up.scalar_type() == s, "packed_swiglu: packed_gate_up must have the dtype of x (", s,
-              "), got ", packed_gate_up.scalar_type());
-  TORCH_CHECK(packed_gate_up.device() == x.device(), "packed_swiglu: packed_gate_up is on ",
-              packed_gate_up.device(), " but x is on ", x.device());
-  const int64_t NP = packed_gate_up.size(0), N = hidden;
-  TORCH_CHECK(N > (NP - 1) * kPanel && N <= NP * kPanel, "packed_swiglu: hidden = ", N,
-              " does not fit packed_gate_up's ", NP, " panels of 32 columns (it must be in (", (NP - 1) * kPanel,
-              ", ", NP * kPanel, "])");
-  return run_panels(x, packed_gate_up, std::nullopt, N, /*gated=*/true);
+  check_packed_swiglu_inputs(x, packed_gate_up, hidden);
+  return run_panels(x, packed_gate_up, std::nullopt, hidden, /*gated=*/true);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // Argument checks of the RepBN ops, shared by every backend.
 #pragma once
 
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,26 +20,24 @@ inline void check_channel_vector(const at::Tensor& t, const char* name, int64_t 
               "] (C = x.shape[-1]), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " for ", x.scalar_type(),
               " inputs, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  check_same_device(t, name, x, "x");
 }
 
+// Parameters and running statistics: fp32, or fp64 for fp64 inputs.
 inline at::ScalarType rep_batchnorm_param_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return accumulate_dtype(x.scalar_type());
 }
 
 // x [..., C] and the optional bool mask over its leading dims.
 inline RepBNShape check_norm_input(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() >= 1, "x must be [..., C] with at least one dimension, got a scalar");
-  auto s = x.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
-              "x must be float32, float16, bfloat16 or float64, got ", s);
+  check_not_scalar(x, "x", "[..., C]");
+  check_floating(x, "x");
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool, got ", mask->scalar_type());
     TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1),
                 "mask must have the leading shape of x ", x.sizes().slice(0, x.dim() - 1),
                 ", got ", mask->sizes());
-    TORCH_CHECK(mask->device() == x.device(), "mask is on ", mask->device(), " but x is on ",
-                x.device());
+    check_same_device(*mask, "mask", x, "x");
   }
   const int64_t C = x.size(-1);
   return {C == 0 ? 0 : x.numel() / C, C};
@@ -51,7 +51,7 @@ inline RepBNShape check_rep_batchnorm_common(const at::Tensor& x, const at::Tens
   check_channel_vector(weight, "weight", shape.C, dtype, x);
   TORCH_CHECK(alpha.numel() == 1, "alpha must hold one value, got shape ", alpha.sizes());
   TORCH_CHECK(alpha.scalar_type() == dtype, "alpha must be ", dtype, ", got ", alpha.scalar_type());
-  TORCH_CHECK(alpha.device() == x.device(), "alpha is on ", alpha.device(), " but x is on ", x.device());
+  check_same_device(alpha, "alpha", x, "x");
   return shape;
 }
 

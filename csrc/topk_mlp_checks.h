@@ -4,6 +4,8 @@
 // deterministic.
 #pragma once
 
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
@@ -52,28 +54,6 @@ C10_HOST_DEVICE inline uint64_t order_key(double v) {
   return (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
 }
 
-inline void check_floating_input(const at::Tensor& t, const char* name) {
-  auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
-              " must be float32, float16, bfloat16 or float64, got ", s);
-}
-
-inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
-              " (", ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device());
-}
-
-inline void check_vector(const std::optional<at::Tensor>& t, const char* name, int64_t size,
-                         const char* size_name, const at::Tensor& ref, const char* ref_name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape [", size_name,
-              "] = [", size, "], got ", t->sizes());
-  check_like(*t, name, ref, ref_name);
-}
-
 inline void check_k(int64_t k, int64_t d_ff) {
   TORCH_CHECK(k >= 0 && k <= d_ff, "k must be in [0, d_ff] = [0, ", d_ff, "], got ", k);
   // Ranks pack the index into 32 bits.
@@ -82,26 +62,23 @@ inline void check_k(int64_t k, int64_t d_ff) {
 
 // Rows of h [..., d_ff] -> (rows, d_ff).
 inline void check_topk_activation_inputs(const at::Tensor& h, int64_t k) {
-  TORCH_CHECK(h.dim() >= 1, "h must be [..., d_ff] with at least one dimension, got a scalar");
-  check_floating_input(h, "h");
+  check_not_scalar(h, "h", "[..., d_ff]");
+  check_floating(h, "h");
   check_k(k, h.size(-1));
 }
 
 // values [..., k] and indices [..., k] (int64) selecting rows of a table [d_ff, d_model].
 inline void check_selection(const at::Tensor& values, const at::Tensor& indices,
                             const at::Tensor& table, const char* table_name) {
-  TORCH_CHECK(values.dim() >= 1, "values must be [..., k] with at least one dimension, got a scalar");
+  check_not_scalar(values, "values", "[..., k]");
   TORCH_CHECK(indices.sizes() == values.sizes(), "indices must have the shape of values ",
               values.sizes(), ", got ", indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64 (torch.long), got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.device() == values.device(), "indices is on ", indices.device(),
-              " but values is on ", values.device());
+  check_int64_on(indices, "indices", values, "values");
   TORCH_CHECK(table.dim() == 2, table_name, " must be [d_ff, d_model], got shape ", table.sizes());
   TORCH_CHECK(values.size(-1) <= table.size(0), "values must have at most d_ff = ",
               table.size(0), " (", table_name, ".shape[0]) entries per row, got k = ",
               values.size(-1));
-  check_floating_input(values, "values");
+  check_floating(values, "values");
   check_like(table, table_name, values, "values");
 }
 
@@ -127,8 +104,8 @@ inline void check_topk_mlp_inputs(const at::Tensor& x, const at::Tensor& w_up,
                                   const std::optional<at::Tensor>& b_up,
                                   const at::Tensor& w_down_t,
                                   const std::optional<at::Tensor>& b_down, int64_t k) {
-  TORCH_CHECK(x.dim() >= 1, "x must be [..., d_model] with at least one dimension, got a scalar");
-  check_floating_input(x, "x");
+  check_not_scalar(x, "x", "[..., d_model]");
+  check_floating(x, "x");
   const int64_t d_model = x.size(-1);
   TORCH_CHECK(w_up.dim() == 2 && w_up.size(1) == d_model, "w_up must be [d_ff, d_model] with d_model = ",
               d_model, " (x.shape[-1]), got ", w_up.sizes());
@@ -150,15 +127,12 @@ inline void check_predicted_sparse_mlp_inputs(const at::Tensor& x, const at::Ten
                                               const at::Tensor& w_down_t,
                                               const std::optional<at::Tensor>& b_down,
                                               const at::Tensor& indices) {
-  TORCH_CHECK(x.dim() >= 1, "x must be [..., d_model] with at least one dimension, got a scalar");
+  check_not_scalar(x, "x", "[..., d_model]");
   TORCH_CHECK(indices.dim() == x.dim() &&
                   indices.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
               "indices must be [..., k] with the leading dims of x ", x.sizes(), ", got ",
               indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64 (torch.long), got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.device() == x.device(), "indices is on ", indices.device(), " but x is on ",
-              x.device());
+  check_int64_on(indices, "indices", x, "x");
   const int64_t k = indices.dim() ? indices.size(-1) : 0;
   TORCH_CHECK(w_up.dim() != 2 || k <= w_up.size(0), "indices must have at most d_ff = ",
               w_up.size(0), " (w_up.shape[0]) entries per row, got k = ", k);

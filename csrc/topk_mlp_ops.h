@@ -34,10 +34,6 @@
 
 namespace leanformer {
 
-inline at::ScalarType topk_acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline at::Tensor apply_activation(const at::Tensor& pre, Activation act) {
   return act == Activation::kRelu ? at::relu(pre) : at::gelu(pre);
 }
@@ -108,7 +104,7 @@ at::Tensor sparse_down_projection_op(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& w_down_t,
                                      const std::optional<at::Tensor>& bias) {
   check_sparse_down_projection_inputs(values, indices, w_down_t, bias);
-  const auto acc = topk_acc_dtype(values.scalar_type());
+  const auto acc = accumulate_dtype(values.scalar_type());
   const at::Tensor v2 = rows_of(values).to(acc);
   at::Tensor y = at::empty({v2.size(0), w_down_t.size(1)}, values.options());
   if (y.numel() > 0)
@@ -123,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_down_projection_backward_o
   check_sparse_down_projection_inputs(values, indices, w_down_t, std::nullopt);
   const int64_t d_ff = w_down_t.size(0), d_model = w_down_t.size(1), k = values.size(-1);
   check_grad(grad_y, "grad_y", with_last(values.sizes(), d_model), values, "values");
-  const auto acc = topk_acc_dtype(values.scalar_type());
+  const auto acc = accumulate_dtype(values.scalar_type());
   const at::Tensor g2 = rows_of(grad_y).to(acc), idx = rows_of(indices);
   const auto none = values.new_empty({0});
   at::Tensor grad_values = none, grad_w = none, grad_bias = none;
@@ -161,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mlp_op(
   if (values.numel() > 0) select_activated<Backend>(h, k, act, values, indices, h_selected);
   at::Tensor y = at::empty({N, d_model}, x.options());
   if (y.numel() > 0)
-    Backend::gather_rows(values.to(topk_acc_dtype(x.scalar_type())), indices,
+    Backend::gather_rows(values.to(accumulate_dtype(x.scalar_type())), indices,
                          w_down_t.contiguous(), maybe_contiguous(b_down), y);
   const auto shape = with_last(x.sizes(), k);
   return {y.view(x.sizes()), indices.view(shape), h_selected.view(shape)};
@@ -181,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_mlp_
   check_grad(h_selected, "h_selected", with_last(x.sizes(), k), x, "x");
   const Activation act = parse_activation(activation);
   const int64_t d_ff = w_up.size(0), d_model = x.size(-1);
-  const auto dtype = x.scalar_type(), acc = topk_acc_dtype(dtype);
+  const auto dtype = x.scalar_type(), acc = accumulate_dtype(dtype);
   const at::Tensor g2 = rows_of(grad_y).to(acc), idx = rows_of(indices);
   const at::Tensor pre = rows_of(h_selected).to(acc);
   const int64_t N = g2.size(0);
@@ -226,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> predicted_sparse_mlp_op(
   check_predicted_sparse_mlp_inputs(x, w_up, b_up, w_down_t, b_down, indices);
   const Activation act = parse_activation(activation);
   const int64_t d_model = x.size(-1), k = indices.size(-1);
-  const at::Tensor x2 = rows_of(x).to(topk_acc_dtype(x.scalar_type()));
+  const at::Tensor x2 = rows_of(x).to(accumulate_dtype(x.scalar_type()));
   const int64_t N = x2.size(0);
   at::Tensor y = at::empty({N, d_model}, x.options());
   at::Tensor h_selected = at::empty({N, k}, x.options());

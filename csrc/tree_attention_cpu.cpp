@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "small_gemm.h"
-#include "tree_decoding_checks.h"
+#include "tree_attention_checks.h"
 #include "vector_exp.h"
 
 namespace leanformer {

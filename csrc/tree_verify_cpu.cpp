@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "tree_decoding_checks.h"
+#include "tree_verify_checks.h"
 
 namespace leanformer {
 namespace {

@@ -529,8 +529,7 @@ std::optional<at::Tensor> state_grad(const std::optional<at::Tensor>& grad,
                                      const char* name) {
   if (!grad.has_value() || !grad->defined()) return std::nullopt;
   TORCH_CHECK(grad->sizes() == shape, name, " must have shape ", shape, ", got ", grad->sizes());
-  TORCH_CHECK(grad->device() == q.device(), name, " is on ", grad->device(), " but q is on ",
-              q.device());
+  check_same_device(*grad, name, q, "q");
   return grad->to(sla_state_dtype(q.scalar_type())).contiguous();
 }
 

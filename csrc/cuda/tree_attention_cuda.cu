@@ -17,7 +17,7 @@
 // tree_linear_attention: one warp per (b, h, node). The lanes find the node's ancestors with a
 // ballot over its tree_mask row, accumulate phi(q).phi(k_j) v_j for each, then add the prefix
 // state phi(q) S and normalize. Trees are small (T <= a few hundred), so this is latency bound.
-#include "../tree_decoding_checks.h"
+#include "../tree_attention_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

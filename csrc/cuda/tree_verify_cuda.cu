@@ -14,7 +14,7 @@
 // every block has read the old length. Value checks that the CPU kernels raise as errors
 // (cache_lens, accepted paths, parents, token ids) are device-side asserts here: checking them
 // on the host would need a sync per decoding step.
-#include "../tree_decoding_checks.h"
+#include "../tree_verify_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

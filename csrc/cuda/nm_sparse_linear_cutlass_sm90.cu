@@ -10,14 +10,14 @@
 // algebra, our (values, meta) are scattered to a dense [rows, K] weight (nm_decompress_cuda)
 // and CUTLASS's own SM90 compressor (cutlass/transform/kernel/sm90_sparse_gemm_compressor.hpp)
 // produces A_compressed and E. That costs a dense [rows, K] temporary and two passes over it,
-// so the result is cached per (values, meta) pair (nm_sparse_operand_cache.h): a fixed weight
+// so the result is cached per (values, meta) pair (nm_sparse_linear_operand_cache.h): a fixed weight
 // pays it once; a weight updated in place (training) pays it on each forward after an update.
 //
 // Operands: A = S [rows, K] row-major (sparse), B = x^T (x [T, K] row-major = column-major
 // [K, T]), D = y^T column-major [rows, T], i.e. y [T, rows] row-major, written directly; the
 // bias is added afterwards (beta = 0, so C is never read).
-#include "nm_sparse_cutlass.h"
-#include "nm_sparse_operand_cache.h"
+#include "nm_sparse_linear_cutlass.h"
+#include "nm_sparse_linear_operand_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "tree_dwconv_checks.h"
+#include "tree_state_checks.h"
 
 namespace leanformer {
 namespace {

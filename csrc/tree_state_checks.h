@@ -1,14 +1,25 @@
-// Argument checks of sla_tree_commit, shared by the CPU and CUDA implementations. Per layer l:
-// S[l] [B, H, Dk, Dv] and z[l] [B, H, Dk] (float32/float64 state, updated in place), k[l]
-// [B, T_l, H, Dk] and v[l] [B, T_l, H, Dv] (the tree's keys and values, any float dtype and
-// strides; the path reads nodes below every T_l), conv_tail[l] [B*H, Dv, W] (or an empty list when the layer has no conv); path int64
-// [B, n] (accepted node indices, root first) and num_accepted int64 [B] (<= n).
+// Argument checks of the tree_state family, the ops that carry a SLAB LM's recurrent state
+// through a token tree, shared by the CPU and CUDA implementations.
+//
+// sla_tree_commit, per layer l: S[l] [B, H, Dk, Dv] and z[l] [B, H, Dk] (float32/float64 state,
+// updated in place), k[l] [B, T_l, H, Dk] and v[l] [B, T_l, H, Dv] (the tree's keys and values,
+// any float dtype and strides; the path reads nodes below every T_l), conv_tail[l]
+// [B*H, Dv, W] (or an empty list when the layer has no conv); path int64 [B, n] (accepted node
+// indices, root first) and num_accepted int64 [B] (<= n).
+//
+// tree_dwconv: v [B, T, H, D] (any strides), conv_tail [B*H, D, W] (the causal conv's last W
+// values of V before the tree, oldest first), parents int64 [T] or [B, T] (parents[0] = -1,
+// -1 <= parents[i] < i), weight [D, W + 1] (the depthwise Conv1d's taps, shared by the heads),
+// bias [D] or none; all floating tensors in v's dtype.
 #pragma once
+
+#include "checks.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 namespace leanformer {
 
@@ -76,6 +87,42 @@ inline void check_sla_tree_commit_inputs(at::TensorList S, at::TensorList z, at:
         TORCH_CHECK(pp[b * path.size(1) + j] >= 0 && pp[b * path.size(1) + j] < T, "sla_tree_commit: path[", b,
                     ", ", j, "] = ", pp[b * path.size(1) + j], " is not a node of every layer's tree (T = ", T, ")");
     }
+  }
+}
+
+inline void check_tree_dwconv_inputs(const at::Tensor& v, const at::Tensor& conv_tail, const at::Tensor& parents,
+                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(v.dim() == 4, "tree_dwconv: v must be [B, T, H, D], got ", v.sizes());
+  check_floating(v, "tree_dwconv: v");
+  const auto s = v.scalar_type();
+  const int64_t B = v.size(0), T = v.size(1), H = v.size(2), D = v.size(3);
+  const auto dev = v.device();
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1,
+              "tree_dwconv: weight must be [D, kernel_size] with D = v.shape[3] = ", D, ", got ", weight.sizes());
+  const int64_t W = weight.size(1) - 1;
+  TORCH_CHECK(conv_tail.dim() == 3 && conv_tail.size(0) == B * H && conv_tail.size(1) == D && conv_tail.size(2) == W,
+              "tree_dwconv: conv_tail must be [B*H, D, kernel_size - 1] = [", B * H, ", ", D, ", ", W, "], got ",
+              conv_tail.sizes());
+  TORCH_CHECK(parents.scalar_type() == at::kLong &&
+                  (parents.dim() == 1 || (parents.dim() == 2 && parents.size(0) == B)) && parents.size(-1) == T,
+              "tree_dwconv: parents must be int64 [T] or [B, T] with B, T = ", B, ", ", T, " (v's), got ",
+              parents.scalar_type(), " ", parents.sizes());
+  TORCH_CHECK(conv_tail.scalar_type() == s && weight.scalar_type() == s,
+              "tree_dwconv: conv_tail and weight must have v's dtype (", s, "), got ", conv_tail.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(conv_tail.device() == dev && parents.device() == dev && weight.device() == dev,
+              "tree_dwconv: conv_tail, parents and weight must be on v's device ", dev);
+  check_vector(bias, "tree_dwconv: bias", D, "D", v, "v");
+  if (dev.is_cpu()) {  // the values (a GPU check would synchronize)
+    const at::Tensor p = parents.contiguous();
+    const int64_t* pp = p.const_data_ptr<int64_t>();
+    const int64_t rows = parents.dim() == 2 ? B : 1;
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t par = pp[b * T + i];
+        TORCH_CHECK(par >= -1 && par < i && (i > 0 || par == -1), "tree_dwconv: parents[", b, ", ", i, "] = ", par,
+                    " is not a parent (node 0 is the root with parent -1; -1 <= parents[i] < i)");
+      }
   }
 }
 

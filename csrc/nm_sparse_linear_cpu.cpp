@@ -1,5 +1,5 @@
 // N:M sparse linear on the CPU: y = x @ S^T + bias, reading only S's values and metadata
-// (the layout is in nm_sparse_checks.h).
+// (the layout is in nm_sparse_linear_checks.h).
 //
 // Forward paths:
 //  * one token (decode, the memory-bound case the format is for): a GEMV per output row,
@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
-#include "nm_sparse_checks.h"
+#include "nm_sparse_linear_checks.h"
 #include "small_gemm.h"
 
 namespace leanformer {
@@ -469,7 +469,7 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
 // pattern the later dense pays off: 16 (m/n)^2 tokens, i.e. 64 for 2:4 and 256 for 1:4
 // (4096 x 4096 fp32 on 2 loaded cores; unpacking, mostly the page faults of the fresh 64 MB
 // dense weight, cost 60-100 ms there, about the GEMM of 64 tokens). Mirrored, and logged, by the Python wrapper
-// (leanformer/ops/nm_sparse.py dense_min_tokens); tests check the two agree.
+// (leanformer/ops/nm_sparse_linear.py dense_min_tokens); tests check the two agree.
 int64_t dense_min_tokens(int64_t n, int64_t m) { return 16 * m * m / (n * n); }
 
 // S [rows, K] with zeros outside the pattern.

@@ -4,7 +4,7 @@
 // it walks t's ancestor chain kernel_size steps up (into the conv tail past the root) and sums
 // the taps in the CPU kernel's order. Parent values are device-side asserts: checking them on
 // the host would synchronize every decoding step.
-#include "../tree_dwconv_checks.h"
+#include "../tree_state_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -6,7 +6,7 @@
 
 #include <cstring>
 
-#include "tree_decoding_checks.h"
+#include "tree_verify_checks.h"
 
 namespace leanformer {
 namespace {

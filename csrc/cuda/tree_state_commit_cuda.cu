@@ -5,7 +5,7 @@
 // in order (the CPU kernel's order, so both give the same sums). The conv tail of (b, h) is
 // read whole into shared memory before any thread writes it. Path values are device-side
 // asserts: checking them on the host would synchronize every decoding step.
-#include "../sla_tree_commit_checks.h"
+#include "../tree_state_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

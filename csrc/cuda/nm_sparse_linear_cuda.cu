@@ -6,7 +6,7 @@
 //   tokens <= kMaxGemvTokens, fp32/fp16/bf16: nm_gemv_kernel (any N:M) -- reads only values +
 //       meta, which is the decode-time saving;
 //   more tokens, 2:4 fp16/bf16, rows % 32 == 0, K % 64 == 0, CUTLASS built for this GPU: the
-//       sparse tensor-core GEMM (nm_sparse_cutlass_sm80.cu / _sm90.cu);
+//       sparse tensor-core GEMM (nm_sparse_linear_cutlass_sm80.cu / _sm90.cu);
 //   otherwise (other N:M, fp32, fp64, odd shapes, no CUTLASS): the weight is decompressed to
 //       dense by nm_scatter_gather_kernel and multiplied by cuBLAS (at::linear); the cases that
 //       a 2:4 tensor-core GEMM would have served warn once.
@@ -25,7 +25,7 @@
 // is skewed by one float per 32 columns: neighbouring lanes' columns are 8 values apart
 // (16 columns for 2:4, 32 for 1:4), which without the skew would land on the same banks.
 // fp32 accumulation; a warp-shuffle reduction ends each row.
-#include "nm_sparse_cutlass.h"
+#include "nm_sparse_linear_cutlass.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -38,7 +38,7 @@
 #include <array>
 #include <tuple>
 
-#include "../nm_sparse_checks.h"
+#include "../nm_sparse_linear_checks.h"
 
 namespace leanformer {
 namespace {

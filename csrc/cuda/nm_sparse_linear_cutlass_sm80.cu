@@ -8,8 +8,8 @@
 // values [rows, K/2]; B = x^T, i.e. x [T, K] row-major read as a column-major [K, T]; D [rows, T]
 // row-major, leading dim rounded up to 8 (CUTLASS 2.x's sparse epilogue writes row-major only), so y = D^T is one extra
 // transposing copy, which also adds the bias (a row-major C cannot broadcast a per-row bias).
-#include "nm_sparse_cutlass.h"
-#include "nm_sparse_operand_cache.h"
+#include "nm_sparse_linear_cutlass.h"
+#include "nm_sparse_linear_operand_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "small_gemm.h"
-#include "tree_decoding_checks.h"
+#include "tree_attention_checks.h"
 
 namespace leanformer {
 namespace {

@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#include "sla_tree_commit_checks.h"
+#include "tree_state_checks.h"
 
 namespace leanformer {
 namespace {

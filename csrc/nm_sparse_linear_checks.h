@@ -5,6 +5,8 @@
 // LSB first; the column of value j is (j / n) * m + index.
 #pragma once
 
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
@@ -35,34 +37,21 @@ inline void check_nm_sparse_linear_inputs(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, int64_t n,
                                           int64_t m) {
   check_nm_pattern(n, m);
-  TORCH_CHECK(x.dim() >= 1, "x must be [..., K] with at least one dimension, got a scalar");
-  const auto s = x.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
-              "x must be float32, float16, bfloat16 or float64, got ", s);
+  check_not_scalar(x, "x", "[..., K]");
+  check_floating(x, "x");
   const int64_t K = x.size(-1);
   TORCH_CHECK(K % m == 0, "x.shape[-1] (K = ", K, ") must be a multiple of m = ", m);
   const int64_t V = K / m * n;
   TORCH_CHECK(values.dim() == 2 && values.size(1) == V, "values must be [rows, K/m*n] = [rows, ",
               V, "] for K = ", K, " (x.shape[-1]) and ", n, ":", m, ", got ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == s, "values must have the dtype of x (", s, "), got ",
-              values.scalar_type());
-  TORCH_CHECK(values.device() == x.device(), "values is on ", values.device(), " but x is on ",
-              x.device());
+  check_like(values, "values", x, "x");
   const int64_t rows = values.size(0), W = nm_meta_words(V, m);
   TORCH_CHECK(meta.scalar_type() == at::kInt, "meta must be int32, got ", meta.scalar_type());
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == rows && meta.size(1) == W,
               "meta must be int32 [rows, ceil(K/m*n * ", nm_meta_bits(m), " / 32)] = [", rows, ", ",
               W, "] for values ", values.sizes(), " and ", n, ":", m, ", got ", meta.sizes());
-  TORCH_CHECK(meta.device() == x.device(), "meta is on ", meta.device(), " but x is on ",
-              x.device());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows, "bias must have shape [rows] = [", rows,
-                "] (values.shape[0]), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == s, "bias must have the dtype of x (", s, "), got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), "bias is on ", bias->device(), " but x is on ",
-                x.device());
-  }
+  check_same_device(meta, "meta", x, "x");
+  check_vector(bias, "bias", rows, "rows", x, "x");
 }
 
 // The forward's checks, plus grad_y [..., rows] with x's leading dims, dtype and device.
@@ -75,10 +64,7 @@ inline void check_nm_sparse_linear_backward_inputs(const at::Tensor& grad_y, con
                   grad_y.size(-1) == values.size(0),
               "grad_y must be [..., rows] with the leading dims of x ", x.sizes(), " and rows = ",
               values.size(0), ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "grad_y must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_y.scalar_type());
-  TORCH_CHECK(grad_y.device() == x.device(), "grad_y is on ", grad_y.device(), " but x is on ",
-              x.device());
+  check_like(grad_y, "grad_y", x, "x");
 }
 
 }  // namespace leanformer

@@ -1,9 +1,9 @@
 // The 2:4 sparse tensor-core GEMMs (CUTLASS) behind nm_sparse_linear's CUDA forward for more
 // than kMaxGemvTokens tokens, one translation unit per architecture:
-//   nm_sparse_cutlass_sm80.cu: cutlass::gemm::device::SparseGemm (CUTLASS 2.x), sm_80 and up;
+//   nm_sparse_linear_cutlass_sm80.cu: cutlass::gemm::device::SparseGemm (CUTLASS 2.x), sm_80 and up;
 //       our metadata is reordered into its layout by reorder_meta_sm80 (python twin:
 //       leanformer/sparse/cutlass_meta.py).
-//   nm_sparse_cutlass_sm90.cu: the CUTLASS 3.x OpClassSparseTensorOp collective, sm_90a only;
+//   nm_sparse_linear_cutlass_sm90.cu: the CUTLASS 3.x OpClassSparseTensorOp collective, sm_90a only;
 //       its metadata layout comes from CUTLASS's own compressor run on the decompressed weight.
 // Both compute y [T, rows] = x [T, K] @ S^T (+ bias) with S = (values [rows, K/2], meta) in
 // our packed 2:4 format, fp16 or bf16, fp32 accumulation; the prepared operands are cached per
@@ -41,7 +41,7 @@ at::Tensor nm24_linear_sm90(const at::Tensor& x2d, const at::Tensor& values,
                             const at::Tensor& meta, const std::optional<at::Tensor>& bias);
 bool nm24_sm90_built();
 
-// Scatter our packed values into a zeroed dense [rows, K] matrix (nm_sparse_cuda.cu).
+// Scatter our packed values into a zeroed dense [rows, K] matrix (nm_sparse_linear_cuda.cu).
 at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor& meta, int64_t n,
                               int64_t m, int64_t K);
 
