@@ -7,9 +7,9 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-from leanformer.data import random_windows
+from leanformer.decoding.generate import generate
 from leanformer.decoding.medusa import future_agreement, future_kl
-from leanformer.train.loop import train
+from leanformer.training import random_windows, train
 
 
 def draft_agreement(drafter: nn.Module, windows: Tensor) -> Dict[str, float]:
@@ -25,8 +25,6 @@ def greedy_corpus(model: nn.Module, tokens: Tensor, *, prompts: int, prompt_leng
     """Self-distillation data (Medusa-2): ``[prompts, prompt_length + new_tokens]``, random
     prompts from ``tokens`` each followed by the model's own greedy continuation, the text
     tree decoding will have to predict."""
-    from leanformer.decoding.generate import generate
-
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - prompt_length, (prompts,), generator=g).tolist()
     out = []

@@ -1,6 +1,16 @@
 """leanformer.generate: plain decoding, or tree-verified decoding with a drafter (draft -> token
 tree -> one forward that verifies it (and, for Hidden Transfer, drafts the next tree) ->
-verification op -> cache compaction), for a batch of prompts of different lengths."""
+verification op -> commit of the accepted path into the cache), for a batch of prompts of
+different lengths.
+
+It drives the decoding half of the layer-stack protocol (:class:`leanformer.models.CausalLM`):
+``new_cache``, ``prefill``, a plain step ``model(tokens, cache=cache)``, the tree forward of the
+drafter over the cache, and the cache's ``commit`` and ``select``.
+
+A drafter has ``model`` (the model it drafts for), ``num_future`` (how many tokens it proposes
+per step), ``tree_forward(cache, tree) -> (logits [B, T, V], features)`` (the verifying forward
+of a :class:`TokenTree`) and ``draft(features, node [B]) -> [B, num_future, V]`` (the draft
+logits after the accepted node)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +20,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from leanformer.decoding.sampling import warp_probs
 from leanformer.decoding.token_tree import DynamicTree, TokenTree, TreeShape
-from leanformer.ops.tree_decoding import verify_tree_greedy, verify_tree_sampling, warp_probs
+from leanformer.models import CausalLM
+from leanformer.nn.packed_linear_layers import packed_linears
+from leanformer.ops import verify_tree_greedy, verify_tree_sampling
 
 
 @dataclass
@@ -57,13 +70,6 @@ def _prompts(input_ids: Union[Tensor, Sequence]) -> tuple:
     return padded, lengths
 
 
-def _runner(model, batch: int, max_len: int):
-    from leanformer.decoding.tree_runner import LlamaRunner, SLABRunner
-    from leanformer.models import LlamaLM
-
-    return LlamaRunner(model, batch, max_len) if isinstance(model, LlamaLM) else SLABRunner(model, batch)
-
-
 def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, drafter=None,
              tree: Optional[Union[TreeShape, DynamicTree]] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -72,14 +78,16 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
     """Decodes ``max_new_tokens`` tokens after each prompt.
 
     Args:
-        model: a :class:`~leanformer.models.LlamaLM` or :class:`~leanformer.models.SLABLM` (eval).
+        model: a :class:`~leanformer.models.LlamaLM` or :class:`~leanformer.models.SLABLM` (eval;
+            any :class:`~leanformer.models.CausalLM`).
         input_ids: int64 ``[B, P]``, or a list of B prompts of different lengths.
-        drafter: None for plain decoding; a :class:`~leanformer.decoding.MedusaHeads` or
-            :class:`~leanformer.decoding.HiddenTransfer` for tree-verified decoding.
+        drafter: None for plain decoding; a :class:`~leanformer.decoding.MedusaHeads`,
+            :class:`~leanformer.decoding.HiddenTransfer` or
+            :class:`~leanformer.layers.ShallowExitDrafter` for tree-verified decoding.
         tree: the token tree per step: a static :class:`TreeShape` (``TokenTree.from_paths``)
             or a :class:`DynamicTree`; default a chain as deep as the drafter's horizon.
         temperature: 0 is greedy; above 0 samples from the distribution warped by
-            ``temperature``/``top_k``/``top_p`` (``leanformer.ops.warp_probs``, the warp the
+            ``temperature``/``top_k``/``top_p`` (``leanformer.decoding.warp_probs``, the warp the
             sampling verification uses, so tree decoding samples exactly what plain does).
         generator: the random source of sampling.
         eos_token_id: a sequence stops after emitting it; the others go on.
@@ -99,10 +107,9 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         ...                           tree=TokenTree.from_paths([[0], [1], [0, 0], [0, 0, 0]]))
         >>> out.sequences[0], out.tokens_per_forward
     """
-    from leanformer.models import LlamaLM, SLABLM
-
-    if not isinstance(model, (LlamaLM, SLABLM)):
-        raise TypeError(f"generate takes a LlamaLM or a SLABLM, got {type(model).__name__}")
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"generate takes a LlamaLM or a SLABLM (a leanformer.models.CausalLM), got "
+                        f"{type(model).__name__}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -126,8 +133,6 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         raise ValueError("a tree needs a drafter (tree=... without drafter=...)")
     # inference mode, not just no_grad: our custom ops then skip their (Python) autograd
     # kernel, ~10 us a call at decoding sizes; the returned tensors are made after it ends
-    from leanformer.nn.packed_linear_layers import packed_linears
-
     linears = packed_linears(model, drafter, keep_packed=True) if pack_linears else contextlib.nullcontext()
     with torch.inference_mode(), linears:
         out, forwards, accepted_lengths = _decode(model, padded, lengths, max_new_tokens, drafter, tree, greedy,
@@ -138,20 +143,20 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
 
 def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter, tree, greedy: bool,
             temperature: float, top_k, top_p, generator, eos_token_id):
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     B = padded.shape[0]
     per_forward = 1 if drafter is None else tree.size * (1 + getattr(drafter, "num_future", 0))
-    runner = _runner(model, B, int(lengths.max()) + max_new_tokens + per_forward + 1)
+    cache = model.new_cache(B, int(lengths.max()) + max_new_tokens + per_forward + 1)
     padded, lengths = padded.to(device), lengths.to(device)
-    runner.prefill(padded[:, :-1], lengths - 1)  # the last prompt token is the first root
+    model.prefill(cache, padded[:, :-1], lengths - 1)  # the last prompt token is the first root
     root = padded[torch.arange(B, device=device), lengths - 1]
 
     out: List[List[int]] = [[] for _ in range(B)]
-    rows = list(range(B))  # runner row -> sequence index
+    rows = list(range(B))  # cache row -> sequence index
     drafts, forwards, accepted_lengths = None, 0, []
     while rows:
         if drafter is None:
-            logits = runner.step(root)
+            logits = model(root[:, None], cache=cache)[:, 0]
             if greedy:
                 nxt = logits.argmax(-1)
             else:
@@ -161,13 +166,13 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
         else:
             t_tree = (TokenTree.from_nodes([[(-1, r)] for r in root.tolist()], device=device)
                       if drafts is None else tree.build(root, drafts))
-            logits, features = drafter.tree_forward(runner, t_tree)
+            logits, features = drafter.tree_forward(cache, t_tree)
             if greedy:
                 acc, n, nxt = verify_tree_greedy(logits, t_tree.tokens, t_tree.parents)
             else:
-                acc, n, nxt = verify_tree_sampling(logits, t_tree.tokens, t_tree.parents, generator=generator,
-                                                   temperature=temperature, top_k=top_k, top_p=top_p)
-            runner.commit(t_tree, acc, n)
+                probs = warp_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+                acc, n, nxt = verify_tree_sampling(probs, t_tree.tokens, t_tree.parents, generator=generator)
+            cache.commit(acc, n)
             drafts = drafter.draft(features, acc.gather(1, (n - 1)[:, None]).squeeze(1))
             tokens, acc_l, n_l = t_tree.tokens.tolist(), acc.tolist(), n.tolist()
             new = [[tokens[r][i] for i in acc_l[r][1:n_l[r]]] + [b] for r, b in enumerate(nxt.tolist())]
@@ -184,7 +189,7 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
                 keep.append(r)
         if len(keep) < len(rows):
             sel = torch.tensor(keep, dtype=torch.long, device=device)
-            runner.select(sel)
+            cache.select(sel)
             rows = [rows[r] for r in keep]
             nxt = nxt[sel]
             drafts = None if drafts is None else drafts[sel]

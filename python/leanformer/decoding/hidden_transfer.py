@@ -13,7 +13,7 @@ by the depth between the two: its pseudo tokens are guesses for fixed positions,
 branch taken."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from leanformer.decoding.stacked_linears import StackedLinears
 from leanformer.decoding.token_tree import TokenTree
+from leanformer.models import LlamaLM, SLABLM
 
 
 def main_chain(parents: Tensor, depths: Tensor) -> Tensor:
@@ -111,46 +112,47 @@ class Drafts(NamedTuple):
 
 def _llama_chain_drafts(ht: "HiddenTransfer", ids: Tensor) -> Tuple[Tensor, Tensor]:
     """:meth:`HiddenTransfer.sequence_drafts` for a LlamaLM, without the dense ``[N(1 + K)]^2``
-    mask: the real tokens run once, frozen (they are the teacher's forward, and no pseudo token
-    reaches them), keeping each upper layer's K/V; the ``N K`` pseudo tokens then attend to the
-    real keys up to their anchor plus their own chain. Same math, ~1/6 of the attention work
-    and no gradient through the real rows."""
+    tree mask: the real tokens run once, frozen, as a prefill into a cache (they are the
+    teacher's forward, and no pseudo token reaches them); then each position's K pseudo tokens
+    run as a batch row of their own through the upper blocks, their queries against the real
+    keys up to their position and their own chain, through the model's own attention
+    (:meth:`~leanformer.models.llama.LlamaAttention.attend`). Same math as the tree forward,
+    with ``N K (N + K)`` attention scores instead of ``(N (1 + K))^2`` and no gradient through
+    the real rows.
+
+    ``isolate_offsets``: the chain's keys and values come twice, detached and live; pseudo token
+    j reads the detached copies of the tokens before it and the live copy of itself only, so
+    each query sees the same keys and values as without the cut, and no gradient flows from
+    pseudo j into an earlier pseudo token."""
     model, (B, N) = ht.model, ids.shape
-    K, layers = ht.num_future, model.layers
-    pos = torch.arange(N, device=ids.device).expand(B, N)
+    K = ht.num_future
     with torch.no_grad():
-        h = model.run_layers(model.embed(ids), pos, stop=ht.layer)
-        x, real_kv = h, []
-        for block in layers[ht.layer:]:
-            real_kv.append(None if block.attn is None else block.attn.qkv(block.attn_norm(x), pos)[1:])
-            x = block(x, pos)
-        teacher = model.lm_head(model.norm(x))
-    t = torch.arange(N, device=ids.device)
-    j = torch.arange(K, device=ids.device)
-    ppos = (t[:, None] + j + 1).reshape(N * K).expand(B, N * K)
-    sees_real = (t[None, :] <= t[:, None]).repeat_interleave(K, 0)  # [N K, N]: pseudo (t, j) sees reals <= t
-    sees_own = j[None, :] <= j[:, None]  # [K, K]: pseudo j sees its chain 0..j
-    eye = j[None, :] == j[:, None]
+        cache = model.new_cache(B, N)  # the real tokens' K/V, which the pseudo tokens read
+        ctx = model.call_context(ids, cache)
+        h = model.run_blocks(model.embed_tokens(ids, ctx), cache, ctx, 0, ht.layer)
+        teacher = model.read_out(model.run_blocks(h, cache, ctx, ht.layer), ctx)
+    dev = ids.device
+    t, j = torch.arange(N, device=dev), torch.arange(K, device=dev)
+    positions = (t[:, None] + j + 1).reshape(N * K).expand(B, N * K)
+    # row b N + t holds position t's K pseudo queries; its keys: the N real ones (visible up to
+    # t), then its own chain (detached copies and live keys with isolate_offsets)
+    sees_real = (t[None, :] <= t[:, None])[:, None, :].expand(N, K, N)
+    chain = [j[None, :] < j[:, None], j[None, :] == j[:, None]] if ht.isolate_offsets else [j[None, :] <= j[:, None]]
+    mask = torch.cat([sees_real, *(c.expand(N, K, K) for c in chain)], -1).repeat(B, 1, 1)
+    mask = torch.zeros(mask.shape, dtype=h.dtype, device=dev).masked_fill_(~mask, float("-inf"))  # additive: faster
     p = ht._pseudo(h)
-    for block, kv in zip(layers[ht.layer:], real_kv):
-        if kv is not None:
+    for i, s in enumerate(ctx["slots"][ht.layer:], ht.layer):
+        block = model.layers[i]
+        if s is not None:
             a = block.attn
-            q, k, v = a.qkv(block.attn_norm(p), ppos)
-            G = a.num_heads // a.num_kv_heads
-            # [B, Hkv, G, N K, D] queries against [B, Hkv, N, D] real keys and [B, Hkv, N, K, D] own keys
-            q = q.view(B, N * K, a.num_kv_heads, G, a.head_dim).permute(0, 2, 3, 1, 4) * a.head_dim ** -0.5
-            kr, vr = (z.permute(0, 2, 1, 3)[:, :, None] for z in kv)
-            ko, vo = (z.view(B, N, K, a.num_kv_heads, a.head_dim).permute(0, 3, 1, 2, 4)[:, :, None] for z in (k, v))
-            s_real = (q @ kr.transpose(-1, -2)).masked_fill(~sees_real, float("-inf"))
-            qo = q.unflatten(3, (N, K))
-            s_own = qo @ ko.transpose(-1, -2)  # [B, Hkv, G, N, K, K]
-            if ht.isolate_offsets:  # pseudo j reads pseudo i < j's keys and values without a gradient into them
-                s_own = torch.where(eye, s_own, qo @ ko.detach().transpose(-1, -2))
-            w = torch.cat([s_real.unflatten(3, (N, K)), s_own.masked_fill(~sees_own, float("-inf"))], -1).softmax(-1)
-            w_own = w[..., N:]
-            o_own = ((w_own * eye) @ vo + (w_own * ~eye) @ vo.detach()) if ht.isolate_offsets else w_own @ vo
-            o = w[..., :N].flatten(3, 4) @ vr + o_own.flatten(3, 4)
-            p = p + a.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, N * K, -1))
+            q, k, v = a.qkv(block.attn_norm(p), positions)
+            keys, values = ([c[s][:, None, :N].expand(B, N, N, a.num_kv_heads, a.head_dim)]
+                            + ([own.detach(), own] if ht.isolate_offsets else [own])
+                            for c, own in ((cache.k, k.view(B, N, K, a.num_kv_heads, a.head_dim)),
+                                           (cache.v, v.view(B, N, K, a.num_kv_heads, a.head_dim))))
+            o = a.attend(q.reshape(B * N, K, a.num_heads, a.head_dim), torch.cat(keys, 2).flatten(0, 1),
+                         torch.cat(values, 2).flatten(0, 1), mask)
+            p = p + a.o_proj(o.reshape(B, N * K, -1))
         if block.mlp is not None:
             p = p + block.mlp(block.mlp_norm(p))
     return teacher, ht._read(p).view(B, N, K, -1)
@@ -178,12 +180,10 @@ class HiddenTransfer(nn.Module):
 
     The base model is held by reference (not a submodule) and stays frozen.
 
-    Speed: a tree forward with Hidden Transfer does all that a Medusa step does plus the pseudo
-    tokens' rows through the upper blocks, so it can pay off only where extra rows are nearly
-    free (a memory-bound GPU forward, the paper's setting; not measured here). On a CPU, whose
-    forward costs about its rows, :class:`MedusaHeads` decoded faster in 383 of the 390 same-run
-    comparisons of the committed experiment results, even where Hidden Transfer accepted 1-3%
-    more tokens per forward (README).
+    When to pick it: a tree forward with Hidden Transfer does all that a Medusa step does plus
+    the pseudo tokens' rows through the upper blocks, so it pays off only where extra rows are
+    nearly free (a memory-bound GPU forward, the paper's setting). On a CPU, where a forward
+    costs about its rows, :class:`MedusaHeads` usually decodes faster.
 
     Example::
 
@@ -194,8 +194,6 @@ class HiddenTransfer(nn.Module):
     def __init__(self, model: nn.Module, layer: int, num_future: int, branch_depth: int = 1, readout: bool = False,
                  isolate_offsets: bool = False):
         super().__init__()
-        from leanformer.models import LlamaLM, SLABLM
-
         if isinstance(model, LlamaLM):
             depth = len(model.layers)
         elif isinstance(model, SLABLM):
@@ -238,9 +236,7 @@ class HiddenTransfer(nn.Module):
     def _read(self, p: Tensor) -> Tensor:
         """Pseudo tokens' final states ``p [B, S K, C]`` (anchor-major, before the final norm) ->
         their logits ``[B, S K, V]``."""
-        from leanformer.models.block import apply_norm
-
-        h = apply_norm(self.model.norm, p, None)
+        h = self.model.final_norm(p)
         if self.readouts is not None:
             B, SK, C = h.shape
             K = self.num_future
@@ -248,28 +244,29 @@ class HiddenTransfer(nn.Module):
             hk = h.view(B, SK // K, K, C)
             z = torch.einsum("bskc,kdc->bskd", hk, w.view(K, C, C)) + b.view(K, C)
             h = (hk + F.silu(z)).view(B, SK, C)
-        return self.model.lm_head(h)
+        return self.model.apply_head(h)
 
-    def _forward(self, runner, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
+    def _forward(self, cache, tokens: Tensor, mask: Tensor, depths: Tensor, parents: Tensor,
                  anchors: Tensor, extended=None) -> Tuple[Tensor, Tensor]:
-        """Real nodes through every layer, the anchors' pseudo tokens from ``layer`` on:
-        ``(logits of the real nodes [B, T, V], of the pseudo tokens [B, S, K, V])``."""
+        """Real nodes through every block over ``cache``, the anchors' pseudo tokens from
+        ``layer`` on: ``(logits of the real nodes [B, T, V], of the pseudo tokens [B, S, K, V])``."""
+        model = self.model
         B, T = tokens.shape
         K = self.num_future
         with torch.no_grad():  # the frozen model below the transfer: nothing to train there
-            h = runner.tree_layers(runner.embed(tokens), mask, depths, parents, 0, self.layer)
+            ctx = model.tree_context(cache, mask, depths, parents)
+            h = model.run_blocks(model.embed_tokens(tokens, ctx), cache, ctx, 0, self.layer)
         h_anchor = h[torch.arange(B, device=h.device)[:, None], anchors.clamp(min=0)]
         mask_x, depths_x, parents_x = extended or attach_pseudo_tokens(mask, depths, parents, anchors, K)
-        out = runner.tree_layers(torch.cat([h, self._pseudo(h_anchor)], 1), mask_x, depths_x, parents_x,
-                                 self.layer, None)
+        ctx = model.tree_context(cache, mask_x, depths_x, parents_x)
+        out = model.run_blocks(torch.cat([h, self._pseudo(h_anchor)], 1), cache, ctx, self.layer)
         if self.readouts is None:  # real and pseudo rows share the LM head: one GEMM
-            logits, _ = runner.head(out)
+            logits = model.read_out(out, ctx)
             return logits[:, :T], logits[:, T:].reshape(B, anchors.shape[1], K, -1)
-        logits, _ = runner.head(out[:, :T])
-        return logits, self._read(out[:, T:]).reshape(B, anchors.shape[1], K, -1)
+        return model.read_out(out[:, :T], ctx), self._read(out[:, T:]).reshape(B, anchors.shape[1], K, -1)
 
-    def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Drafts]:
-        """One forward: the tree's logits ``[B, T, V]``, and the anchors' drafts."""
+    def tree_forward(self, cache, tree: TokenTree) -> Tuple[Tensor, Drafts]:
+        """One forward over ``cache``: the tree's logits ``[B, T, V]``, and the anchors' drafts."""
         B = tree.tokens.shape[0]
         if tree.shape is not None:  # a static shape: its anchors, extension and routes are fixed
             anchors, ext, routes = tree.shape.cached(
@@ -279,7 +276,7 @@ class HiddenTransfer(nn.Module):
                                     tuple(t.expand(B, *t.shape[1:]) for t in routes))
         else:
             anchors, ext, routes = self._extension(tree.mask, tree.depths, tree.parents)
-        logits, pseudo = self._forward(runner, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents,
+        logits, pseudo = self._forward(cache, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents,
                                        anchors, ext)
         return logits, Drafts(pseudo, anchors, routes)
 
@@ -302,19 +299,18 @@ class HiddenTransfer(nn.Module):
     def sequence_drafts(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
         """For training: the frozen model's logits ``[B, N, V]`` and the drafts ``[B, N, K, V]``
         of every position's pseudo tokens (pseudo token j of position t drafts token
-        t + j + 2). One forward: the sequence is a chain-shaped tree with every node an anchor."""
-        from leanformer.decoding.tree_runner import SLABRunner
-        from leanformer.models import LlamaLM
-
+        t + j + 2). One forward: the sequence is a chain-shaped tree with every node an anchor
+        (for a LlamaLM, computed without the dense tree mask: :func:`_llama_chain_drafts`)."""
         B, N = ids.shape
         if isinstance(self.model, LlamaLM):
             return _llama_chain_drafts(self, ids)
         with torch.no_grad():
             teacher = self.model(ids)
         dev = ids.device
-        runner = SLABRunner(self.model, B)  # an empty prefix state: the tree ops then compute the causal sequence
-        runner.prefill(ids[:, :0], torch.zeros(B, dtype=torch.long, device=dev))
+        # an empty prefix (the zero state): the tree ops then compute the causal sequence
+        cache = self.model.new_cache(B)
+        self.model.prefill(cache, ids[:, :0], torch.zeros(B, dtype=torch.long, device=dev))
         pos = torch.arange(N, device=dev)
         mask = torch.ones(N, N, dtype=torch.bool, device=dev).tril().expand(B, N, N)
-        _, drafts = self._forward(runner, ids, mask, pos.expand(B, N), (pos - 1).expand(B, N), pos.expand(B, N))
+        _, drafts = self._forward(cache, ids, mask, pos.expand(B, N), (pos - 1).expand(B, N), pos.expand(B, N))
         return teacher, drafts

@@ -13,8 +13,10 @@ from leanformer.decoding.token_tree import TokenTree
 
 
 class MedusaHeads(nn.Module):
-    """``num_future`` heads; head k maps the final hidden state at a position to the
-    distribution of the token ``k + 2`` places after it (the LM head itself gives ``+1``).
+    """``num_future`` heads for a :class:`~leanformer.models.CausalLM`; head k maps the final
+    hidden state at a position to the distribution of the token ``k + 2`` places after it (the
+    LM head itself gives ``+1``). A step drafts from the one accepted node's hidden state, which
+    the verifying forward already computed: drafting costs K small GEMMs and the head.
 
     The base model is held by reference, not as a submodule: the drafter's state_dict and
     optimizer cover the heads alone, and the base stays frozen.
@@ -42,10 +44,12 @@ class MedusaHeads(nn.Module):
         """``hidden [..., C]`` (final, normed) -> ``[..., num_future, V]``."""
         z = self._stacked.apply(hidden)  # all heads in one GEMM: [..., K C]
         z = z.unflatten(-1, (self.num_future, hidden.shape[-1]))
-        return self.model.lm_head(hidden.unsqueeze(-2) + F.silu(z))
+        return self.model.apply_head(hidden.unsqueeze(-2) + F.silu(z))
 
-    def tree_forward(self, runner, tree: TokenTree) -> Tuple[Tensor, Tensor]:
-        return runner.tree(tree)
+    def tree_forward(self, cache, tree: TokenTree) -> Tuple[Tensor, Tensor]:
+        """The verifying forward of ``tree`` over ``cache``: ``(logits [B, T, V], final-normed
+        hidden states [B, T, C])``, the latter what :meth:`draft` reads."""
+        return self.model.tree_logits(cache, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents)
 
     def draft(self, features: Tensor, node: Tensor) -> Tensor:
         """Draft logits ``[B, num_future, V]`` after node ``node [B]`` of the last tree."""

@@ -3,6 +3,7 @@
 dynamic tree of the N best nodes by cumulative log-probability (EAGLE-2)."""
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -61,8 +62,6 @@ class TreeShape:
             raise ValueError("accuracy must be a non-empty [depth][top_k] table of probabilities in [0, 1]")
         if num_nodes < 2:
             raise ValueError(f"num_nodes must be >= 2 (the root and one candidate), got {num_nodes}")
-        import heapq
-
         heap = [(-acc[0][r], 1, (r,)) for r in range(len(acc[0]))]
         heapq.heapify(heap)
         chosen = []

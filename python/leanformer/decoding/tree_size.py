@@ -3,10 +3,8 @@ this host (Sequoia's hardware-aware sizing, measured rather than modelled).
 
 A bigger tree accepts more tokens per forward, but each node is a row of every GEMM of that
 forward. On a GPU a few dozen rows cost about what one does; on a CPU, compute-bound at a few
-rows, they do not: on the 2-core AMD EPYC the 4-block SLAB LM's Medusa ran 2.16-2.32x faster
-than plain decoding with 7-node trees and 1.73-1.79x with 19-node ones
-(bench/results/experiment-tree-decoding-20261205T025829Z.json and ...025625Z.json). No single
-size fits every host and model, so it is measured where the model runs.
+rows, they do not, and a small tree (about 7 nodes) often decodes fastest. No single size fits
+every host and model, so it is measured where the model runs.
 """
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from leanformer.decoding.generate import generate
 from leanformer.decoding.token_tree import TreeShape
 
 SIZES = (4, 7, 11, 15, 19, 27)
@@ -46,8 +45,6 @@ def fastest_tree(model, drafter, accuracy, prompts: Sequence[Tensor], *, sizes: 
         >>> tree, rates = fastest_tree(model, heads, rank_accuracy(heads, windows), prompts)
         >>> leanformer.generate(model, prompt, max_new_tokens=128, drafter=heads, tree=tree)
     """
-    from leanformer.decoding.generate import generate
-
     sizes = list(dict.fromkeys(int(n) for n in sizes))
     if not sizes or min(sizes) < 2:
         raise ValueError(f"sizes must be tree sizes >= 2 (the root and one candidate), got {sizes}")

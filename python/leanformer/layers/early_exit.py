@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer.layers.stack import adapter, forward, num_layers, unwrap
+from leanformer.layers.stack import forward, num_layers, stack
 
 CRITERIA = ("cosine", "confidence")
 
 
-def _exit_score(model, a, criterion: str, x: Tensor, y: Tensor) -> Tensor:
+def _exit_score(model, criterion: str, x: Tensor, y: Tensor, ctx: dict) -> Tensor:
     if criterion == "cosine":
         return F.cosine_similarity(y.float(), x.float(), dim=-1)[:, -1]
-    return a.head(model, y, {})[:, -1].float().softmax(-1).amax(-1)
+    return model.read_out(y, ctx)[:, -1].float().softmax(-1).amax(-1)
 
 
 @torch.no_grad()
@@ -33,26 +33,26 @@ def step(model: nn.Module, token: Tensor, cache, *, criterion: str, threshold: f
     filled (the saving at batch 1)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    a, model = adapter(model), unwrap(model)
+    model = stack(model)
     L = num_layers(model)
-    ctx = {}
-    x = a.embed(model, token, cache, ctx)
+    ctx = model.call_context(token, cache)
+    x = model.embed_tokens(token, ctx)
     exited = torch.zeros(token.shape[0], dtype=torch.bool, device=token.device)
     layers = torch.full((token.shape[0],), L, dtype=torch.long, device=token.device)
     for i in range(L):
         if bool(exited.all()):
-            a.fill_cache(model, i, x, cache, ctx)
+            model.fill_block_cache(i, x, cache, ctx)
             continue
-        y = a.block(model, i, x, cache, ctx)  # an exited row's x is its exit state: this fills its cache
+        y = model.run_block(i, x, cache, ctx)  # an exited row's x is its exit state: this fills its cache
         if i + 1 < L and i + 1 >= min_layer:
-            leaving = ~exited & (_exit_score(model, a, criterion, x, y) > threshold)
+            leaving = ~exited & (_exit_score(model, criterion, x, y, ctx) > threshold)
             layers[leaving] = i + 1
         else:
             leaving = torch.zeros_like(exited)
         x = torch.where(exited[:, None, None], x, y)
         exited |= leaving
-    a.finish(model, token, cache, ctx)
-    return a.head(model, x, ctx)[:, -1], layers
+    model.finish_call(cache, ctx)
+    return model.read_out(x, ctx)[:, -1], layers
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def evaluate(model: nn.Module, windows: Tensor, *, criterion: str, threshold: fl
     if not 0 < prefill < windows.shape[1] - 1:
         raise ValueError(f"prefill must be in 1..{windows.shape[1] - 2} for windows of {windows.shape[1]} tokens, "
                          f"got {prefill}")
-    cache = adapter(model).new_cache(unwrap(model), windows.shape[0], windows.shape[1])
+    cache = stack(model).new_cache(windows.shape[0], windows.shape[1])
     forward(model, windows[:, :prefill], cache=cache)
     nll, layers = 0.0, 0.0
     steps = windows.shape[1] - 1 - prefill
@@ -80,7 +80,7 @@ def evaluate(model: nn.Module, windows: Tensor, *, criterion: str, threshold: fl
 @torch.no_grad()
 def tokens_per_second(model: nn.Module, window: Tensor, *, criterion: str, threshold: float, prefill: int) -> float:
     """Decoding speed at batch 1 (teacher-forced on ``window [T + 1]``), after the prefill."""
-    cache = adapter(model).new_cache(unwrap(model), 1, window.shape[0])
+    cache = stack(model).new_cache(1, window.shape[0])
     forward(model, window[None, :prefill], cache=cache)
     t0 = time.perf_counter()
     for t in range(prefill, window.shape[0] - 1):

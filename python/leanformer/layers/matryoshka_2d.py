@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanformer.layers.elastic_embeddings import ElasticEncoder, check_dim, elastic_embedding
+from leanformer.training import train
 
 
 def distillation_loss(pooled: Tensor, teacher: Tensor, dim: int) -> Tensor:
@@ -102,12 +103,10 @@ def train_2dmse(student: ElasticEncoder, sentences: Sequence[str], teacher: Tens
                 temperature: float = 0.05, seed: int = 0) -> List[dict]:
     """Fine-tunes ``student`` in place with :func:`matryoshka_2d_loss` against ``teacher [N, D]``,
     the frozen original model's embeddings of ``sentences``; returns the history of
-    ``evaluate(student)`` (see :func:`leanformer.train.loop.train`). Under an initialized
+    ``evaluate(student)`` (see :func:`leanformer.training.train`). Under an initialized
     ``torch.distributed``, each rank trains on its share of the sentences under
     DistributedDataParallel (every parameter takes part in every step: the last layer always
     runs)."""
-    from leanformer.train.loop import train
-
     if student.num_layers < 2:
         raise ValueError("2DMSE needs at least 2 layers (a shallow one and the last)")
     if teacher.shape != (len(sentences), student.hidden_size):

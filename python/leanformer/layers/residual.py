@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer.layers.stack import SUBLAYERS, adapter, blocks, forward, num_layers
+from leanformer.layers.stack import SUBLAYERS, blocks, forward, num_layers, stack
 
 STATS = ("relative_norm", "cos_to_residual", "cos_in_out")
 
@@ -20,7 +20,7 @@ STATS = ("relative_norm", "cos_to_residual", "cos_in_out")
 @contextlib.contextmanager
 def _capture(model: nn.Module, record):
     """Calls ``record(layer, kind, residual_in, sublayer_out)`` for every sub-block that runs."""
-    a = adapter(model)
+    m = stack(model)
     handles, current = [], {}
     try:
         for i, block in enumerate(blocks(model)):
@@ -28,7 +28,7 @@ def _capture(model: nn.Module, record):
                 current[i] = args[0]
             handles.append(block.register_forward_pre_hook(before))
             for kind in SUBLAYERS:
-                sub = a.sublayer(block, kind)
+                sub = m.sublayer(block, kind)
                 if sub is None:
                     continue
 

@@ -11,16 +11,22 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from leanformer.layers.stack import check_layer, forward, num_layers
+from leanformer.layers.stack import check_layer, num_layers, stack
+from leanformer.models import KVCache, LMCache
+from leanformer.nn import SLACache
 
 
 class ShallowExitDrafter:
     """A drafter for :func:`leanformer.generate` (the interface of
     :class:`~leanformer.decoding.MedusaHeads`: ``num_future``, ``model``, ``tree_forward``,
-    ``draft``) drafting ``num_future`` tokens with the sub-model of the first ``exit_layer`` layers.
+    ``draft``) drafting ``num_future`` tokens with the sub-model of the first ``exit_layer``
+    layers of a :class:`~leanformer.models.CausalLM`.
 
     The drafted chain starts from the greedy token of the last accepted node (what greedy
     verification appends); with sampling, a different sampled token only lowers acceptance.
+    Drafting runs ``num_future`` one-token forwards of the sub-model, so it pays off when
+    ``exit_layer / L`` is small and the sub-model agrees with the whole model often (a
+    SoFT-trained model).
 
     Example::
 
@@ -36,43 +42,46 @@ class ShallowExitDrafter:
         if check_layer(model, exit_layer, name="exit_layer", allow_end=True) in (0, L):
             raise ValueError(f"exit_layer must be a shallow exit in 1..{L - 1}, got {exit_layer}")
         self.model, self.exit_layer, self.num_future = model, exit_layer, num_future
-        self._runner = None
+        self._cache = None
 
-    def tree_forward(self, runner, tree) -> Tuple[Tensor, Tensor]:
-        self._runner = runner  # draft() continues from the cache it verified into
-        return runner.tree(tree)
+    def tree_forward(self, cache, tree) -> Tuple[Tensor, Tensor]:
+        """The verifying forward of ``tree`` over ``cache``: ``(logits [B, T, V], final-normed
+        hidden states [B, T, C])``; :meth:`draft` continues from the cache it verified into."""
+        self._cache = cache
+        return stack(self.model).tree_logits(cache, tree.tokens.clamp(min=0), tree.mask, tree.depths, tree.parents)
 
     @torch.no_grad()
     def draft(self, features: Tensor, node: Tensor) -> Tensor:
         """Draft logits ``[B, num_future, V]``: offset k is the sub-model's prediction of the token
         ``k + 2`` places after the accepted node ``node [B]``."""
+        model = stack(self.model)
         rows = torch.arange(features.shape[0], device=node.device)
-        token = self.model.lm_head(features[rows, node]).argmax(-1)
-        cache, restore = self._scratch_cache()
+        token = model.apply_head(features[rows, node]).argmax(-1)
+        cache, restore = self._scratch_cache(model)
         drafts = []
         try:
             for _ in range(self.num_future):
-                logits = forward(self.model, token[:, None], exit_layer=self.exit_layer, cache=cache)[:, -1]
+                logits = model.stack_forward(token[:, None], exit_layer=self.exit_layer, cache=cache)[:, -1]
                 drafts.append(logits)
                 token = logits.argmax(-1)
         finally:
             restore()
         return torch.stack(drafts, 1)
 
-    def _scratch_cache(self):
+    def _scratch_cache(self, model):
         """A cache whose first ``exit_layer`` layers continue the verified one, and how to leave
         the verified one as it was afterwards."""
-        cache = self._runner.cache
-        if hasattr(cache, "lens"):  # a KV cache: drafts go to scratch slots past lens
+        cache = self._cache
+        if isinstance(cache, KVCache):  # drafts go to scratch slots past lens
             lens = cache.lens.clone()
 
             def restore():
                 cache.lens = lens
             return cache, restore
-        from leanformer.models.lm import LMCache
-        from leanformer.nn import SLACache
-
+        if not isinstance(cache, LMCache):
+            raise TypeError(f"ShallowExitDrafter drafts over a KVCache or an LMCache, got {type(cache).__name__}")
+        n = sum(s is not None for s in model.attention_slots()[:self.exit_layer])  # the sub-model's slots
         layers = [SLACache(tuple(t.clone() for t in c.state) if c.state is not None else None,
                            None if c.conv_tail is None else c.conv_tail.clone(), c.length)
-                  for c in cache.layers[:self.exit_layer]]
-        return LMCache(layers + [SLACache() for _ in cache.layers[self.exit_layer:]]), lambda: None
+                  for c in cache.layers[:n]]
+        return LMCache(layers + [SLACache() for _ in cache.layers[n:]]), lambda: None

@@ -1,91 +1,30 @@
-"""The one protocol every model of the project follows for the intermediate-layer methods:
-``embed -> blocks[0..L-1] -> final norm -> head``, each block with its own cache slot.
-
-A model family takes part through a :class:`StackAdapter` (registered by ``model.model_type``)
-that says how to run those pieces; the models themselves stay as they are. On top of it:
+"""The intermediate-layer mechanism, on the layer-stack protocol the models implement
+(:class:`leanformer.models.LayerStack`: ``embed -> blocks[0..L-1] -> final norm -> head``, each
+block with its own cache slot). A model from outside takes part by subclassing it.
 
 - :func:`forward`: ``exit_layer=l`` runs the first ``l`` blocks then the shared final norm and
-  head; ``output_hidden_states=True`` also returns the ``L + 1`` hidden states (embeddings,
+  head; ``output_hidden_states=True`` also returns the ``l + 1`` hidden states (embeddings,
   then every block's output, as Hugging Face does);
 - :func:`skip_layers`, :func:`patch_layer`, :func:`without_modules`: context managers that skip
   a block, rewrite its output, or remove attention / MLP sub-blocks, and leave nothing behind;
 - :func:`drop_modules`: the permanent removal (LLM-Drop), with the cache slots remapped.
 
 Hidden state ``i`` is the input of block ``i`` (the output of block ``i - 1``); exits go from 0
-(the embeddings only) to ``L`` (the whole model).
+(the embeddings only) to ``L`` (the whole model). Every function takes the model itself or the
+model inside a DistributedDataParallel wrapper.
 """
 from __future__ import annotations
 
-import abc
 import contextlib
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-SUBLAYERS = ("attention", "mlp")
+from leanformer.models.protocol import SUBLAYERS, LayerStack, StandIn, real_block
+from leanformer.models.protocol import check_layer as _check_layer
 
-
-class StackAdapter(abc.ABC):
-    """How one model family maps onto the protocol (a family implements the abstract methods). ``ctx`` carries the per-call inputs other
-    than the ids (padding mask, token types, ...) from :func:`forward` to every piece."""
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.blocks
-
-    def new_cache(self, model: nn.Module, batch: int, max_len: int):
-        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
-        return model.new_cache()
-
-    @abc.abstractmethod
-    def embed(self, model: nn.Module, input_ids: Tensor, cache, ctx: dict) -> Tensor:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def block(self, model: nn.Module, i: int, x: Tensor, cache, ctx: dict) -> Tensor:
-        """Block ``i`` on ``x``, updating its slot of ``cache`` (None: no cache)."""
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def head(self, model: nn.Module, x: Tensor, ctx: dict) -> Tensor:
-        """The shared final norm and head (the identity for an encoder without a head)."""
-        raise NotImplementedError
-
-    def finish(self, model: nn.Module, input_ids: Tensor, cache, ctx: dict) -> None:
-        """After the blocks of one call: what the cache needs once per call (a length to advance)."""
-
-    def fill_cache(self, model: nn.Module, i: int, x: Tensor, cache, ctx: dict) -> None:
-        """Writes what block ``i`` would cache for input ``x`` without computing its output
-        (early exit fills the skipped blocks' caches from the exit's hidden state)."""
-        raise NotImplementedError(f"{type(model).__name__} has no incremental cache")
-
-    @abc.abstractmethod
-    def sublayer(self, block: nn.Module, kind: str) -> Optional[nn.Module]:
-        """The attention or MLP sub-block of ``block`` (None once dropped); its output is what
-        the block adds to the residual stream."""
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def drop(self, block: nn.Module, kind: str) -> Dict[str, Optional[nn.Module]]:
-        """Removes sub-block ``kind`` from ``block`` (with the norm only it used); returns the
-        removed attributes so :func:`without_modules` can put them back."""
-        raise NotImplementedError
-
-
-_ADAPTERS: Dict[str, StackAdapter] = {}
-
-
-def register_adapter(model_type: str, adapter: StackAdapter) -> None:
-    """Makes models with ``model_type`` usable by every method of :mod:`leanformer.layers`."""
-    _ADAPTERS[model_type] = adapter
-
-
-def adapter(model: nn.Module) -> StackAdapter:
-    model = unwrap(model)
-    kind = getattr(model, "model_type", None)
-    if kind not in _ADAPTERS:
-        raise TypeError(f"{type(model).__name__} (model_type {kind!r}) has no layer-stack adapter; "
-                        f"supported: {sorted(_ADAPTERS)} (leanformer.layers.register_adapter adds one)")
-    return _ADAPTERS[kind]
+__all__ = ["SUBLAYERS", "attention_slots", "blocks", "check_layer", "drop_modules", "forward", "head", "num_layers",
+           "patch_layer", "skip_layers", "stack", "unwrap", "without_modules"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -95,9 +34,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def stack(model: nn.Module) -> LayerStack:
+    """The :class:`~leanformer.models.LayerStack` ``model`` is (or wraps); TypeError otherwise."""
+    inner = unwrap(model)
+    if not isinstance(inner, LayerStack):
+        raise TypeError(f"{type(inner).__name__} does not implement the layer-stack protocol "
+                        "(leanformer.models.LayerStack): subclass it to use leanformer.layers")
+    return inner
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The model's blocks, in order (whatever the model calls them)."""
-    return adapter(model).blocks(unwrap(model))
+    return stack(model).stack_blocks()
 
 
 def num_layers(model: nn.Module) -> int:
@@ -107,55 +55,41 @@ def num_layers(model: nn.Module) -> int:
 def check_layer(model: nn.Module, index: int, *, name: str = "layer", allow_end: bool = False) -> int:
     """``index`` if it is a block index (or, with ``allow_end``, an exit ``0..L``); otherwise an
     IndexError naming the argument, the index and the valid range."""
-    L = num_layers(model)
-    high = L if allow_end else L - 1
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= high:
-        raise IndexError(f"{name} {index!r} is out of range: the model has {L} layers, valid {name}s are 0..{high}")
-    return index
+    return _check_layer(stack(model), index, name=name, allow_end=allow_end)
 
 
 def forward(model: nn.Module, input_ids: Tensor, *, exit_layer: Optional[int] = None,
             output_hidden_states: bool = False, cache=None, **ctx) -> Union[Tensor, Tuple[Tensor, Tuple[Tensor, ...]]]:
     """The model's output after its first ``exit_layer`` blocks (all when None) and the shared
-    final norm and head; with ``output_hidden_states`` also the hidden states ``0..exit_layer``.
+    final norm and head; with ``output_hidden_states`` also the hidden states ``0..exit_layer``
+    (:meth:`~leanformer.models.LayerStack.stack_forward`).
 
     ``ctx``: the model's other per-call inputs (``mask`` for the LMs; ``attention_mask``,
     ``token_type_ids`` for BERT). A cache is updated by the blocks that run only.
     """
-    a = adapter(model)
-    model = unwrap(model)
-    depth = num_layers(model) if exit_layer is None else check_layer(model, exit_layer, name="exit_layer",
-                                                                      allow_end=True)
-    x = a.embed(model, input_ids, cache, ctx)
-    hidden = [x]
-    for i in range(depth):
-        x = a.block(model, i, x, cache, ctx)
-        hidden.append(x)
-    a.finish(model, input_ids, cache, ctx)
-    out = a.head(model, x, ctx)
-    return (out, tuple(hidden)) if output_hidden_states else out
+    return stack(model).stack_forward(input_ids, cache=cache, exit_layer=exit_layer,
+                                      output_hidden_states=output_hidden_states, **ctx)
 
 
 def head(model: nn.Module, hidden: Tensor, **ctx) -> Tensor:
     """The shared final norm and head on any hidden state (the logit lens)."""
-    return adapter(model).head(unwrap(model), hidden, ctx)
+    return stack(model).read_out(hidden, ctx)
 
 
-class _SkippedBlock(nn.Module):
+class _SkippedBlock(StandIn):
     """Stands in for a block inside :func:`skip_layers`: the residual stream passes unchanged."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.skipped = [block]  # a list: not a submodule, so parameters() does not see it twice
 
+    @property
+    def wrapped(self) -> nn.Module:
+        """The block it replaces (its sub-blocks and cache slot stay the model's)."""
+        return self.skipped[0]
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return x
-
-
-def _real_block(model: nn.Module, i: int) -> nn.Module:
-    """Block ``i``, seen through a :func:`skip_layers` stand-in."""
-    block = blocks(model)[i]
-    return block.skipped[0] if isinstance(block, _SkippedBlock) else block
 
 
 def _indices(model: nn.Module, layers: Union[int, Sequence[int]], name: str) -> List[int]:
@@ -167,16 +101,16 @@ def _indices(model: nn.Module, layers: Union[int, Sequence[int]], name: str) -> 
 def skip_layers(model: nn.Module, layers: Union[int, Sequence[int]]) -> Iterator[nn.Module]:
     """Within the block, the given blocks are skipped (their input is their output, their cache
     untouched), in the model's own forward and in :func:`forward` alike."""
-    stack = blocks(model)
+    stack_ = blocks(model)
     idx = _indices(model, layers, "layer")
-    saved = {i: stack[i] for i in idx}
+    saved = {i: stack_[i] for i in idx}
     try:
         for i in idx:
-            stack[i] = _SkippedBlock(saved[i])
+            stack_[i] = _SkippedBlock(saved[i])
         yield model
     finally:
         for i, block in saved.items():
-            stack[i] = block
+            stack_[i] = block
 
 
 @contextlib.contextmanager
@@ -192,11 +126,11 @@ def patch_layer(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) ->
 
 
 def _check_drop(model: nn.Module, attention: Sequence[int], mlp: Sequence[int]) -> Dict[str, List[int]]:
-    a = adapter(model)
+    m = stack(model)
     plan = {"attention": _indices(model, attention, "attention layer"), "mlp": _indices(model, mlp, "mlp layer")}
     for kind, idx in plan.items():
         for i in idx:
-            if a.sublayer(_real_block(model, i), kind) is None:
+            if m.sublayer(m.stack_blocks()[i], kind) is None:
                 raise ValueError(f"the {kind} of layer {i} is already dropped")
     return plan
 
@@ -205,11 +139,12 @@ def drop_modules(model: nn.Module, attention: Sequence[int] = (), mlp: Sequence[
     """Removes the attention sub-blocks of the layers in ``attention`` and the MLPs of those in
     ``mlp`` (LLM-Drop), in place; the residual stream passes those positions unchanged. A
     dropped attention has no cache slot any more: ``model.new_cache()`` makes one slot per
-    remaining attention, and the adapter maps layers to slots. Returns ``model``."""
-    a = adapter(model)
+    remaining attention, and the model maps layers to slots
+    (:meth:`~leanformer.models.LayerStack.attention_slots`). Returns ``model``."""
+    m = stack(model)
     for kind, idx in _check_drop(model, attention, mlp).items():
         for i in idx:
-            a.drop(_real_block(model, i), kind)
+            m.drop_sublayer(m.stack_blocks()[i], kind)
     return model
 
 
@@ -217,13 +152,13 @@ def drop_modules(model: nn.Module, attention: Sequence[int] = (), mlp: Sequence[
 def without_modules(model: nn.Module, attention: Sequence[int] = (), mlp: Sequence[int] = ()) -> Iterator[nn.Module]:
     """:func:`drop_modules` for the duration of the block; the sub-blocks come back after it
     (a cache made inside belongs to the dropped model only)."""
-    a = adapter(model)
+    m = stack(model)
     removed = []
     try:
         for kind, idx in _check_drop(model, attention, mlp).items():
             for i in idx:
-                block = _real_block(model, i)
-                removed.append((block, a.drop(block, kind)))
+                block = real_block(m.stack_blocks()[i])
+                removed.append((block, m.drop_sublayer(block, kind)))
         yield model
     finally:
         for block, attrs in reversed(removed):
@@ -233,10 +168,4 @@ def without_modules(model: nn.Module, attention: Sequence[int] = (), mlp: Sequen
 
 def attention_slots(model: nn.Module) -> List[Optional[int]]:
     """For every layer, the index of its cache slot (None where the attention was dropped)."""
-    a = adapter(model)
-    slots, n = [], 0
-    for i in range(num_layers(model)):
-        has = a.sublayer(_real_block(model, i), "attention") is not None
-        slots.append(n if has else None)
-        n += has
-    return slots
+    return stack(model).attention_slots()

@@ -1,12 +1,15 @@
-"""The architectures of the papers, composed from leanformer's modules."""
+"""The architectures of the papers, composed from leanformer's modules. Each model implements
+the layer-stack protocol itself (:class:`LayerStack`; :class:`CausalLM` for the ones that
+decode), which ``leanformer.layers`` and ``leanformer.decoding`` drive."""
 from leanformer.models.bert import (BertConfig, BertEncoder, SentenceEncoder, load_hf_bert, load_minilm,
                                     mean_pool, minilm_path)
 from leanformer.models.checkpoint import load_pretrained, save_pretrained
 from leanformer.models.llama import KVCache, LlamaConfig, LlamaLM
 from leanformer.models.lm import LMCache, LMConfig, SLABLM
+from leanformer.models.protocol import CausalLM, LayerStack
 from leanformer.models.vit import SLABViT, ViTConfig
 from leanformer.models.wordpiece import WordPieceTokenizer
 
-__all__ = ["BertConfig", "BertEncoder", "KVCache", "LlamaConfig", "LlamaLM", "LMCache", "LMConfig", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig",
-           "WordPieceTokenizer", "load_hf_bert", "load_minilm", "load_pretrained", "mean_pool", "minilm_path",
-           "save_pretrained"]
+__all__ = ["BertConfig", "BertEncoder", "CausalLM", "KVCache", "LayerStack", "LlamaConfig", "LlamaLM", "LMCache",
+           "LMConfig", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig", "WordPieceTokenizer", "load_hf_bert",
+           "load_minilm", "load_pretrained", "mean_pool", "minilm_path", "save_pretrained"]

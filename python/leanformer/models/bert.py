@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from leanformer.models.checkpoint import load_state_checked
+from leanformer.models.protocol import LayerStack
 from leanformer.models.wordpiece import WordPieceTokenizer
 from leanformer.nn import MLP, SoftmaxAttention
 from leanformer.nn.mlp import ACTIVATIONS
@@ -102,14 +104,16 @@ class BertBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(LayerStack):
     """``input_ids [B, T]`` (int64), ``attention_mask [B, T]`` (1 on real tokens, 0 on padding)
     -> the last hidden state ``[B, T, hidden_size]``.
 
     With ``output_hidden_states=True`` it returns ``(last, hidden_states)``, hidden_states a
     tuple of ``num_hidden_layers + 1`` tensors: the embeddings' output, then every block's
-    (as Hugging Face's ``BertModel``). The positions of padded tokens hold values to ignore.
-    The pooler of a BERT checkpoint (unused by sentence embeddings) is not part of it.
+    (as Hugging Face's ``BertModel``); ``exit_layer=l`` stops after the first l blocks. The
+    positions of padded tokens hold values to ignore. The pooler of a BERT checkpoint (unused
+    by sentence embeddings) is not part of it. Its blocks are post-norm, so their sub-blocks
+    cannot be dropped (``leanformer.layers.drop_modules`` refuses).
 
     Example::
 
@@ -120,6 +124,7 @@ class BertEncoder(nn.Module):
     """
 
     model_type = "bert"
+    sublayer_attrs = {"attention": ("attn",), "mlp": ("mlp",)}
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -129,7 +134,7 @@ class BertEncoder(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None, *,
+                token_type_ids: Optional[Tensor] = None, *, exit_layer: Optional[int] = None,
                 output_hidden_states: bool = False) -> Union[Tensor, Tuple[Tensor, Tuple[Tensor, ...]]]:
         c = self.config
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -140,19 +145,27 @@ class BertEncoder(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must be [B, T] = [{B}, {T}] like input_ids, got {tuple(t.shape)}")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        return self.stack_forward(input_ids, exit_layer=exit_layer, output_hidden_states=output_hidden_states,
+                                  attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    # ---- the layer-stack protocol (leanformer.models.LayerStack) ----
+
+    def call_context(self, input_ids: Tensor, cache=None, attention_mask: Optional[Tensor] = None,
+                     token_type_ids: Optional[Tensor] = None) -> dict:
         mask = None
-        if attention_mask is not None:
-            mask = attention_mask.to(torch.bool)
-            if bool(mask.all()):
-                mask = None  # no padding: the unmasked attention path is faster
-        x = self.embeddings(input_ids, token_type_ids)
-        hidden_states = [x]
-        for block in self.blocks:
-            x = block(x, mask)
-            hidden_states.append(x)
-        return (x, tuple(hidden_states)) if output_hidden_states else x
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.to(torch.bool)  # without padding, the unmasked attention path is faster
+        return {"mask": mask, "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
+
+    def embed_tokens(self, input_ids: Tensor, ctx: dict) -> Tensor:
+        return self.embeddings(input_ids, ctx["token_type_ids"])
+
+    def run_block(self, i: int, x: Tensor, cache, ctx: dict) -> Tensor:
+        return self.blocks[i](x, ctx["mask"])
+
+    def drop_sublayer(self, block: nn.Module, kind: str):
+        raise NotImplementedError("dropping sub-blocks of a post-norm BERT block is not supported "
+                                  "(its LayerNorm sits on the residual stream)")
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -294,8 +307,6 @@ def load_minilm(path: Optional[str] = None, *, device: Union[str, torch.device] 
     (do_lower_case), ``1_Pooling/config.json`` (must be mean pooling) and ``modules.json``
     (normalization when it lists a Normalize module).
     """
-    from safetensors.torch import load_file
-
     path = minilm_path() if path is None else os.fspath(path)
     config = BertConfig.from_hf(os.path.join(path, "config.json"))
     st_config = _read_json(os.path.join(path, "sentence_bert_config.json"), {})

@@ -7,6 +7,7 @@ import os
 from typing import Dict
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leanformer.models.llama import LlamaConfig, LlamaLM
@@ -32,8 +33,6 @@ def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Writes ``directory/config.json`` and ``directory/model.safetensors``."""
-    from safetensors.torch import save_file
-
     if getattr(model, "model_type", None) not in MODELS:
         raise TypeError(f"save_pretrained takes one of {sorted(MODELS)} models, got {type(model).__name__}")
     os.makedirs(directory, exist_ok=True)
@@ -45,8 +44,6 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
 def load_pretrained(directory: str, *, device: str = "cpu") -> nn.Module:
     """The model saved by :func:`save_pretrained` (in eval mode). A checkpoint whose keys or
     shapes do not fit its config raises ValueError naming the key."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         meta = json.load(f)
     if meta.get("model_type") not in MODELS:

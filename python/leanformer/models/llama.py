@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanformer.models.protocol import CausalLM, real_block
+from leanformer.ops import compact_kv_cache, tree_attention
+
 
 @dataclass
 class LlamaConfig:
@@ -60,6 +63,22 @@ class KVCache:
 
     def clone(self) -> "KVCache":
         return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.lens.clone())
+
+    def commit(self, accepted: Tensor, num_accepted: Tensor) -> None:
+        """Keeps a verified tree's accepted path (``accepted [B, T]`` node indices root first,
+        ``num_accepted [B]``, as ``ops.verify_tree_greedy`` returns them): the tree forward wrote
+        node i's K/V at slot ``lens[b] + i``; the accepted nodes' move to ``lens[b] + j`` and
+        ``lens`` advances by ``num_accepted`` (``ops.compact_kv_cache``, per layer). The cache
+        then holds what plain decoding of those tokens would have written."""
+        lens = self.lens + num_accepted
+        for k, v in zip(self.k, self.v):
+            lens = self.lens.clone()  # compact_kv_cache advances the lengths it is given
+            compact_kv_cache(k, v, lens, accepted, num_accepted)
+        self.lens = lens
+
+    def select(self, rows: Tensor) -> None:
+        """Keeps only the sequences ``rows`` (int64 ``[B']``)."""
+        self.k, self.v, self.lens = [t[rows] for t in self.k], [t[rows] for t in self.v], self.lens[rows]
 
 
 def rotary_at(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -123,10 +142,11 @@ class SwiGLU(nn.Module):
 
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE. Three ways to run (see :meth:`LlamaLM.forward`):
-    causal over the input alone (or under a dense ``tree_mask``); causal over the cache plus the input (written into the cache at
-    ``lens[b] + t``); or a token tree (``tree_mask``) over the cached prefix via
-    ``leanformer.ops.tree_attention``, its K/V written at ``lens[b] + i`` for a later
-    ``compact_kv_cache``."""
+    causal over the input alone (or under a dense ``tree_mask``); causal over the cache plus the
+    input (written into the cache at ``lens[b] + t``); or a token tree (``tree_mask``) over the
+    cached prefix via ``leanformer.ops.tree_attention``, its K/V written at ``lens[b] + i`` for
+    a later ``compact_kv_cache``. :meth:`attend` is the attention itself, for callers that
+    assemble their own queries, keys and mask (Hidden Transfer's training forward)."""
 
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -137,11 +157,27 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.dim, bias=False)
 
     def qkv(self, x: Tensor, positions: Tensor):
+        """``x [B, T, C]`` at ``positions [B, T]`` -> rotated ``q [B, T, H, D]``, rotated
+        ``k [B, T, Hkv, D]`` and ``v [B, T, Hkv, D]``."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         return rotary_at(q, positions, self.rope_base), rotary_at(k, positions, self.rope_base), v
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Queries ``q [B, Tq, H, D]`` against keys and values ``k, v [B, Tk, Hkv, D]``: softmax
+        attention scaled by ``D ** -0.5``, query head h reading key head ``h // (H / Hkv)``
+        (grouped-query, ``H % Hkv == 0``). ``mask``: broadcastable to ``[B, Tq, Tk]``, bool (true
+        where query t may read key s) or float (added to the scores: 0 or -inf, faster on a CPU
+        where one mask serves several calls); None: causal (``Tq == Tk``). -> ``[B, Tq, H, D]``
+        (one ``F.scaled_dot_product_attention`` with ``enable_gqa``; differentiable)."""
+        if mask is not None:
+            mask = mask.unsqueeze(-3)  # one mask for every head
+            mask = mask if mask.dim() == 4 else mask.view(1, *mask.shape[-3:])
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              is_causal=mask is None, enable_gqa=True).transpose(1, 2)
 
     def forward(self, x: Tensor, positions: Tensor, k_cache: Optional[Tensor] = None,
                 v_cache: Optional[Tensor] = None, lens: Optional[Tensor] = None,
@@ -149,13 +185,8 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, positions)
         if k_cache is None:  # no prefix: causal, or a dense tree mask (drafter training)
-            mask = None if tree_mask is None else (tree_mask if tree_mask.dim() == 3 else tree_mask[None])[:, None]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=True).transpose(1, 2)
+            o = self.attend(q, k, v, tree_mask)
         elif tree_mask is not None:
-            from leanformer.ops import tree_attention
-
             o = tree_attention(q, k_cache, v_cache, lens, k, v, tree_mask)
             write_slots(k_cache, v_cache, lens, k, v)
         else:
@@ -164,9 +195,7 @@ class LlamaAttention(nn.Module):
             slots = torch.arange(Lk, device=x.device)
             # query t of sequence b sees slots 0 .. lens[b] + t (its prefix, then itself causally)
             visible = slots[None, None, :] <= (lens[:, None, None] + torch.arange(T, device=x.device)[None, :, None])
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :Lk].transpose(1, 2),
-                                               v_cache[:, :Lk].transpose(1, 2), attn_mask=visible[:, None],
-                                               enable_gqa=True).transpose(1, 2)
+            o = self.attend(q, k_cache[:, :Lk], v_cache[:, :Lk], visible)
         return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -183,6 +212,9 @@ def write_slots(k_cache: Tensor, v_cache: Tensor, lens: Tensor, k: Tensor, v: Te
 
 
 class LlamaBlock(nn.Module):
+    """Pre-norm: ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``; a sub-block set to
+    None (``leanformer.layers.drop_modules``) passes the residual stream unchanged."""
+
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.attn_norm = RMSNorm(c.dim, c.norm_eps)
@@ -196,7 +228,7 @@ class LlamaBlock(nn.Module):
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
-class LlamaLM(nn.Module):
+class LlamaLM(CausalLM):
     """``input_ids [B, T]`` (int64) -> logits ``[B, T, vocab_size]``; the structure is plain:
     ``embed``, ``layers`` (a ModuleList of :class:`LlamaBlock`), ``norm``, ``lm_head``.
 
@@ -205,7 +237,7 @@ class LlamaLM(nn.Module):
     own length; the padding's K/V is overwritten later), then steps, equals the full forward.
     With ``tree_mask`` ([T, T] or [B, T, T], ancestors and self) and ``depths`` ([T] or [B, T])
     the input is a token tree at positions ``lens + depth``; its K/V go to slots ``lens + i``
-    and ``lens`` does not advance (``leanformer.ops.compact_kv_cache`` keeps the accepted path).
+    and ``lens`` does not advance (:meth:`KVCache.commit` keeps the accepted path).
 
     Example::
 
@@ -218,6 +250,7 @@ class LlamaLM(nn.Module):
     """
 
     model_type = "llama_lm"
+    sublayer_attrs = {"attention": ("attn_norm", "attn"), "mlp": ("mlp_norm", "mlp")}
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -242,17 +275,15 @@ class LlamaLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, *, device=None,
                   dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens
+        (``config.max_seq_len`` by default), one K/V per remaining attention, on the model's
+        device and in its dtype unless given."""
         c, p = self.config, self.embed.weight
         shape = (batch, max_len or c.max_seq_len, c.num_kv_heads, c.head_dim)
         kw = dict(device=device or p.device, dtype=dtype or p.dtype)
-        n = len(self._kv_slots())  # one K/V per attention (drop_modules removes some)
+        n = sum(s is not None for s in self.attention_slots())  # drop_modules removes some
         return KVCache([torch.zeros(shape, **kw) for _ in range(n)], [torch.zeros(shape, **kw) for _ in range(n)],
                        torch.zeros(batch, dtype=torch.long, device=kw["device"]))
-
-    def _kv_slots(self) -> dict:
-        """Layer index -> its K/V slot in the cache, for the layers that still have attention."""
-        kept = [i for i, block in enumerate(self.layers) if getattr(block, "attn", None) is not None]
-        return {i: s for s, i in enumerate(kept)}
 
     def positions(self, B: int, T: int, cache: Optional[KVCache], depths: Optional[Tensor]) -> Tensor:
         """Position ids ``[B, T]``: ``lens[b] + depth`` (depth ``t`` when not a tree)."""
@@ -261,29 +292,16 @@ class LlamaLM(nn.Module):
         offs = offs.expand(B, T) if offs.dim() == 1 else offs
         return offs if cache is None else cache.lens[:, None] + offs
 
-    def run_layers(self, x: Tensor, positions: Tensor, *, cache: Optional[KVCache] = None,
-                   tree_mask: Optional[Tensor] = None, start: int = 0, stop: Optional[int] = None) -> Tensor:
-        """Hidden states through ``layers[start:stop]`` (for drafters that enter or leave midway).
-        Does not advance ``cache.lens``."""
-        slots = self._kv_slots()
-        for i in range(start, len(self.layers) if stop is None else stop):
-            kv = (None, None, None) if cache is None or i not in slots else (cache.k[slots[i]], cache.v[slots[i]], cache.lens)
-            x = self.layers[i](x, positions, *kv, tree_mask)
-        return x
-
     def forward(self, input_ids: Tensor, *, cache: Optional[KVCache] = None, lengths: Optional[Tensor] = None,
                 tree_mask: Optional[Tensor] = None, depths: Optional[Tensor] = None,
                 return_hidden: bool = False, exit_layer: Optional[int] = None, output_hidden_states: bool = False):
         """Logits ``[B, T, V]`` (and the final normed hidden states when ``return_hidden``).
         ``exit_layer=l``: the first l layers then the shared final norm and head;
-        ``output_hidden_states``: ``(logits, hidden_states)`` (see :func:`leanformer.layers.forward`)."""
+        ``output_hidden_states``: ``(logits, hidden_states)``. See
+        :meth:`~leanformer.models.LayerStack.stack_forward`."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if cache is not None:
-            if len(cache.k) != len(self._kv_slots()) or cache.lens.shape != (B,):
-                raise ValueError(f"cache must have {len(self._kv_slots())} layers and lens [{B}] (make it with "
-                                 f"model.new_cache({B}))")
         if (tree_mask is None) != (depths is None):
             raise ValueError("tree_mask and depths go together (a token tree's ancestor mask and node depths)")
         if tree_mask is not None and cache is None:
@@ -293,15 +311,69 @@ class LlamaLM(nn.Module):
                 raise ValueError("lengths (per-sequence prompt lengths) is for a prefill into a cache")
             if lengths.shape != (B,) or int(lengths.min()) < 0 or int(lengths.max()) > T:
                 raise ValueError(f"lengths must be int64 [{B}] in 0..{T}, got {lengths.tolist()}")
-        if exit_layer is not None or output_hidden_states:
-            if tree_mask is not None or lengths is not None or return_hidden:
-                raise ValueError("exit_layer/output_hidden_states take neither a token tree, lengths nor return_hidden")
-            from leanformer.layers import forward
+        if (exit_layer is not None or output_hidden_states) and (tree_mask is not None or lengths is not None
+                                                                 or return_hidden):
+            raise ValueError("exit_layer/output_hidden_states take neither a token tree, lengths nor return_hidden")
+        return self.stack_forward(input_ids, cache=cache, exit_layer=exit_layer,
+                                  output_hidden_states=output_hidden_states, return_hidden=return_hidden,
+                                  lengths=lengths, tree_mask=tree_mask, depths=depths)
 
-            return forward(self, input_ids, cache=cache, exit_layer=exit_layer, output_hidden_states=output_hidden_states)
-        h = self.run_layers(self.embed(input_ids), self.positions(B, T, cache, depths), cache=cache, tree_mask=tree_mask)
-        if cache is not None and tree_mask is None:
-            cache.lens += T if lengths is None else lengths.to(cache.lens.device)
-        h = self.norm(h)
-        logits = self.lm_head(h)
-        return (logits, h) if return_hidden else logits
+    # ---- the layer-stack protocol (leanformer.models.LayerStack / CausalLM) ----
+
+    def stack_blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def call_context(self, input_ids: Tensor, cache: Optional[KVCache] = None, lengths: Optional[Tensor] = None,
+                     tree_mask: Optional[Tensor] = None, depths: Optional[Tensor] = None) -> dict:
+        B, T = input_ids.shape
+        slots = self._slots(cache, B)  # checks the cache first
+        return {"positions": self.positions(B, T, cache, depths), "slots": slots, "tree_mask": tree_mask,
+                "lengths": lengths}
+
+    def _slots(self, cache: Optional[KVCache], B: int) -> List[Optional[int]]:
+        slots = self.attention_slots()
+        if cache is not None:
+            n = sum(s is not None for s in slots)
+            if len(cache.k) != n or cache.lens.shape != (B,):
+                raise ValueError(f"cache must have {n} layers and lens [{B}] (make it with model.new_cache({B}))")
+        return slots
+
+    def embed_tokens(self, input_ids: Tensor, ctx: dict) -> Tensor:
+        return self.embed(input_ids)
+
+    def run_block(self, i: int, x: Tensor, cache: Optional[KVCache], ctx: dict) -> Tensor:
+        s = ctx["slots"][i]
+        if cache is None or s is None:
+            return self.layers[i](x, ctx["positions"], None, None, None, ctx["tree_mask"])
+        return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"])
+
+    def fill_block_cache(self, i: int, x: Tensor, cache: Optional[KVCache], ctx: dict) -> None:
+        s = ctx["slots"][i]
+        if cache is not None and s is not None:
+            block = real_block(self.layers[i])
+            _, k, v = block.attn.qkv(block.attn_norm(x), ctx["positions"])
+            write_slots(cache.k[s], cache.v[s], cache.lens, k, v)
+
+    def finish_call(self, cache: Optional[KVCache], ctx: dict) -> None:
+        if cache is not None and ctx["tree_mask"] is None:
+            lengths = ctx["lengths"]
+            cache.lens += ctx["positions"].shape[1] if lengths is None else lengths.to(cache.lens.device)
+
+    def final_norm(self, x: Tensor, ctx: Optional[dict] = None) -> Tensor:
+        return self.norm(x)
+
+    def apply_head(self, h: Tensor) -> Tensor:
+        return self.lm_head(h)
+
+    def prefill(self, cache: KVCache, input_ids: Tensor, lengths: Tensor) -> None:
+        if input_ids.shape[1]:
+            self(input_ids, cache=cache, lengths=lengths)
+
+    def tree_context(self, cache: Optional[KVCache], mask: Tensor, depths: Tensor, parents: Tensor) -> dict:
+        """As :meth:`~leanformer.models.CausalLM.tree_context`; ``cache`` None runs the nodes
+        under the dense ``mask`` alone at positions ``depths`` (masked SDPA over every row)."""
+        B = depths.shape[0] if depths.dim() == 2 else mask.shape[0] if mask.dim() == 3 else (
+            1 if cache is None else cache.lens.shape[0])
+        slots = self._slots(cache, B)
+        return {"positions": self.positions(B, depths.shape[-1], cache, depths), "slots": slots, "tree_mask": mask,
+                "lengths": None}

@@ -11,4 +11,8 @@ from leanformer.nn.softmax_attention import SoftmaxAttention
 from leanformer.nn.straight_through_factorizer import StraightThroughFactorizer
 from leanformer.nn.topk_mlp import TopKMLP
 
-__all__ = ["DenseSparseLinear", "LowRankLinear", "MLP", "NMSparseLinear", "packed_linears", "release_packed", "StraightThroughFactorizer", "NeuronPredictor", "PredictedSparseMLP", "PRepBN", "RepBN", "SimplifiedLinearAttention", "SLACache", "SoftmaxAttention", "TopKMLP", "fit_predictor", "recall"]
+__all__ = [
+    "DenseSparseLinear", "LowRankLinear", "MLP", "NMSparseLinear", "NeuronPredictor", "PRepBN", "PredictedSparseMLP",
+    "RepBN", "SLACache", "SimplifiedLinearAttention", "SoftmaxAttention", "StraightThroughFactorizer", "TopKMLP",
+    "fit_predictor", "packed_linears", "recall", "release_packed",
+]

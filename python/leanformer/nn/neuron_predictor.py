@@ -23,17 +23,17 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from leanformer.nn.topk_mlp import TopKMLP
 from leanformer.ops.topk_mlp import predicted_sparse_mlp, topk_activation, topk_mlp
 
 logger = logging.getLogger(__name__)
 
-# Crossover of the predicted path (bench/results/cpu-20261129T102317Z, 2-core CPU, fp32,
-# d_model 1024, d_ff 4096, predictor included), predicted sparse MLP vs the dense eager MLP:
-# at N <= 4 it wins at every ratio (1.2x at 30%); at N = 64 it wins at 1% and 3% (3.4x, 2.2x),
-# ties at 10% (1.04x) and loses at 30% (0.33x). So the dense computation of the same neurons
-# is taken above 8 rows and k / hidden > 10%.
+# Where the predicted sparse path pays, as guidance for a 2-core CPU in fp32 (d_model 1024,
+# d_ff 4096, the predictor included) against the dense eager MLP: for a few rows it is faster at
+# every ratio up to 30% of the neurons; at 64 rows only up to about 10%, and much slower at 30%.
+# So the dense computation of the same neurons is taken above 8 rows and k / hidden > 10%.
 PREDICTED_MAX_SPARSE_ROWS = 8
 PREDICTED_MAX_SPARSE_RATIO = 0.10
 
@@ -132,7 +132,6 @@ def fit_predictor(mlp: nn.Module, inputs: Tensor, k: int, steps: int = 300, *, r
     pos_weight = torch.tensor((hidden - k) / k, dtype=inputs.dtype, device=inputs.device)
     it = range(steps)
     if progress:
-        from tqdm import tqdm
         it = tqdm(it, desc="fit predictor", unit="step", file=sys.stderr, leave=False)
     predictor.train()
     for step in it:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from leanformer.ops.nm_sparse import nm_sparse_linear
+from leanformer.ops.nm_sparse_linear import nm_sparse_linear
 from leanformer.sparse import NMSparseMatrix
 from leanformer.sparse.nm_format import check_columns, check_pattern, meta_words, num_values
 

@@ -12,8 +12,8 @@ reason is logged the first time it is taken in a context (logger
 made on a layer's first packed call and refreshed when its weight changes in place; leaving
 the context restores the layers and frees them, unless ``keep_packed=True`` (what
 :func:`leanformer.generate` passes): then they stay with their layers for the next context
-(packing a 3M-parameter LlamaLM took ~8 ms, a fixed cost on every generate call before)
-until :func:`release_packed`. Costs the packed linears' weight memory once more while kept.
+(packing takes milliseconds per model, which every generate call would pay again) until
+:func:`release_packed`. Costs the packed linears' weight memory once more while kept.
 Linears that are not modules (a drafter's heads stacked into one GEMM) join in through
 :func:`packed_or_linear`; a SwiGLU MLP (a module with ``swiglu_linears()``, e.g. LlamaLM's)
 runs its gate, up and silu product as one :func:`leanformer.ops.packed_swiglu`.
@@ -30,23 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanformer import _C
 from leanformer.ops.packed_linear import pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu
 
 logger = logging.getLogger(__name__)
 
 
 def _default_min_rows() -> int:
-    from leanformer import _C
-
     return 1 if _C.cpu_vector_isa() == "avx2" else 2
 
 
-#: Rows (tokens) from and up to which the packed kernel runs. Measured on the 2-core AVX-512 dev
-#: machine: about 2x F.linear at 19 rows and 1.1x at 76 (256 -> 1024); at one row (a plain
-#: decoding step) MKL's GEMV reads the weight at least as fast, and a LlamaLM step was ~5% slower
-#: packed, so single rows stay on F.linear there. On the 2-core AMD EPYC (AVX2 tiles) one row is
-#: faster packed: plain greedy decoding of the 4.5M-parameter LlamaLM ran at 213-239 tokens/s
-#: packed against 169-199 with F.linear, so AVX2 hosts pack single rows too.
+#: Rows (tokens) from and up to which the packed kernel runs. As guidance on 2-core CPUs: the
+#: packed kernel is about 2x F.linear at a few dozen rows (256 -> 1024) and close to it at a
+#: hundred; at one row (a plain decoding step) MKL's GEMV reads the weight at least as fast on an
+#: AVX-512 CPU, so single rows stay on F.linear there, while with AVX2 tiles one row is faster
+#: packed, so AVX2 hosts pack single rows too.
 DEFAULT_MIN_ROWS = _default_min_rows()
 DEFAULT_MAX_ROWS = 128
 

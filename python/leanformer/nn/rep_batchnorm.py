@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from leanformer.ops.rep_batchnorm import progressive_norm, rep_batchnorm
-from leanformer.ops.sync_batchnorm import sync_progressive_norm, sync_rep_batchnorm
+from leanformer.ops.rep_batchnorm import sync_progressive_norm, sync_rep_batchnorm
 
 
 class _SharedGroup:
@@ -109,8 +109,9 @@ class PRepBN(nn.Module):
     into the neighbouring Linear.
 
     The step counter is a buffer (``step``): it is saved and restored with the state_dict and
-    advances once per training forward. SLAB's authors warn the decay must end well before
-    training does (a user hit NaN until it ended at ~0.8 of the run).
+    advances once per training forward. End the decay well before training does (SLAB's
+    authors' advice): ending it at about 60% of the steps is safe, at 80% training can diverge
+    to NaN.
 
     The training forward reads the counter on the host (gamma is a Python float for the
     kernel), so ``torch.compile(fullgraph=True)`` applies to the eval forward.

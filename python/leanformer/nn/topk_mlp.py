@@ -12,12 +12,11 @@ from leanformer.ops.topk_mlp import ACTIVATIONS, topk_activation, topk_mlp
 
 logger = logging.getLogger(__name__)
 
-# Crossover measured with a TopKMLP(1024, 4096) in inference on a 2-core CPU, fp32, sparse
-# path vs dense path (both top-k; see bench/topk_mlp.py for the op-level table). Up to 8
-# tokens the sparse path won at every ratio up to 30% (1.3-2.4x): the dense GEMM of a few
-# rows is a GEMV per row there. From 64 tokens on (64 and 256 measured) it won at 3% and 10%
-# (1.2-1.5x) and lost at 20% and 30% (0.7-0.95x): a per-token gather of k rows then costs more
-# than the GEMM's share of one pass over d_ff rows. So dense is taken when a call has more
+# The auto switch, as guidance for a TopKMLP(1024, 4096) in inference on a 2-core CPU (fp32),
+# sparse path against dense path (both top-k): up to 8 tokens the sparse path is faster at every
+# ratio up to 30% (the dense GEMM of a few rows is a GEMV per row there); from 64 tokens on it is
+# faster at 3-10% of the neurons and slower from 20% (a per-token gather of k rows then costs
+# more than the GEMM's share of one pass over d_ff rows). So dense is taken when a call has more
 # than MAX_SPARSE_ROWS tokens AND k / hidden > MAX_SPARSE_RATIO.
 MAX_SPARSE_ROWS = 8
 MAX_SPARSE_RATIO = 0.15
@@ -39,7 +38,7 @@ class TopKMLP(nn.Module):
     sparse down projection); the dense one computes the same top-k MLP with a dense down
     projection of the zero-filled activations. ``mode="auto"`` takes the dense path when a
     call has more than ``max_sparse_rows`` tokens (rows of ``x``) and ``k / hidden >
-    max_sparse_ratio``, where dense was measured faster; both give the same result. Every change of path
+    max_sparse_ratio``, where dense is faster on a CPU; both give the same result. Every change of path
     is logged (logger ``leanformer.nn.topk_mlp``, INFO) and ``last_path`` holds the last one.
 
     Args:
@@ -47,8 +46,8 @@ class TopKMLP(nn.Module):
         k: activations kept per token, ``0 <= k <= hidden``.
         activation: ``"relu"`` or ``"gelu"``.
         mode: ``"auto"``, ``"sparse"`` or ``"dense"``.
-        max_sparse_rows, max_sparse_ratio: the auto switch (defaults measured on a CPU, see
-            ``MAX_SPARSE_ROWS``; re-measure with ``leanformer bench --suite topk_mlp`` on a GPU).
+        max_sparse_rows, max_sparse_ratio: the auto switch (the defaults suit a CPU, see
+            ``MAX_SPARSE_ROWS``; on a GPU, time both paths with the topk_mlp benchmark).
     """
 
     def __init__(self, dim: int, hidden: int, k: int, activation: str = "relu", bias: bool = True, *,

@@ -48,8 +48,8 @@ def packed_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], out_
     Returns:
         ``[..., N]``, equal to ``F.linear(x, W, bias)`` up to summation order.
 
-    Made for a few to a few dozen rows (a token tree: about 2x ``F.linear`` at 19 rows on
-    the dev machine); at one row it is about as fast as MKL's GEMV, and for long prompts
+    Made for a few to a few dozen rows (a token tree: about 2x ``F.linear`` at 19 rows on a
+    2-core AVX-512 CPU); at one row it is about as fast as MKL's GEMV, and for long prompts
     ``F.linear`` is the better call: :func:`leanformer.nn.packed_linears` runs it for 2 to 128
     rows. CPU only: on CUDA, cuBLAS reads W as it is.
 

@@ -1,7 +1,7 @@
 """Our 2:4 metadata, reordered into the layout CUTLASS's sm80 sparse tensor-core GEMM reads.
 
 This is the plain-PyTorch twin of the CUDA kernel ``reorder_meta_sm80_kernel`` in
-csrc/cuda/nm_sparse_cutlass_sm80.cu; tests compare it with PyTorch's own conversion
+csrc/cuda/nm_sparse_linear_cutlass_sm80.cu; tests compare it with PyTorch's own conversion
 (torch/sparse/_semi_structured_conversions.py), so the kernel and the hardware layout are tied
 to an independent implementation.
 

@@ -135,9 +135,9 @@ class NMSparseMatrix:
         return (self.values.numel() * self.values.element_size() + self.meta.numel() * 4) * 8
 
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """``x @ S^T + bias`` through :func:`leanformer.ops.nm_sparse_linear`."""
-        from leanformer.ops.nm_sparse import nm_sparse_linear
-        return nm_sparse_linear(x, self.values, self.meta, bias, n=self.n, m=self.m)
+        """``x @ S^T + bias``: the op ``torch.ops.leanformer.nm_sparse_linear`` on ``values`` and
+        ``meta`` (see :func:`leanformer.ops.nm_sparse_linear`; differentiable in x, values and bias)."""
+        return torch.ops.leanformer.nm_sparse_linear(x, self.values, self.meta, bias, n=self.n, m=self.m)
 
     def __repr__(self) -> str:
         dense_bits = self.shape[0] * self.shape[1] * self.values.element_size() * 8

@@ -1,2 +1,0 @@
-"""Experiments on real models and data that reproduce the papers' measurements
-(`leanformer experiment NAME`)."""

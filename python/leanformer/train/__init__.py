@@ -1,1 +1,0 @@
-"""Training scripts of the project's models on real data (`leanformer train ...`)."""
