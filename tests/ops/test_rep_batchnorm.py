@@ -1,0 +1,111 @@
+"""rep_batchnorm against the eager reference on every device in DEVICES, its gradcheck, opcheck,
+compile and bad inputs (nn.RepBN itself: tests/nn/test_rep_batchnorm.py)."""
+import pytest
+import torch
+
+from leanformer.nn import RepBN
+from leanformer.ops import rep_batchnorm
+from leanformer.reference import rep_batchnorm_reference
+from tests.helpers import DEVICES, assert_close, device_dtypes
+
+
+def params(C, dtype=torch.float32, device="cpu"):
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    leaf = lambda t: t.to(device=device, dtype=pd).requires_grad_(True)
+    w, b, alpha = leaf(torch.rand(C) + 0.5), leaf(torch.randn(C)), leaf(torch.tensor([0.7]))
+    rm, rv = torch.randn(C, dtype=pd, device=device), torch.rand(C, dtype=pd, device=device) + 0.5
+    return w, b, alpha, rm, rv
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes(fp64=True))
+@pytest.mark.parametrize("shape", [(3, 17, 5), (64, 33), (2, 3, 4, 7), (6, 50, 24)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference(device, dtype, shape, training, masked):
+    x = (torch.randn(shape, device=device) * 3 + 1).to(dtype).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device=device) > 0.3 if masked else None
+    w, b, alpha, rm, rv = params(shape[-1], dtype, device)
+    leaves = [w, b, alpha]
+    w2, b2, alpha2 = (t.detach().clone().requires_grad_(True) for t in leaves)
+    rm2, rv2 = rm.clone(), rv.clone()
+    x2 = x.detach().double().requires_grad_(True)
+
+    y = rep_batchnorm(x, w, b, alpha, rm, rv, training=training, mask=mask)
+    y_ref = rep_batchnorm_reference(x2, w2.double(), b2.double(), alpha2.double(), rm2.double(),
+                                    rv2.double(), training=training, mask=mask)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, "y", scale=0.5)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    torch.autograd.backward(y, g.to(dtype))
+    torch.autograd.backward(y_ref, g)
+    # The parameters' gradients are sums over every token, dx takes the batch's column means.
+    for name, a, r in (("x", x, x2), ("weight", w, w2), ("bias", b, b2), ("alpha", alpha, alpha2)):
+        assert_close(a.grad, r.grad, dtype, f"d{name}", scale=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(5, 3, device=device) > 0.3
+    for training in (True, False):
+        for msk in (None, mask):
+            w, b, alpha, rm, rv = params(4, torch.float64, device)
+            torch.autograd.gradcheck(
+                lambda x, w, b, a: rep_batchnorm(x, w, b, a, rm.clone(), rv.clone(), training=training, mask=msk),
+                (x, w, b, alpha))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    x = torch.randn(6, 7, 8, device=device, requires_grad=True)
+    w, b, alpha, rm, rv = params(8, device=device)
+    for training in (True, False):
+        torch.library.opcheck(torch.ops.leanformer.rep_batchnorm.default,
+                              (x, w, b, alpha, rm, rv, training, 1e-5, torch.rand(6, 7, device=device) > 0.2))
+    m = RepBN(8).to(device)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, rep_batchnorm_reference(x, m.weight, m.bias, m.alpha, torch.zeros(8, device=device),
+                                                          torch.ones(8, device=device), training=True))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 6, 8)
+    w, b, alpha, rm, rv = params(8)
+    call = lambda **kw: rep_batchnorm(**{**dict(x=x, weight=w, bias=b, alpha=alpha, running_mean=rm,
+                                                running_var=rv, training=True), **kw})
+    cases = [
+        (dict(weight=torch.ones(7)), "weight must have shape \\[C\\] = \\[8\\]"),
+        (dict(bias=torch.ones(8, 1)), "bias must have shape \\[C\\] = \\[8\\]"),
+        (dict(running_var=torch.ones(9)), "running_var must have shape \\[C\\] = \\[8\\]"),
+        (dict(alpha=torch.ones(2)), "alpha must hold one value"),
+        (dict(weight=torch.ones(8, dtype=torch.float64)), "weight must be Float"),
+        (dict(mask=torch.ones(4, 5, dtype=torch.bool)), "mask must have the leading shape of x"),
+        (dict(mask=torch.ones(4, 6)), "mask must be bool"),
+        (dict(x=torch.randn(1, 8)), "more than one token per channel"),
+        (dict(mask=torch.zeros(4, 6, dtype=torch.bool)), "more than one unmasked token"),
+    ]
+    for kw, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            call(**kw)
+    m = RepBN(8).eval()
+    with pytest.raises(RuntimeError, match="RepBN in eval has no running statistics"):
+        m(x)
+    with pytest.raises(ValueError, match="x must be \\[..., 8\\]"):
+        RepBN(8)(torch.randn(3, 7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's behaviour")
+def test_cuda_mask_with_one_token_gives_nan_statistics():
+    """The CPU kernel raises; the CUDA one would need a device sync to read the mask's count,
+    so it returns NaN statistics instead (the unmasked case is still checked from the shape)."""
+    x = torch.randn(4, 6, 8, device="cuda")
+    w, b, alpha, rm, rv = params(8, device="cuda")
+    mask = torch.zeros(4, 6, dtype=torch.bool, device="cuda")
+    mask[1, 2] = True
+    y, mean, invstd = torch.ops.leanformer.rep_batchnorm(x, w, b, alpha, rm, rv, True, 1e-5, mask)
+    assert mean.isnan().all() and invstd.isnan().all() and y.isnan().all()
+    with pytest.raises(RuntimeError, match="more than one token per channel"):
+        rep_batchnorm(torch.randn(1, 8, device="cuda"), w, b, alpha, rm, rv, training=True)
