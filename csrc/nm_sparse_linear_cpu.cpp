@@ -382,9 +382,10 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
   const int32_t* mp = meta.data_ptr<int32_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
-    // 2:4 and 1:4 have a GEMV; other patterns at one token are faster through the tile kernel
-    // (one vector lane used) than gathering x's columns (measured: 2:8 at 4096 x 4096, 0.7x dense).
-    if (N == 1 && L.m == 4) {
+    // 2:4 and 1:4 have a GEMV (dot_24 / dot_14 decode only those patterns' meta words); other
+    // patterns at one token (3:4 included) are faster through the tile kernel (one vector lane
+    // used) than gathering x's columns (measured: 2:8 at 4096 x 4096, 0.7x dense).
+    if (N == 1 && L.m == 4 && (L.n == 1 || L.n == 2)) {
       std::vector<float> xf(K);
       for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
       at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {

@@ -284,7 +284,8 @@ struct CpuKernels {
     const float* xp = xc.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* hp = h.data_ptr<float>();
-    const float* bp = b_up.has_value() ? b_up->data_ptr<float>() : nullptr;
+    const at::Tensor b = b_up.has_value() ? b_up->contiguous() : at::Tensor();  // a sliced or expanded bias
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     at::parallel_for(0, d_ff, 64, [&](int64_t i0, int64_t i1) {
       dense_dot(N, xp, i0, i1, wp, d_model, hp, d_ff);
       if (bp)

@@ -118,6 +118,18 @@ def test_cpu_switches_to_dense_gemm_where_documented_and_logs_it(n, m, caplog):
         assert_close(yb, y_ref, torch.bfloat16, f"bf16 N={tokens}", scale=SCALE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_one_token_of_every_m4_pattern(n, dtype):
+    """One token with m = 4 takes the CPU's GEMV path, which decodes the meta words of 1:4 and
+    2:4 only; 3:4 (what compress.nm_prune picks at compression 1.25) must not take it (it read
+    out of bounds and returned garbage)."""
+    s = NMSparseMatrix.prune(torch.randn(8, 64), n, 4)
+    x = torch.randn(1, 64)
+    y = nm_sparse_linear(x.to(dtype), s.values.to(dtype), s.meta, n=n, m=4)
+    assert_close(y, x.double() @ s.to_dense().double().T, dtype, f"{n}:4 one token", scale=SCALE)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs_and_the_matrix_method(device):
     x, s, b = sample(11, 64, (6,), 2, 4, torch.float32, device)

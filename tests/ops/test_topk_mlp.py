@@ -121,6 +121,19 @@ def test_topk_mlp_with_all_neurons_is_the_dense_mlp(device):
     assert idx.shape == (3, 5, 7) and idx.dtype == torch.long
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 2, 12])
+def test_topk_mlp_reads_a_strided_or_expanded_b_up(device, rows):
+    """b_up as a slice (stride 2) and expanded (stride 0): the few-row fp32 up projection read
+    its data pointer as if contiguous (wrong activations, and out of bounds when expanded)."""
+    x, w_up, _, w_down_t, b_down = make_mlp((rows,), 7, 16, torch.float32, device)
+    for name, b_up in (("sliced", torch.randn(32, device=device)[::2]),
+                       ("expanded", torch.randn(1, device=device).expand(16))):
+        dense = F.linear(F.relu(F.linear(x, w_up, b_up)), w_down_t.t(), b_down)
+        torch.testing.assert_close(topk_mlp(x, w_up, b_up, w_down_t, b_down, 16), dense, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{name} b_up: {m}")
+
+
 # ---- gradcheck, opcheck, compile ----
 
 def _separated(shape, device):
