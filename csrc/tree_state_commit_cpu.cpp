@@ -61,6 +61,7 @@ void commit_tail(at::Tensor& tail, const at::Tensor& v, const int64_t* path, int
 void sla_tree_commit_cpu(at::TensorList S, at::TensorList z, at::TensorList conv_tail, at::TensorList k,
                          at::TensorList v, const at::Tensor& path_in, const at::Tensor& num_accepted_in) {
   check_sla_tree_commit_inputs(S, z, conv_tail, k, v, path_in, num_accepted_in);
+  check_sla_tree_commit_values(k, path_in, num_accepted_in);
   const at::Tensor path = path_in.contiguous(), num_accepted = num_accepted_in.contiguous();
   const int64_t L = S.size(), B = S[0].size(0), H = S[0].size(1);
   const int64_t* p = path.const_data_ptr<int64_t>();

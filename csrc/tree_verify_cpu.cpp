@@ -104,8 +104,7 @@ Verification verify_tree_greedy_cpu(const at::Tensor& logits_in, const at::Tenso
 
 Verification verify_tree_sampling_cpu(const at::Tensor& probs_in, const at::Tensor& tree_tokens,
                                       const at::Tensor& parents, const at::Tensor& uniforms_in) {
-  const TreeVerifyShape s = check_tree_verify_inputs(probs_in, "probs", tree_tokens, parents);
-  check_uniforms(uniforms_in, s, probs_in);
+  const TreeVerifyShape s = check_verify_tree_sampling_inputs(probs_in, tree_tokens, parents, uniforms_in);
   const at::Tensor probs = last_dim_contiguous(probs_in), uniforms = uniforms_in.contiguous();
   const float* u_base = uniforms.const_data_ptr<float>();
   const int64_t u_stride = uniforms.size(1);
