@@ -4,8 +4,9 @@
 and is stored packed (see :mod:`leanformer.sparse.nm_format`): ``values [rows, K//m*n]`` and
 int32 ``meta``. The kernels are torch.ops.leanformer.nm_sparse_linear and
 nm_sparse_linear_backward (C++ on CPU, CUDA on GPU); they read only values + meta, which is
-the memory (and at batch 1, time) saving. This file gives them a typed wrapper, fake kernels
-for torch.compile and export, and autograd (w.r.t. x, the kept values under the fixed
+the memory (and at batch 1, time) saving; their fake kernels for torch.compile and export are
+the C++ Meta kernels of csrc/nm_sparse_linear_meta.cpp, which run the same argument checks.
+This file gives them a typed wrapper and autograd (w.r.t. x, the kept values under the fixed
 pattern, and bias).
 
 From :func:`dense_min_tokens` tokens on, the CPU kernels unpack S to dense and call the BLAS
@@ -78,19 +79,6 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         _log_cpu_path(x, n, m)
     return _ops.nm_sparse_linear(x, values, meta, bias, n=n, m=m)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-@torch.library.register_fake("leanformer::nm_sparse_linear")
-def _nm_sparse_linear_fake(x, values, meta, bias, *, n, m):
-    return x.new_empty([*x.shape[:-1], values.shape[0]])
-
-
-@torch.library.register_fake("leanformer::nm_sparse_linear_backward")
-def _nm_sparse_linear_backward_fake(grad_y, x, values, meta, *, n, m, output_mask):
-    return (x.new_empty(x.shape if output_mask[0] else (0,)),
-            values.new_empty(values.shape if output_mask[1] else (0,)))
 
 
 # ---- autograd: the backward is itself a custom op; grad_bias is a plain sum ----

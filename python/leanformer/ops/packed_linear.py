@@ -3,8 +3,10 @@
 At one token, or a token tree of a few dozen, ``F.linear`` on the CPU spends much of its time
 repacking the weight inside the BLAS call. ``torch.ops.leanformer.packed_linear`` reads W
 from a layout packed once, ``[ceil(N/32), K, 32]`` (32-column panels of W^T, zero past N), and
-runs register-tiled panels over the rows. This file gives it the packing, a typed wrapper, a
-fake kernel and autograd (w.r.t. x, the packed weight and bias).
+runs register-tiled panels over the rows; its fake kernel for torch.compile and export (of CPU
+tensors) is the C++ Meta kernel of csrc/packed_linear_meta.cpp, which runs the CPU kernel's
+argument checks. This file gives it the packing, a typed wrapper and autograd (w.r.t. x, the
+packed weight and bias).
 :func:`leanformer.nn.packed_linears` swaps it into a model's ``nn.Linear`` layers for decoding.
 """
 from __future__ import annotations
@@ -62,12 +64,6 @@ def packed_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], out_
     return _ops.packed_linear(x, packed_weight, bias, out_features)
 
 
-@torch.library.register_fake("leanformer::packed_linear")
-def _packed_linear_fake(x, packed_weight, bias, out_features):
-    torch._check(x.shape[-1] == packed_weight.shape[1], lambda: "packed_linear: x.shape[-1] must be packed_weight.shape[1]")
-    return x.new_empty([*x.shape[:-1], out_features])
-
-
 def _setup(ctx, inputs, output):
     x, packed_weight, bias, out_features = inputs
     ctx.out_features, ctx.has_bias = out_features, bias is not None
@@ -117,12 +113,6 @@ def packed_swiglu(x: Tensor, packed_gate_up: Tensor, hidden: int) -> Tensor:
         >>> y = mlp.down(packed_swiglu(x, pw, mlp.gate.out_features))
     """
     return _ops.packed_swiglu(x, packed_gate_up, hidden)
-
-
-@torch.library.register_fake("leanformer::packed_swiglu")
-def _packed_swiglu_fake(x, packed_gate_up, hidden):
-    torch._check(x.shape[-1] == packed_gate_up.shape[2], lambda: "packed_swiglu: x.shape[-1] must be packed_gate_up.shape[2]")
-    return x.new_empty([*x.shape[:-1], hidden])
 
 
 def _swiglu_setup(ctx, inputs, output):
