@@ -43,6 +43,32 @@ def test_matches_reference(device, dtype, shape, training, masked):
         assert_close(a.grad, r.grad, dtype, f"d{name}", scale=5)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("strided", ["weight", "running_mean", "running_var"])
+def test_strided_parameters_give_the_same_gradients(training, strided):
+    """The op and the reference with a strided weight or running statistic agree with the
+    contiguous ones. F.batch_norm's CPU backward (which the reference ran on them) read such a
+    weight, and in eval such statistics, as if contiguous: wrong grad_x and grad_weight."""
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    w, b, alpha, rm, rv = params(8, torch.float64)
+    g = torch.randn(6, 5, 8, dtype=torch.float64)
+    results = []
+    for fn in (rep_batchnorm, rep_batchnorm_reference):
+        for layout in ("contiguous", "strided"):
+            args = dict(weight=w.detach().clone(), bias=b.detach().clone(), running_mean=rm.clone(),
+                        running_var=rv.clone())
+            if layout == "strided":
+                args[strided] = torch.zeros(8, 2, dtype=torch.float64).copy_(args[strided][:, None])[:, 0]
+                assert args[strided].stride() == (2,)
+            xl, wl = x.clone().requires_grad_(True), args["weight"].requires_grad_(True)
+            y = fn(xl, wl, args["bias"], alpha.detach(), args["running_mean"], args["running_var"], training=training)
+            results.append((fn.__name__, layout, y, *torch.autograd.grad(y, [xl, wl], g)))
+    want = results[0]
+    for name, layout, *got in results[1:]:
+        for what, a, r in zip(("y", "dx", "dweight"), got, want[2:]):
+            torch.testing.assert_close(a, r, msg=f"{name} {layout} {strided}: {what}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
