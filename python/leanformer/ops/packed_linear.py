@@ -9,6 +9,7 @@ fake kernel and autograd (w.r.t. x, the packed weight and bias).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -68,6 +69,11 @@ def _packed_linear_fake(x, packed_weight, bias, out_features):
     return x.new_empty([*x.shape[:-1], out_features])
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``[..., C]`` -> ``[rows, C]`` (with -1 for rows, ambiguous when C = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _setup(ctx, inputs, output):
     x, packed_weight, bias, out_features = inputs
     ctx.out_features, ctx.has_bias = out_features, bias is not None
@@ -80,10 +86,10 @@ def _backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ unpack_linear_weight(packed_weight, ctx.out_features)
     if ctx.needs_input_grad[1]:
-        g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [N, K]
+        g = _rows(grad_y).t() @ _rows(x)  # [N, K]
         grad_w = pack_linear_weight(g)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_b = _rows(grad_y).sum(0)
     return grad_x, grad_w, grad_b, None
 
 
@@ -142,8 +148,8 @@ def _swiglu_backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_g @ wg + grad_u @ wu
     if ctx.needs_input_grad[1]:
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_p = pack_swiglu_weight(grad_g.reshape(-1, ctx.hidden).t() @ x2, grad_u.reshape(-1, ctx.hidden).t() @ x2)
+        x2 = _rows(x)
+        grad_p = pack_swiglu_weight(_rows(grad_g).t() @ x2, _rows(grad_u).t() @ x2)
     return grad_x, grad_p, None
 
 
