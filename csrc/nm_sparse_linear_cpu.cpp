@@ -26,6 +26,7 @@
 // multiplied a non-finite value by a pruned zero. Finite inputs cost the scan alone.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -618,12 +619,17 @@ at::Tensor gather_values(const at::Tensor& grad_dense, const at::Tensor& meta, c
   return out;
 }
 
+// The tokens of x [..., K]: the product of its leading dims (reshape(-1, K) is ambiguous at K = 0).
+int64_t leading_size(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
 at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& meta, const std::optional<at::Tensor>& bias,
                                 int64_t n, int64_t m) {
   check_nm_sparse_linear_inputs(x, values, meta, bias, n, m);
-  const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t K = x.size(-1), rows = values.size(0), tokens = leading_size(x);
+  const at::Tensor x2 = x.reshape({tokens, K}).contiguous();
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = rows;
   at::Tensor y = at::empty({x2.size(0), rows}, x.options());
@@ -643,9 +649,9 @@ std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
     int64_t n, int64_t m, std::array<bool, 2> output_mask) {
   check_nm_sparse_linear_backward_inputs(grad_y, x, values, meta, n, m);
-  const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const at::Tensor gy2 = grad_y.reshape({-1, rows}).contiguous();
+  const int64_t K = x.size(-1), rows = values.size(0), tokens = leading_size(x);
+  const at::Tensor x2 = x.reshape({tokens, K}).contiguous();
+  const at::Tensor gy2 = grad_y.reshape({tokens, rows}).contiguous();
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_values =
       output_mask[1] ? at::empty(values.sizes(), values.options()) : values.new_empty({0});

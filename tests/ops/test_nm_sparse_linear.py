@@ -1,6 +1,7 @@
 """nm_sparse_linear and its backward against the unpack + dense-matmul reference: odd shapes,
 every pattern and dtype, gradcheck, opcheck, torch.compile and bad inputs."""
 import logging
+import math
 
 import pytest
 import torch
@@ -187,6 +188,24 @@ def test_nonfinite_inputs_propagate_as_in_the_dense_reference(n, m, dtype):
                                                                 output_mask=[True, True])
         assert_same_nonfinite(gx, gx_ref, dtype, "grad_x " + what)
         assert_same_nonfinite(gv, gv_ref, dtype, "grad_values " + what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(0,), (1,), (3,), (2, 10), (70,)])
+@pytest.mark.parametrize("rows,K", [(0, 16), (5, 0), (0, 0)])
+def test_no_rows_or_no_columns(device, lead, rows, K):
+    """y = bias (or an empty y) and zero gradients, on both sides of the dense switch; K = 0 or
+    rows = 0 made x.reshape(-1, K) / grad_y.reshape(-1, rows) ambiguous and raise."""
+    values = torch.zeros(rows, K // 2, device=device).requires_grad_(True)
+    meta = torch.zeros(rows, (K // 2 * 2 + 31) // 32, device=device, dtype=torch.int32)
+    bias = torch.randn(rows, device=device).requires_grad_(True)
+    x = torch.randn(*lead, K, device=device).requires_grad_(True)
+    y = nm_sparse_linear(x, values, meta, bias, n=2, m=4)
+    assert y.shape == (*lead, rows)
+    torch.testing.assert_close(y, bias.detach().expand(*lead, rows))
+    gx, gv, gb = torch.autograd.grad(y, [x, values, bias], torch.ones_like(y))
+    assert torch.all(gx == 0) and torch.all(gv == 0) and gv.shape == values.shape
+    torch.testing.assert_close(gb, torch.full((rows,), float(math.prod(lead)), device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

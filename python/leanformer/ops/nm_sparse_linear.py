@@ -15,6 +15,7 @@ GEMM (forward and backward), which is faster there; the wrapper logs that switch
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -119,7 +120,7 @@ def _nm_sparse_linear_backward(ctx, grad_y):
         grad_x, grad_values = _ops.nm_sparse_linear_backward(grad_y, x, values, meta, n=ctx.n, m=ctx.m,
                                                              output_mask=need)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_bias = grad_y.reshape(math.prod(grad_y.shape[:-1]), grad_y.shape[-1]).sum(0)  # -1: ambiguous at 0 rows
     return (grad_x if need[0] else None, grad_values if need[1] else None, None, grad_bias)
 
 
