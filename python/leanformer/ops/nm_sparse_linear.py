@@ -16,6 +16,7 @@ GEMM (forward and backward), which is faster there; the wrapper logs that switch
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -75,6 +76,15 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
 
     On the CPU, from ``dense_min_tokens(n, m)`` tokens on S is unpacked and multiplied densely
     (logged); below that the kernels read only values + meta.
+
+    Non-finite inputs propagate as in the dense product ``x @ S_dense^T`` (IEEE arithmetic, a
+    pruned entry being a stored 0), whatever the path: ``0 * inf = 0 * NaN = NaN``, so an inf or
+    NaN in ``x[t, c]`` makes every output of token t non-finite: NaN in the rows that prune
+    column c, the IEEE sum (``+-inf`` or NaN) in the rows that keep it. The backward's grad_x
+    does the same with grad_y (``grad_y @ S_dense``); grad_values is the dense gradient at the
+    kept entries. On the CPU the sparse kernels skip pruned columns, then fix up only the tokens
+    that hold a non-finite value (one scan of x, nothing more for finite inputs); on CUDA the
+    GEMV and sparse tensor-core paths do not fix them up yet (see docs/nm_sparse_linear.md).
     """
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         _log_cpu_path(x, n, m)
@@ -98,7 +108,7 @@ def _nm_sparse_linear_backward(ctx, grad_y):
         grad_x, grad_values = _ops.nm_sparse_linear_backward(grad_y, x, values, meta, n=ctx.n, m=ctx.m,
                                                              output_mask=need)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_bias = grad_y.reshape(math.prod(grad_y.shape[:-1]), grad_y.shape[-1]).sum(0)  # -1: ambiguous at 0 rows
     return (grad_x if need[0] else None, grad_values if need[1] else None, None, grad_bias)
 
 

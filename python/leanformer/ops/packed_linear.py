@@ -11,6 +11,7 @@ packed weight and bias).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -64,6 +65,11 @@ def packed_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], out_
     return _ops.packed_linear(x, packed_weight, bias, out_features)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``[..., C]`` -> ``[rows, C]`` (with -1 for rows, ambiguous when C = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _setup(ctx, inputs, output):
     x, packed_weight, bias, out_features = inputs
     ctx.out_features, ctx.has_bias = out_features, bias is not None
@@ -76,10 +82,10 @@ def _backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ unpack_linear_weight(packed_weight, ctx.out_features)
     if ctx.needs_input_grad[1]:
-        g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [N, K]
+        g = _rows(grad_y).t() @ _rows(x)  # [N, K]
         grad_w = pack_linear_weight(g)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_b = _rows(grad_y).sum(0)
     return grad_x, grad_w, grad_b, None
 
 
@@ -132,8 +138,8 @@ def _swiglu_backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_g @ wg + grad_u @ wu
     if ctx.needs_input_grad[1]:
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_p = pack_swiglu_weight(grad_g.reshape(-1, ctx.hidden).t() @ x2, grad_u.reshape(-1, ctx.hidden).t() @ x2)
+        x2 = _rows(x)
+        grad_p = pack_swiglu_weight(_rows(grad_g).t() @ x2, _rows(grad_u).t() @ x2)
     return grad_x, grad_p, None
 
 
