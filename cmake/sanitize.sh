@@ -59,9 +59,6 @@ export TSAN_OPTIONS="$common:log_path=$reports/tsan:second_deadlock_stack=1:supp
 export LD_PRELOAD="$SANITIZER_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}"
 export PYTHONPATH="$build/python:$root/cmake${PYTHONPATH:+:$PYTHONPATH}"
 export LEANFORMER_SANITIZE_MODE=$mode
-# The fuzz suite's cases per op (docs/development.md): 10 here, not its 40, to keep CI's sanitizer
-# step within its time (the kernels run at -O1 under ASan); set it to run more.
-export LEANFORMER_FUZZ_CASES=${LEANFORMER_FUZZ_CASES:-10}
 
 args=("$@")
 if [[ ${#args[@]} -eq 0 ]]; then
