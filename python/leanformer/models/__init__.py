@@ -13,5 +13,6 @@ from leanformer.models.vit import SLABViT, ViTConfig
 from leanformer.models.wordpiece import WordPieceTokenizer
 
 __all__ = ["BertConfig", "BertEncoder", "CausalLM", "KVCache", "LayerStack", "LlamaConfig", "LlamaLM", "LMCache",
-           "LMConfig", "PretrainedTokenizer", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig", "WordPieceTokenizer", "load_hf_bert",
-           "load_minilm", "load_pretrained", "load_tokenizer", "mean_pool", "minilm_path", "save_pretrained", "smollm2_path"]
+           "LMConfig", "PretrainedTokenizer", "SLABLM", "SLABViT", "SentenceEncoder", "ViTConfig",
+           "WordPieceTokenizer", "load_hf_bert", "load_minilm", "load_pretrained", "load_tokenizer", "mean_pool",
+           "minilm_path", "save_pretrained", "smollm2_path"]

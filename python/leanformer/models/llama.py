@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanformer.models.pretrained import load_llama
 from leanformer.models.protocol import CausalLM, real_block
 from leanformer.ops import compact_kv_cache, tree_attention
 
@@ -296,8 +297,7 @@ class LlamaLM(CausalLM):
             model = LlamaLM.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
             tokenizer = leanformer.models.load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
         """
-        from leanformer.models.pretrained import load_llama
-        return load_llama(path, dtype=dtype)
+        return load_llama(path, cls, LlamaConfig, dtype=dtype)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, *, device=None,
                   dtype: Optional[torch.dtype] = None) -> KVCache:

