@@ -113,6 +113,15 @@ def test_refuses_configs_it_cannot_represent(tmp_path, field, value):
         LlamaLM.from_pretrained(tmp_path)
 
 
+def test_accepts_what_changes_nothing(tmp_path):
+    """A default-type rope_scaling, and Qwen2's sliding_window when use_sliding_window is off."""
+    ref = hf_model("qwen2")
+    ref.save_pretrained(tmp_path)
+    write_config(tmp_path, rope_scaling={"rope_type": "default"}, use_sliding_window=False, sliding_window=4096)
+    torch.testing.assert_close(ours_logits(LlamaLM.from_pretrained(tmp_path), IDS), hf_logits(ref, IDS),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_refuses_qwen2_sliding_window(tmp_path):
     hf_model("qwen2").save_pretrained(tmp_path)
     write_config(tmp_path, use_sliding_window=True, sliding_window=64)

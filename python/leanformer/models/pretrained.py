@@ -56,7 +56,8 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> dict:
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         refuse("hidden_act", "only SwiGLU (silu) MLPs are supported")
     rope = cfg.get("rope_parameters") or {}
-    if cfg.get("rope_scaling"):
+    scaling = cfg.get("rope_scaling")
+    if scaling and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
         refuse("rope_scaling", "RoPE scaling is not supported")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: rope_parameters.rope_type = {rope.get('rope_type')!r}: RoPE scaling is not "
