@@ -61,6 +61,20 @@ def test_hf_folder_matches_transformers(tmp_path, model_type, tie, extra):
     torch.testing.assert_close(ours_logits(model, IDS), hf_logits(ref, IDS), atol=1e-4, rtol=1e-4)
 
 
+def test_built_on_the_meta_device(tmp_path, monkeypatch):
+    """No parameter is randomly initialized and then overwritten: the init runs on meta tensors."""
+    hf_model().save_pretrained(tmp_path)
+    real_init, on_meta = torch.nn.init.normal_, []
+
+    def normal_(tensor, *args, **kwargs):
+        on_meta.append(tensor.is_meta)
+        return real_init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    LlamaLM.from_pretrained(tmp_path)
+    assert on_meta and all(on_meta)
+
+
 def test_sharded_folder_and_dtype(tmp_path):
     ref = hf_model()
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
