@@ -48,6 +48,10 @@ ALLOWED_IN_FUNCTIONS: Dict[Tuple[str, str], str] = {
         "matplotlib is optional (the lab and bench extras); without it results are written without plots",
     ("leanformer._extension", "leanformer._C"):
         "the loader imports the compiled extension inside a try, to say why it failed and how to rebuild it",
+    ("leanformer.models.tokenizer", "tokenizers"):
+        "tokenizers is optional (the hf extra); load_tokenizer says which extra to install when it is missing",
+    ("leanformer.models.tokenizer", "jinja2"):
+        "jinja2 is optional (the hf extra); only chat templates need it",
     ("leanformer.cli", "pytest"):
         "pytest is optional (the bench and test extras): `leanformer bench` runs the suite through it, the "
         "other commands do not need it",

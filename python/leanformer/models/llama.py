@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanformer.models.pretrained import load_llama
 from leanformer.models.protocol import CausalLM, real_block
 from leanformer.ops import compact_kv_cache, tree_attention
 
@@ -17,7 +18,9 @@ from leanformer.ops import compact_kv_cache, tree_attention
 @dataclass
 class LlamaConfig:
     """Sizes of :class:`LlamaLM`. ``mlp_hidden=None`` is Llama's ``8/3 * dim`` rounded up to a
-    multiple of 32; ``num_kv_heads`` below ``num_heads`` is grouped-query attention."""
+    multiple of 32; ``num_kv_heads`` below ``num_heads`` is grouped-query attention.
+    ``head_size=None`` is ``dim // num_heads`` (some checkpoints give another per-head width);
+    ``qkv_bias`` adds biases to the query, key and value projections (Qwen2)."""
 
     vocab_size: int = 256
     dim: int = 256
@@ -29,21 +32,23 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     max_seq_len: int = 2048
+    head_size: Optional[int] = None
+    qkv_bias: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.head_size or self.dim // self.num_heads
 
     @property
     def hidden(self) -> int:
         return self.mlp_hidden or 32 * -(-(8 * self.dim // 3) // 32)
 
     def validate(self) -> None:
-        if self.dim % self.num_heads:
+        if self.head_size is None and self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
+        if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
 
 
@@ -151,9 +156,9 @@ class LlamaAttention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base = c.num_heads, c.num_kv_heads, c.head_dim, c.rope_base
-        self.q_proj = nn.Linear(c.dim, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.dim, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.dim, c.num_kv_heads * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(c.dim, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.dim, bias=False)
 
     def qkv(self, x: Tensor, positions: Tensor):
@@ -272,6 +277,27 @@ class LlamaLM(CausalLM):
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32) -> "LlamaLM":
+        """A pretrained Llama-family model (eval mode, on the CPU, in ``dtype``) from a Hugging
+        Face folder (``config.json`` and ``*.safetensors``, sharded or not: Llama, SmolLM,
+        Mistral without a sliding window, Qwen2) or a ``.gguf`` file (architecture ``llama``;
+        F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors, dequantized). The model is built on the
+        meta device and takes the checkpoint's tensors, so nothing is initialized twice. A
+        config this model cannot represent (rope scaling, a sliding window, experts, another
+        architecture, biases other than q/k/v, another activation) raises ValueError naming
+        the field; a missing or mis-shaped tensor raises ValueError naming the tensor. Needs
+        the optional dependencies: ``pip install "leanformer[hf]"``.
+
+        Example::
+
+            model = LlamaLM.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
+            tokenizer = leanformer.models.load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
+        """
+        return load_llama(path, cls, LlamaConfig, dtype=dtype)
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, *, device=None,
                   dtype: Optional[torch.dtype] = None) -> KVCache:
