@@ -21,6 +21,9 @@ from leanformer.reference import ancestor_mask
 EMU_UNAVAILABLE = emu.unavailable_reason()
 GPU_DEVICES = (["cuda"] if torch.cuda.is_available() else []) + ["emu"]
 DEVICES = ["cpu"] + GPU_DEVICES
+# The devices torch itself knows, for tests of modules, models and formats above the ops (the
+# emulated device is for the op tests: nn.Module.to does not take "emu").
+TORCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def is_gpu(device):
@@ -45,10 +48,11 @@ def dtypes_for(device):
     return [torch.float32, torch.bfloat16] + ([torch.float16] if is_gpu(device) else [])
 
 
-def device_dtypes(*, fp64=False):
+def device_dtypes(*, fp64=False, devices=None):
     """(device, dtype) pairs for ``@pytest.mark.parametrize("device,dtype", ...)``: every
-    device with :func:`dtypes_for`, plus float64 where ``fp64``."""
-    return [(d, dt) for d in DEVICES for dt in dtypes_for(d) + ([torch.float64] if fp64 else [])]
+    device (of ``devices``, default DEVICES) with :func:`dtypes_for`, plus float64 where ``fp64``."""
+    return [(d, dt) for d in (DEVICES if devices is None else devices)
+            for dt in dtypes_for(d) + ([torch.float64] if fp64 else [])]
 
 
 # ---- tolerances and the comparison against a reference ----

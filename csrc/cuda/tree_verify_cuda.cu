@@ -37,13 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_greedy_cuda(const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "verify_tree_greedy_cuda", [&] {
     launch_kernel(tree_argmax_kernel<scalar_t>, static_cast<unsigned>(s.B * s.T), kArgmaxThreads, 0, stream,
-        lc.data_ptr<scalar_t>(), s.V, argmax.data_ptr<int64_t>());
+                  lc.data_ptr<scalar_t>(), s.V, argmax.data_ptr<int64_t>());
   });
   launch_kernel(tree_greedy_walk_kernel, static_cast<unsigned>((s.B + kWalkWarps - 1) / kWalkWarps),
-                kWalkWarps * 32, 0, stream,
-      argmax.data_ptr<int64_t>(), tc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(),
-      s.batched_parents ? s.T : 0, s.B, s.T, accepted.data_ptr<int64_t>(),
-      num_accepted.data_ptr<int64_t>(), bonus.data_ptr<int64_t>());
+                kWalkWarps * 32, 0, stream, argmax.data_ptr<int64_t>(), tc.data_ptr<int64_t>(),
+                pc.data_ptr<int64_t>(), s.batched_parents ? s.T : 0, s.B, s.T, accepted.data_ptr<int64_t>(),
+                num_accepted.data_ptr<int64_t>(), bonus.data_ptr<int64_t>());
   return {accepted, num_accepted, bonus};
 }
 
@@ -65,10 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_sampling_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(),
                                   "verify_tree_sampling_cuda", [&] {
     launch_kernel(tree_sampling_kernel<scalar_t>, static_cast<unsigned>(s.B), kSampleThreads, smem, stream,
-        pc.data_ptr<scalar_t>(), s.T, s.V, tc.data_ptr<int64_t>(), parc.data_ptr<int64_t>(),
-        s.batched_parents ? s.T : 0, uc.data_ptr<float>(), uc.size(1),
-        accepted.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-        bonus.data_ptr<int64_t>());
+                  pc.data_ptr<scalar_t>(), s.T, s.V, tc.data_ptr<int64_t>(), parc.data_ptr<int64_t>(),
+                  s.batched_parents ? s.T : 0, uc.data_ptr<float>(), uc.size(1),
+                  accepted.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+                  bonus.data_ptr<int64_t>());
   });
   return {accepted, num_accepted, bonus};
 }
@@ -82,9 +81,9 @@ void launch_compact(const at::Tensor& cache, const at::Tensor& cache_lens, const
   const dim3 grid(static_cast<unsigned>((H * C + kCompactThreads - 1) / kCompactThreads),
                   static_cast<unsigned>(B));
   launch_kernel(compact_cache_kernel<elem_t>, grid, kCompactThreads, 0, stream,
-      static_cast<elem_t*>(cache.data_ptr()), cache.stride(0), cache.stride(1), cache.stride(2),
-      cache.stride(3), H, C, L_max, cache_lens.data_ptr<int64_t>(), accepted.data_ptr<int64_t>(),
-      num_accepted.data_ptr<int64_t>(), accepted.size(1));
+                static_cast<elem_t*>(cache.data_ptr()), cache.stride(0), cache.stride(1), cache.stride(2),
+                cache.stride(3), H, C, L_max, cache_lens.data_ptr<int64_t>(), accepted.data_ptr<int64_t>(),
+                num_accepted.data_ptr<int64_t>(), accepted.size(1));
 }
 
 void compact_one_cache(const at::Tensor& cache, const at::Tensor& cache_lens,

@@ -6,7 +6,7 @@ import torch
 from leanformer.nn import RepBN
 from leanformer.ops import rep_batchnorm
 from leanformer.reference import rep_batchnorm_reference
-from tests.helpers import DEVICES, assert_close, device_dtypes
+from tests.helpers import DEVICES, GPU_DEVICES, assert_close, device_dtypes
 
 
 def params(C, dtype=torch.float32, device="cpu"):
@@ -97,15 +97,15 @@ def test_bad_inputs_raise_clear_errors():
         RepBN(8)(torch.randn(3, 7))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's behaviour")
-def test_cuda_mask_with_one_token_gives_nan_statistics():
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_cuda_mask_with_one_token_gives_nan_statistics(device):
     """The CPU kernel raises; the CUDA one would need a device sync to read the mask's count,
     so it returns NaN statistics instead (the unmasked case is still checked from the shape)."""
-    x = torch.randn(4, 6, 8, device="cuda")
-    w, b, alpha, rm, rv = params(8, device="cuda")
-    mask = torch.zeros(4, 6, dtype=torch.bool, device="cuda")
+    x = torch.randn(4, 6, 8, device=device)
+    w, b, alpha, rm, rv = params(8, device=device)
+    mask = torch.zeros(4, 6, dtype=torch.bool, device=device)
     mask[1, 2] = True
     y, mean, invstd = torch.ops.leanformer.rep_batchnorm(x, w, b, alpha, rm, rv, True, 1e-5, mask)
     assert mean.isnan().all() and invstd.isnan().all() and y.isnan().all()
     with pytest.raises(RuntimeError, match="more than one token per channel"):
-        rep_batchnorm(torch.randn(1, 8, device="cuda"), w, b, alpha, rm, rv, training=True)
+        rep_batchnorm(torch.randn(1, 8, device=device), w, b, alpha, rm, rv, training=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from leanformer.nn import PRepBN
 from leanformer.ops import progressive_norm, rep_batchnorm
 from leanformer.reference import progressive_norm_reference
-from tests.helpers import DEVICES, assert_close, device_dtypes
+from tests.helpers import DEVICES, GPU_DEVICES, assert_close, device_dtypes
 
 
 def make_params(C, dtype=torch.float32, device="cpu"):
@@ -95,16 +95,16 @@ def test_bad_inputs_raise_clear_errors():
         PRepBN(8, -1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels at a DeiT-S size")
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_cuda_large_batch_matches_reference_and_reruns_bitwise(masked):
+def test_cuda_large_batch_matches_reference_and_reruns_bitwise(masked, device):
     """64 x 197 tokens of 384 channels: many row blocks in the column reductions, 16-byte
     packs in the row passes; the reductions use no atomics, so a rerun is bitwise equal."""
     shape = (64, 197, 384)
-    x = (torch.randn(shape, device="cuda") * 2 + 3).requires_grad_(True)
-    mask = torch.rand(shape[:-1], device="cuda") > 0.2 if masked else None
-    p, (rm, rv) = make_params(384, device="cuda")
-    g = torch.randn(shape, device="cuda")
+    x = (torch.randn(shape, device=device) * 2 + 3).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device=device) > 0.2 if masked else None
+    p, (rm, rv) = make_params(384, device=device)
+    g = torch.randn(shape, device=device)
     runs = []
     for _ in range(2):
         for t in [x, *p.values()]:

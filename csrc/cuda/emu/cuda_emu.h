@@ -40,6 +40,47 @@
 #error "cuda_emu.h is the CUDA emulation (LEANFORMER_EMU builds only)"
 #endif
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <map>
+#include <mutex>
+
+// Fiber stacks (libco's, 7 KB each in HIP-CPU) with a guard page below them: a kernel whose
+// frame outgrows its stack faults at once instead of silently writing over the heap.
+namespace leanformer::emu {
+struct StackMaps {
+  std::mutex mutex;
+  std::map<void*, std::pair<void*, std::size_t>> maps;  // stack -> (mapping, its size)
+};
+inline StackMaps& stack_maps() {
+  static StackMaps* m = new StackMaps;  // never destroyed: fibers are freed at thread exit
+  return *m;
+}
+inline void* stack_alloc(unsigned int bytes) {
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  const std::size_t usable = (bytes + page - 1) / page * page, total = usable + page;
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  mprotect(base, page, PROT_NONE);
+  // libco puts the stack top at stack + bytes: the end of the mapping.
+  void* stack = static_cast<char*>(base) + total - bytes;
+  std::lock_guard<std::mutex> lock(stack_maps().mutex);
+  stack_maps().maps[stack] = {base, total};
+  return stack;
+}
+inline void stack_free(void* stack) {
+  std::lock_guard<std::mutex> lock(stack_maps().mutex);
+  auto it = stack_maps().maps.find(stack);
+  if (it == stack_maps().maps.end()) return;
+  munmap(it->second.first, it->second.second);
+  stack_maps().maps.erase(it);
+}
+}  // namespace leanformer::emu
+#define LIBCO_MALLOC(bytes) ::leanformer::emu::stack_alloc(bytes)
+#define LIBCO_FREE(stack) ::leanformer::emu::stack_free(stack)
+
 // HIP-CPU's defines first, to clear the attributes that cost compile time (hip_defines.h has
 // #pragma once, so the rest of HIP-CPU does not redefine them).
 #include <hip/hip_defines.h>
@@ -123,8 +164,11 @@ struct BlockState {
   unsigned done = 0;                       // threads that have returned
   bool released = false;                   // thread 0 saw every thread return: end the block
   bool exited[kMaxBlockThreads];
+  unsigned live[kMaxBlockThreads / kWarpSize];  // per warp: its lanes that exist and have not exited
+  const hip::detail::Fiber* fibers = nullptr;    // HIP-CPU's fibers of this OS thread, by thread
   std::uint64_t barriers[kMaxBlockThreads];  // __syncthreads passed, per thread
-  std::uint64_t slots[kMaxBlockThreads];     // warp exchange slots
+  std::uint64_t slots[2][kMaxBlockThreads];  // warp exchange slots, double buffered
+  unsigned char parity[kMaxBlockThreads];    // which buffer a thread's next collective uses
   std::jmp_buf trap[kMaxBlockThreads];       // where a failed CUDA_KERNEL_ASSERT returns to
 };
 
@@ -133,40 +177,39 @@ inline BlockState& block() {
   return *s;
 }
 
-inline void yield_to(unsigned f) {
-  hip::detail::this_tile::has_barrier = true;
-  hip::detail::Fiber::yield(hip::detail::Tile::fibers()[f]);
-}
+inline void yield_to(unsigned f) { hip::detail::Fiber::yield(block().fibers[f]); }
 
-// Statistics: context switches of warp collectives (for the docs' cost figures).
-inline std::atomic<std::uint64_t>& warp_switches() {
-  static std::atomic<std::uint64_t> n{0};
-  return n;
-}
-
-// The lanes of this thread's warp that take part in a collective: those in `mask` that exist
+// The lanes of thread f's warp that take part in a collective: those in `mask` that exist
 // and have not exited.
-inline unsigned warp_members(unsigned mask) {
-  const BlockState& s = block();
-  const unsigned f = flat_tid(), w0 = f / kWarpSize * kWarpSize;
-  const unsigned wn = std::min(kWarpSize, s.n - w0);
-  unsigned m = 0;
-  for (unsigned l = 0; l < wn; ++l)
-    if ((mask >> l & 1u) && !s.exited[w0 + l]) m |= 1u << l;
-  return m;
+inline unsigned warp_members(const BlockState& s, unsigned f, unsigned mask) {
+  return mask & s.live[f / kWarpSize];
 }
+inline unsigned warp_members(unsigned mask) { return warp_members(block(), flat_tid(), mask); }
 
-// One step of a warp barrier: yield to the next member lane of this warp (round robin). Every
-// member executes the same sequence of collectives (CUDA's rule for the *_sync functions), so
-// after one step each of them has reached this collective.
-inline void warp_step(unsigned members) {
-  const unsigned f = flat_tid(), w0 = f / kWarpSize * kWarpSize, lane = f - w0;
-  if ((members & ~(1u << lane)) == 0) return;
-  unsigned next = lane;
-  do next = (next + 1) % kWarpSize;
-  while (!(members >> next & 1u));
-  warp_switches().fetch_add(1, std::memory_order_relaxed);
-  yield_to(w0 + next);
+// One step of a warp barrier: thread f yields to the next member lane of its warp (round
+// robin). Every member executes the same sequence of collectives (CUDA's rule for the *_sync
+// functions), so after one step each of them has reached this collective.
+inline void warp_step(const BlockState& s, unsigned f, unsigned members) {
+  const unsigned w0 = f / kWarpSize * kWarpSize, lane = f - w0;
+  const unsigned others = members & ~(1u << lane);
+  if (others == 0) return;
+  // the first member after `lane`, cyclically
+  const unsigned above = others & (lane == kWarpSize - 1 ? 0u : ~0u << (lane + 1));
+  const unsigned next = static_cast<unsigned>(__builtin_ctz(above ? above : others));
+  hip::detail::Fiber::yield(s.fibers[w0 + next]);
+}
+inline void warp_step(unsigned members) { warp_step(block(), flat_tid(), members); }
+
+// One warp collective's data exchange: every member lane publishes 8 bytes, steps once
+// through the warp, then reads. The slots alternate between two buffers from one collective
+// to the next: a lane that publishes for collective k + 1 cannot overwrite what a slower lane
+// still reads for collective k, and collective k + 2 (the same buffer) waits for every lane to
+// have reached k + 1, hence to have read k. One step per collective instead of two.
+inline std::uint64_t* publish(BlockState& s, unsigned f, std::uint64_t bits) {
+  std::uint64_t* buffer = s.slots[s.parity[f]];
+  s.parity[f] ^= 1;
+  buffer[f] = bits;
+  return buffer;
 }
 
 template <class T>
@@ -174,17 +217,18 @@ inline T exchange(unsigned mask, T v, unsigned src_lane, const char* what) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp exchange of a type over 8 bytes");
   BlockState& s = block();
   const unsigned f = flat_tid(), w0 = f / kWarpSize * kWarpSize, lane = f - w0;
-  const unsigned members = warp_members(mask);
+  const unsigned members = warp_members(s, f, mask);
   if (!(mask >> lane & 1u)) report(std::string(what) + ": the calling lane is not in the mask");
-  std::memcpy(&s.slots[f], &v, sizeof(T));
-  warp_step(members);
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  const std::uint64_t* buffer = publish(s, f, bits);
+  warp_step(s, f, members);
   T r = v;
   if (members >> src_lane & 1u)
-    std::memcpy(&r, &s.slots[w0 + src_lane], sizeof(T));
+    std::memcpy(&r, &buffer[w0 + src_lane], sizeof(T));
   else
     report(std::string(what) + ": reads lane " + std::to_string(src_lane) +
            ", which has exited or is not in the mask (undefined on a GPU)");
-  warp_step(members);  // nobody overwrites a slot before every lane has read it
   return r;
 }
 
@@ -247,9 +291,14 @@ inline void run_thread(K kernel, Args&... args) noexcept {
     s.released = false;
     std::fill(s.exited, s.exited + s.n, false);
     std::fill(s.barriers, s.barriers + s.n, 0);
+    std::fill(s.parity, s.parity + s.n, 0);
+    for (unsigned w = 0; w * kWarpSize < s.n; ++w)
+      s.live[w] = s.n - w * kWarpSize >= kWarpSize ? ~0u : (1u << (s.n - w * kWarpSize)) - 1;
+    s.fibers = s.n > 1 ? hip::detail::Tile::fibers().data() : nullptr;  // creates them: n fit (1024 reserved)
   }
   if (setjmp(s.trap[f]) == 0) kernel(args...);
   s.exited[f] = true;
+  s.live[f / kWarpSize] &= ~(1u << (f % kWarpSize));
   ++s.done;
   if (s.n <= 1) return;
   if (f == 0) {
@@ -324,13 +373,12 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   emu::BlockState& s = emu::block();
   const unsigned f = emu::flat_tid(), w0 = f / emu::kWarpSize * emu::kWarpSize;
-  const unsigned members = emu::warp_members(mask);
-  s.slots[f] = pred != 0;
-  emu::warp_step(members);
+  const unsigned members = emu::warp_members(s, f, mask);
+  const std::uint64_t* buffer = emu::publish(s, f, pred != 0);
+  emu::warp_step(s, f, members);
   unsigned m = 0;
   for (unsigned l = 0; l < emu::kWarpSize; ++l)
-    if (members >> l & 1u) m |= unsigned(s.slots[w0 + l] & 1u) << l;
-  emu::warp_step(members);
+    if (members >> l & 1u) m |= unsigned(buffer[w0 + l] & 1u) << l;
   return m;
 }
 inline int __ffs(unsigned x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
