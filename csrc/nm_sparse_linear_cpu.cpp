@@ -19,8 +19,14 @@
 //  * grad_values[r, j] = sum_t grad_y[t, r] * x[t, col(r, j)]: parallel over rows, a dot of
 //    grad_y^T[r] and x^T[col] over the tokens.
 // Sums accumulate in fp32 (fp64 for fp64).
+// Non-finite inputs: every path gives the dense reference's IEEE result (x @ S_dense^T, where a
+// pruned entry is a stored 0 and 0 * inf = NaN). The sparse kernels skip pruned columns, so a
+// cheap scan flags the tokens of x (of grad_y in the backward) holding a non-finite value, and
+// only those tokens' outputs are fixed up afterwards: NaN wherever the dense product would have
+// multiplied a non-finite value by a pruned zero. Finite inputs cost the scan alone.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -346,6 +352,101 @@ LEANFORMER_NM_GEMV_KERNEL(c10::BFloat16)
 LEANFORMER_NM_GEMV_KERNEL(c10::Half)
 #undef LEANFORMER_NM_GEMV_KERNEL
 
+// ---- non-finite inputs: the dense reference's NaN where a pruned zero meets inf or NaN ----
+
+// The exponent bits of a storage type: all ones means inf or NaN. An integer test on the raw
+// bits, so the scan vectorizes and needs no conversion.
+template <typename scalar_t> struct ExponentBits;
+template <> struct ExponentBits<float> { using U = uint32_t; static constexpr U mask = 0x7f800000u; };
+template <> struct ExponentBits<double> { using U = uint64_t; static constexpr U mask = 0x7ff0000000000000ull; };
+template <> struct ExponentBits<c10::BFloat16> { using U = uint16_t; static constexpr U mask = 0x7f80u; };
+template <> struct ExponentBits<c10::Half> { using U = uint16_t; static constexpr U mask = 0x7c00u; };
+
+template <typename scalar_t>
+inline bool is_nonfinite(scalar_t v) {
+  using B = ExponentBits<scalar_t>;
+  typename B::U u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & B::mask) == B::mask;
+}
+
+// The rows of a dense [N, C] matrix holding an inf or NaN, ascending (usually none).
+template <typename scalar_t>
+std::vector<int64_t> nonfinite_rows(const scalar_t* p, int64_t N, int64_t C) {
+  using B = ExponentBits<scalar_t>;
+  std::vector<char> bad(N, 0);
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto* row = reinterpret_cast<const typename B::U*>(p + t * C);
+      bool any = false;
+      for (int64_t c = 0; c < C; ++c) any |= (row[c] & B::mask) == B::mask;
+      bad[t] = any;
+    }
+  });
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < N; ++t)
+    if (bad[t]) rows.push_back(t);
+  return rows;
+}
+
+// Whether row r of S keeps column c (holds one of its values; a pruned entry is a zero).
+inline bool keeps_column(const NMLayout& L, const int32_t* meta, int64_t r, int64_t c) {
+  const int64_t g = c / L.m, in_group = c % L.m;
+  const uint32_t field = (1u << L.bits) - 1;
+  const int32_t* mrow = meta + r * L.W;
+  for (int64_t j = g * L.n; j < (g + 1) * L.n; ++j) {
+    const int64_t bit = j * L.bits;
+    if (((static_cast<uint32_t>(mrow[bit >> 5]) >> (bit & 31)) & field) == in_group) return true;
+  }
+  return false;
+}
+
+// y = x @ S^T from the sparse kernels, made the dense product's for the tokens with an inf or
+// NaN in x: y[t, r] is NaN where row r prunes a column c with x[t, c] non-finite (0 * inf and
+// 0 * NaN are NaN). Where row r keeps every such column the kernel's sum is already IEEE's.
+template <typename scalar_t>
+void fix_nonfinite_tokens(const scalar_t* x, int64_t N, const int32_t* meta, const NMLayout& L,
+                          int64_t rows, scalar_t* y) {
+  const std::vector<int64_t> tokens = nonfinite_rows(x, N, L.K);
+  if (tokens.empty()) return;
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+  for (const int64_t t : tokens) {
+    std::vector<int64_t> bad_cols;
+    for (int64_t c = 0; c < L.K; ++c)
+      if (is_nonfinite(x[t * L.K + c])) bad_cols.push_back(c);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (const int64_t c : bad_cols)
+          if (!keeps_column(L, meta, r, c)) {
+            y[t * rows + r] = nan;
+            break;
+          }
+    });
+  }
+}
+
+// grad_x = grad_y @ S from the sparse kernels, made the dense product's for the tokens with an
+// inf or NaN in grad_y: grad_x[t, c] is NaN where a row r with grad_y[t, r] non-finite prunes c.
+template <typename scalar_t>
+void fix_nonfinite_grad_tokens(const scalar_t* grad_y, int64_t N, int64_t rows, const int32_t* meta,
+                               const NMLayout& L, scalar_t* grad_x) {
+  const std::vector<int64_t> tokens = nonfinite_rows(grad_y, N, rows);
+  if (tokens.empty()) return;
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+  std::vector<char> kept(L.K);
+  std::vector<int32_t> cols(L.V);
+  for (const int64_t t : tokens)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!is_nonfinite(grad_y[t * rows + r])) continue;
+      std::fill(kept.begin(), kept.end(), 0);
+      decode_row(L, meta, r, cols.data());
+      for (int64_t j = 0; j < L.V; ++j) kept[cols[j]] = 1;
+      for (int64_t c = 0; c < L.K; ++c)
+        if (!kept[c]) grad_x[t * L.K + c] = nan;
+    }
+}
+
 // ---- driver ----
 
 // Vectors of tokens per tile: as few as cover the tokens, at most 4.
@@ -391,6 +492,7 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
       at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {
         gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
       });
+      fix_nonfinite_tokens(xp, N, mp, L, rows, yp);
       return;
     }
   }
@@ -408,6 +510,7 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
                    std::min(T, N - t0), vp, mp, L, bias, yp, rows, cols.data());
     }
   });
+  fix_nonfinite_tokens(xp, N, mp, L, rows, yp);
 }
 
 template <typename scalar_t>
@@ -459,6 +562,7 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
         }
       }
     });
+    fix_nonfinite_grad_tokens(grad_y.data_ptr<scalar_t>(), N, rows, mp, L, gxp);
   }
 }
 
@@ -515,12 +619,17 @@ at::Tensor gather_values(const at::Tensor& grad_dense, const at::Tensor& meta, c
   return out;
 }
 
+// The tokens of x [..., K]: the product of its leading dims (reshape(-1, K) is ambiguous at K = 0).
+int64_t leading_size(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
 at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& meta, const std::optional<at::Tensor>& bias,
                                 int64_t n, int64_t m) {
   check_nm_sparse_linear_inputs(x, values, meta, bias, n, m);
-  const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t K = x.size(-1), rows = values.size(0), tokens = leading_size(x);
+  const at::Tensor x2 = x.reshape({tokens, K}).contiguous();
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = rows;
   at::Tensor y = at::empty({x2.size(0), rows}, x.options());
@@ -540,9 +649,9 @@ std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
     int64_t n, int64_t m, std::array<bool, 2> output_mask) {
   check_nm_sparse_linear_backward_inputs(grad_y, x, values, meta, n, m);
-  const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const at::Tensor gy2 = grad_y.reshape({-1, rows}).contiguous();
+  const int64_t K = x.size(-1), rows = values.size(0), tokens = leading_size(x);
+  const at::Tensor x2 = x.reshape({tokens, K}).contiguous();
+  const at::Tensor gy2 = grad_y.reshape({tokens, rows}).contiguous();
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_values =
       output_mask[1] ? at::empty(values.sizes(), values.options()) : values.new_empty({0});

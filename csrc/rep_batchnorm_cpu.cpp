@@ -134,15 +134,19 @@ inline acc_t row_sum(int64_t C, const F& f) {
 // fp32 row kernels of the backward as plain functions, so the loader can pick their AVX2+FMA
 // clone (the templates and the lambdas around them stay baseline x86-64): 1.6x on the backward
 // at [12608, 384]. Partial sums run 8 wide, as row_sum's do.
+// The mean is summed about the row's first value s (mean = s + mean(x - s)), as the batch
+// statistics are: a row of equal values gets its exact mean and x - mean = 0, where a plain sum's
+// rounding, amplified by 1 / sqrt(eps), made LayerNorm's output off by ~1e-4 in fp32.
 LEANFORMER_CLONES void row_statistics_f32(const float* __restrict row, int64_t C, double eps, float& mean, float& rstd) {
+  const float s = C > 0 ? row[0] : 0.f;
   float p[8] = {}, q[8] = {};
   int64_t c = 0;
   for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) p[j] += row[c + j];
+    for (int j = 0; j < 8; ++j) p[j] += row[c + j] - s;
   float total = 0;
-  for (; c < C; ++c) total += row[c];
+  for (; c < C; ++c) total += row[c] - s;
   for (int j = 0; j < 8; ++j) total += p[j];
-  mean = total / static_cast<float>(C);
+  mean = s + total / static_cast<float>(C);
   c = 0;
   for (; c + 8 <= C; c += 8)
     for (int j = 0; j < 8; ++j) {
@@ -171,7 +175,7 @@ LEANFORMER_CLONES void backward_sums_row_f32(const float* __restrict row, const 
 
 // One row of dx: dy * k1 (+ x * k2 + k3 when counted) (+ the LN branch when with_ln).
 LEANFORMER_CLONES void backward_dx_row_f32(const float* __restrict row, const float* __restrict grow, const float* k1,
-                                           const float* k2, const float* k3, const float* lw,
+                                           const float* k2, const float* k3, const float* bn_mean, const float* lw,
                                            int64_t C, bool counted, bool with_ln, float g,
                                            double ln_eps, float* __restrict out) {
   float mu = 0, rstd = 0, mean_h = 0, mean_hx = 0;
@@ -197,10 +201,10 @@ LEANFORMER_CLONES void backward_dx_row_f32(const float* __restrict row, const fl
   if (counted && with_ln) {
     for (int64_t c = 0; c < C; ++c) {
       const float dy = grow[c], xv = row[c], h = g * dy * lw[c];
-      out[c] = dy * k1[c] + xv * k2[c] + k3[c] + rstd * (h - mean_h - (xv - mu) * rstd * mean_hx);
+      out[c] = dy * k1[c] + (xv - bn_mean[c]) * k2[c] + k3[c] + rstd * (h - mean_h - (xv - mu) * rstd * mean_hx);
     }
   } else if (counted) {
-    for (int64_t c = 0; c < C; ++c) out[c] = grow[c] * k1[c] + row[c] * k2[c] + k3[c];
+    for (int64_t c = 0; c < C; ++c) out[c] = grow[c] * k1[c] + (row[c] - bn_mean[c]) * k2[c] + k3[c];
   } else if (with_ln) {
     for (int64_t c = 0; c < C; ++c) {
       const float dy = grow[c], xv = row[c], h = g * dy * lw[c];
@@ -225,21 +229,22 @@ inline bool fast_backward_sums_row(const scalar_t*, const scalar_t*, const acc_t
   return false;
 }
 inline bool fast_backward_dx_row(const float* row, const float* grow, const float* k1, const float* k2,
-                                 const float* k3, const float* lw, int64_t C, bool counted, bool with_ln,
-                                 double g, double ln_eps, float* out) {
-  backward_dx_row_f32(row, grow, k1, k2, k3, lw, C, counted, with_ln, static_cast<float>(g), ln_eps, out);
+                                 const float* k3, const float* bn_mean, const float* lw, int64_t C, bool counted,
+                                 bool with_ln, double g, double ln_eps, float* out) {
+  backward_dx_row_f32(row, grow, k1, k2, k3, bn_mean, lw, C, counted, with_ln, static_cast<float>(g), ln_eps, out);
   return true;
 }
 template <typename scalar_t, typename acc_t>
 inline bool fast_backward_dx_row(const scalar_t*, const scalar_t*, const acc_t*, const acc_t*, const acc_t*,
-                                 const acc_t*, int64_t, bool, bool, double, double, scalar_t*) {
+                                 const acc_t*, const acc_t*, int64_t, bool, bool, double, double, scalar_t*) {
   return false;
 }
 
 // LayerNorm's row statistics: mean and 1 / sqrt(var + eps) over the C values of a row.
 template <typename scalar_t, typename acc_t>
 void row_statistics(const scalar_t* row, int64_t C, double eps, acc_t& mean, acc_t& rstd) {
-  mean = row_sum<acc_t>(C, [&](int64_t c) { return static_cast<acc_t>(row[c]); }) / static_cast<acc_t>(C);
+  const acc_t s = C > 0 ? static_cast<acc_t>(row[0]) : acc_t(0);  // about the first value, as row_statistics_f32
+  mean = s + row_sum<acc_t>(C, [&](int64_t c) { return static_cast<acc_t>(row[c]) - s; }) / static_cast<acc_t>(C);
   const acc_t m = mean;
   const acc_t sq = row_sum<acc_t>(C, [&](int64_t c) {
     const acc_t d = static_cast<acc_t>(row[c]) - m;
@@ -263,17 +268,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
     acc_t* ip = invstd.data_ptr<acc_t>();
     bn_statistics(xp, N, C, mask.defined() ? mask.data_ptr<bool>() : nullptr, args.training,
                   args.running_mean, args.running_var, args.bn_eps, mp, ip);
-    // The BN branch, weighted by 1 - gamma: x * scale + shift per channel.
+    // The BN branch, weighted by 1 - gamma: (x - mean) * scale + x * alpha + shift per channel.
+    // (x - mean) first: x * scale - mean * scale cancels, losing digits where |mean| >> std.
     const double g = args.gamma;
     std::vector<acc_t> scale(C), shift(C), lw(C, acc_t(0)), lb(C, acc_t(0));
     const auto w = args.bn_weight.contiguous(), b = args.bn_bias.contiguous();
     const double a = alpha_value(args.alpha);
+    const acc_t a_g = static_cast<acc_t>((1 - g) * a);
     const acc_t* wp = w.data_ptr<acc_t>();
     const acc_t* bp = b.data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const double wi = static_cast<double>(wp[c]) * ip[c];
-      scale[c] = static_cast<acc_t>((1 - g) * (wi + a));
-      shift[c] = static_cast<acc_t>((1 - g) * (bp[c] - mp[c] * wi));
+      scale[c] = static_cast<acc_t>((1 - g) * static_cast<double>(wp[c]) * ip[c]);
+      shift[c] = static_cast<acc_t>((1 - g) * bp[c]);
     }
     const bool with_ln = g != 0.0;
     if (with_ln) {
@@ -291,15 +297,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
         const scalar_t* row = xp + n * C;
         scalar_t* out = yp + n * C;
         if (!with_ln) {
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * scale[c] + shift[c]);
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xv = static_cast<acc_t>(row[c]);
+            out[c] = static_cast<scalar_t>((xv - mp[c]) * scale[c] + xv * a_g + shift[c]);
+          }
           continue;
         }
         acc_t mu, rstd;
         row_statistics(row, C, args.ln_eps, mu, rstd);
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xv = static_cast<acc_t>(row[c]);
-          out[c] = static_cast<scalar_t>((xv - mu) * rstd * lw[c] + lb[c] + xv * scale[c] + shift[c]);
+          out[c] = static_cast<scalar_t>((xv - mu) * rstd * lw[c] + lb[c] + (xv - mp[c]) * scale[c] + xv * a_g +
+                                         shift[c]);
         }
       }
     });
@@ -344,7 +353,8 @@ at::Tensor backward_sums(const at::Tensor& grad_y, const at::Tensor& x, const at
   return out;
 }
 
-// Pass 2: dx = (1 - gamma) * (dy * k1 + [counted] (x * k2 + k3)) + the row-local LN branch.
+// Pass 2: dx = dy * k1 + [counted] ((x - mean) * k2 + k3) + the row-local LN branch, the k's
+// holding 1 - gamma.
 // Every row's output depends on the statistics of the counted rows, so those rows (mask true,
 // all when it is undefined; none when mean_dy is null, as in eval) get
 // -w * invstd * (mean_dy + xhat * mean_dy_xhat), the column sums of dy and dy * xhat over every
@@ -378,8 +388,11 @@ at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const Norm
       const double wi = static_cast<double>(wp[c]) * ip[c];
       const double mdy = mean_dy ? mean_dy[c] : 0.0, mdyx = mean_dy ? mean_dy_xhat[c] : 0.0;
       k1[c] = static_cast<acc_t>((1 - g) * (wi + a));
+      // the counted rows' statistics term is (x - mean) * k2 + k3: x * k2 and a k3 holding
+      // mean * k2 cancelled, losing every digit where invstd^2 * mean_dy_xhat is large (a
+      // channel with nearly equal counted values, and uncounted rows far from them)
       k2[c] = static_cast<acc_t>((1 - g) * -wi * ip[c] * mdyx);
-      k3[c] = static_cast<acc_t>((1 - g) * (-wi * mdy + wi * mp[c] * ip[c] * mdyx));
+      k3[c] = static_cast<acc_t>((1 - g) * -wi * mdy);
     }
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -388,7 +401,7 @@ at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const Norm
         const scalar_t* grow = gp + n * C;
         scalar_t* out = dxp + n * C;
         const bool counted = mean_dy && (!maskp || maskp[n]);
-        if (fast_backward_dx_row(row, grow, k1.data(), k2.data(), k3.data(), lw.data(), C, counted,
+        if (fast_backward_dx_row(row, grow, k1.data(), k2.data(), k3.data(), mp, lw.data(), C, counted,
                                  with_ln, g, args.ln_eps, out))
           continue;
         // LN branch, row-local: rstd * (h - mean(h) - xhat * mean(h * xhat)), h = gamma dy ln_w.
@@ -405,7 +418,7 @@ at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const Norm
         for (int64_t c = 0; c < C; ++c) {
           const acc_t dy = static_cast<acc_t>(grow[c]), xv = static_cast<acc_t>(row[c]);
           acc_t v = dy * k1[c];
-          if (counted) v += xv * k2[c] + k3[c];
+          if (counted) v += (xv - mp[c]) * k2[c] + k3[c];
           if (with_ln) {
             const acc_t h = static_cast<acc_t>(g) * dy * lw[c];
             v += rstd * (h - mean_h - (xv - mu) * rstd * mean_hx);

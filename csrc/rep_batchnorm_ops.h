@@ -45,7 +45,7 @@ struct NormOps {
       const at::Tensor& alpha, const at::Tensor& running_mean, const at::Tensor& running_var,
       bool training, double eps, const std::optional<at::Tensor>& mask) {
     const RepBNShape s = check_rep_batchnorm_inputs(x, weight, bias, alpha, running_mean,
-                                                    running_var, mask);
+                                                    running_var, training, mask);
     return norm_forward({x, nullptr, nullptr, weight, bias, alpha, running_mean, running_var,
                          0.0, training, 0.0, eps, mask},
                         s.N, s.C);
@@ -70,7 +70,8 @@ struct NormOps {
       const at::Tensor& running_mean, const at::Tensor& running_var, double gamma,
       bool training, double ln_eps, double bn_eps, const std::optional<at::Tensor>& mask) {
     const RepBNShape s = check_progressive_norm_inputs(
-        x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, running_mean, running_var, gamma, mask);
+        x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, running_mean, running_var, gamma, training,
+        mask);
     return norm_forward({x, &ln_weight, &ln_bias, bn_weight, bn_bias, alpha, running_mean,
                          running_var, gamma, training, ln_eps, bn_eps, mask},
                         s.N, s.C);
@@ -82,9 +83,8 @@ struct NormOps {
                             const at::Tensor& alpha, const at::Tensor& mean,
                             const at::Tensor& invstd, double gamma, bool training, double ln_eps,
                             const std::optional<at::Tensor>& mask) {
-    const RepBNShape s = check_rep_batchnorm_backward_inputs(grad_y, x, bn_weight, alpha, mean,
-                                                             invstd, mask);
-    check_channel_vector(ln_weight, "ln_weight", s.C, rep_batchnorm_param_dtype(x), x);
+    const RepBNShape s = check_progressive_norm_backward_inputs(grad_y, x, ln_weight, bn_weight, alpha,
+                                                                mean, invstd, mask);
     const at::Tensor none;
     auto r = norm_backward(grad_y, {x, &ln_weight, &none, bn_weight, none, alpha, none, none,
                                     gamma, training, ln_eps, 0.0, mask},

@@ -90,10 +90,7 @@ std::tuple<at::Tensor, at::Tensor> topk_activation_op(const at::Tensor& h, int64
 template <class Backend>
 at::Tensor topk_activation_backward_op(const at::Tensor& grad_values, const at::Tensor& h,
                                        const at::Tensor& indices, c10::string_view activation) {
-  check_topk_activation_inputs(h, indices.dim() ? indices.size(-1) : 0);
-  check_grad(grad_values, "grad_values", indices.sizes(), h, "h");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64 (torch.long), got ",
-              indices.scalar_type());
+  check_topk_activation_backward_inputs(grad_values, h, indices);
   const Activation act = parse_activation(activation);
   const at::Tensor grad_pre = activation_grad(grad_values, h.gather(-1, indices), act);
   return at::zeros_like(h, at::MemoryFormat::Contiguous).scatter_(-1, indices, grad_pre);
@@ -116,9 +113,8 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_down_projection_backward_op(
     const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& w_down_t, std::array<bool, 3> output_mask) {
-  check_sparse_down_projection_inputs(values, indices, w_down_t, std::nullopt);
+  check_sparse_down_projection_backward_inputs(grad_y, values, indices, w_down_t);
   const int64_t d_ff = w_down_t.size(0), d_model = w_down_t.size(1), k = values.size(-1);
-  check_grad(grad_y, "grad_y", with_last(values.sizes(), d_model), values, "values");
   const auto acc = accumulate_dtype(values.scalar_type());
   const at::Tensor g2 = rows_of(grad_y).to(acc), idx = rows_of(indices);
   const auto none = values.new_empty({0});
@@ -170,11 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_mlp_
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_up,
     const at::Tensor& w_down_t, const at::Tensor& h_selected, const at::Tensor& indices,
     c10::string_view activation, std::array<bool, 5> output_mask) {
-  const int64_t k = indices.dim() ? indices.size(-1) : 0;
-  check_topk_mlp_inputs(x, w_up, std::nullopt, w_down_t, std::nullopt, k);
-  check_selection(h_selected, indices, w_up, "w_up");
-  check_grad(grad_y, "grad_y", x.sizes(), x, "x");
-  check_grad(h_selected, "h_selected", with_last(x.sizes(), k), x, "x");
+  check_topk_mlp_backward_inputs(grad_y, x, w_up, w_down_t, h_selected, indices);
+  const int64_t k = indices.size(-1);
   const Activation act = parse_activation(activation);
   const int64_t d_ff = w_up.size(0), d_model = x.size(-1);
   const auto dtype = x.scalar_type(), acc = accumulate_dtype(dtype);

@@ -5,6 +5,7 @@
 // 2-core dev machine; the arithmetic is a few hundred thousand multiply-adds.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -61,6 +62,15 @@ void commit_tail(at::Tensor& tail, const at::Tensor& v, const int64_t* path, int
 void sla_tree_commit_cpu(at::TensorList S, at::TensorList z, at::TensorList conv_tail, at::TensorList k,
                          at::TensorList v, const at::Tensor& path_in, const at::Tensor& num_accepted_in) {
   check_sla_tree_commit_inputs(S, z, conv_tail, k, v, path_in, num_accepted_in);
+  check_sla_tree_commit_values(k, path_in, num_accepted_in);
+  // Written in place through their strides: a tensor whose elements share memory (stride 0, an
+  // expanded view) would take each update several times, from racing threads. Refused before
+  // any write, as PyTorch's in-place ops refuse it.
+  for (size_t l = 0; l < S.size(); ++l) {
+    at::assert_no_internal_overlap(S[l]);
+    at::assert_no_internal_overlap(z[l]);
+    if (!conv_tail.empty()) at::assert_no_internal_overlap(conv_tail[l]);
+  }
   const at::Tensor path = path_in.contiguous(), num_accepted = num_accepted_in.contiguous();
   const int64_t L = S.size(), B = S[0].size(0), H = S[0].size(1);
   const int64_t* p = path.const_data_ptr<int64_t>();

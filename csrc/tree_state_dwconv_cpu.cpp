@@ -59,6 +59,7 @@ void dwconv_rows(int64_t r0, int64_t r1, const at::Tensor& v, const at::Tensor& 
 at::Tensor tree_dwconv_cpu(const at::Tensor& v, const at::Tensor& conv_tail, const at::Tensor& parents_in,
                            const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
   check_tree_dwconv_inputs(v, conv_tail, parents_in, weight_in, bias_in);
+  check_tree_dwconv_parents(parents_in);
   const int64_t B = v.size(0), T = v.size(1), H = v.size(2), D = v.size(3), K = weight_in.size(1);
   at::Tensor out = at::empty({B, T, H, D}, v.options());
   if (out.numel() == 0) return out;

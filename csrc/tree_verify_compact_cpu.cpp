@@ -1,6 +1,7 @@
 // KV-cache compaction after a tree verification, in place on the CPU: per sequence, the
 // accepted nodes' slots L + a_j move down to L + j. Ascending j is safe in place because
 // a_j >= j, so a source slot is never one already overwritten.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -29,6 +30,11 @@ void compact_kv_cache_cpu(const at::Tensor& k_cache_in, const at::Tensor& v_cach
                           const at::Tensor& num_accepted_in) {
   const int64_t T = check_compact_kv_cache_inputs(k_cache_in, v_cache_in, cache_lens_in, accepted_in,
                                                   num_accepted_in);
+  // Written in place: a cache or cache_lens whose elements share memory (stride 0, an expanded
+  // view) cannot hold the result; refused before any slot moves, as PyTorch's in-place ops do.
+  at::assert_no_internal_overlap(k_cache_in);
+  at::assert_no_internal_overlap(v_cache_in);
+  at::assert_no_internal_overlap(cache_lens_in);
   at::Tensor k_cache = k_cache_in, v_cache = v_cache_in, cache_lens = cache_lens_in;
   const at::Tensor accepted = accepted_in.contiguous(), num_accepted = num_accepted_in.contiguous();
   const int64_t B = k_cache.size(0), L_max = k_cache.size(1);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "tree_verify_checks.h"
@@ -77,13 +78,16 @@ Verification verify_tree_greedy_cpu(const at::Tensor& logits_in, const at::Tenso
   Verification result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "verify_tree_greedy_cpu", [&] {
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    // Compared in the logits' own precision (fp16/bf16 widen to fp32 exactly; fp64 stays fp64:
+    // rounding it to fp32 would tie 1 and 1 + 1e-12, or turn 1e39 and 2e39 into inf).
+    using cmp_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     // The first maximum, as torch.argmax; a NaN counts as the maximum (as in torch.argmax).
     auto argmax = [&](int64_t b, int64_t node) {
       const scalar_t* row = base + b * logits.stride(0) + node * logits.stride(1);
       int64_t best = 0;
-      float best_v = static_cast<float>(row[0]);
+      cmp_t best_v = static_cast<cmp_t>(row[0]);
       for (int64_t x = 1; x < s.V && best_v == best_v; ++x) {
-        const float v = static_cast<float>(row[x]);
+        const cmp_t v = static_cast<cmp_t>(row[x]);
         if (v > best_v || v != v) best = x, best_v = v;
       }
       return best;
@@ -104,8 +108,7 @@ Verification verify_tree_greedy_cpu(const at::Tensor& logits_in, const at::Tenso
 
 Verification verify_tree_sampling_cpu(const at::Tensor& probs_in, const at::Tensor& tree_tokens,
                                       const at::Tensor& parents, const at::Tensor& uniforms_in) {
-  const TreeVerifyShape s = check_tree_verify_inputs(probs_in, "probs", tree_tokens, parents);
-  check_uniforms(uniforms_in, s, probs_in);
+  const TreeVerifyShape s = check_verify_tree_sampling_inputs(probs_in, tree_tokens, parents, uniforms_in);
   const at::Tensor probs = last_dim_contiguous(probs_in), uniforms = uniforms_in.contiguous();
   const float* u_base = uniforms.const_data_ptr<float>();
   const int64_t u_stride = uniforms.size(1);

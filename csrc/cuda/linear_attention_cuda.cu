@@ -149,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sla_backw
     const std::optional<at::Tensor>& grad_z, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const std::optional<at::Tensor>& initial_S,
     const std::optional<at::Tensor>& initial_z, bool causal, double eps) {
-  const SlaShape s = check_sla_inputs(q, k, v, initial_S, initial_z, causal);
-  check_sla_grad_output(grad_o, o, s, q);
+  const SlaShape s =
+      check_sla_backward_inputs(grad_o, grad_S, grad_z, q, k, v, o, initial_S, initial_z, causal);
   check_cuda_limits(s);
   const DeviceGuard device_guard(q.device());
 

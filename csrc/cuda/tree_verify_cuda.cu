@@ -49,8 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_greedy_cuda(const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_sampling_cuda(
     const at::Tensor& probs, const at::Tensor& tree_tokens, const at::Tensor& parents,
     const at::Tensor& uniforms) {
-  const TreeVerifyShape s = check_tree_verify_inputs(probs, "probs", tree_tokens, parents);
-  check_uniforms(uniforms, s, probs);
+  const TreeVerifyShape s = check_verify_tree_sampling_inputs(probs, tree_tokens, parents, uniforms);
   const DeviceGuard device_guard(probs.device());
   auto [accepted, num_accepted, bonus] = verify_outputs(probs, s.B, s.T);
   if (s.B == 0) return {accepted, num_accepted, bonus};

@@ -1,6 +1,7 @@
 """nm_sparse_linear and its backward against the unpack + dense-matmul reference: odd shapes,
 every pattern and dtype, gradcheck, opcheck, torch.compile and bad inputs."""
 import logging
+import math
 
 import pytest
 import torch
@@ -139,6 +140,72 @@ def test_non_contiguous_inputs_and_the_matrix_method(device):
                     ("NMSparseMatrix.linear", s.linear(x_t, b))):
         assert y.dtype == torch.float32, what
         assert_close(y, expected, torch.float32, what, scale=SCALE)
+
+
+def nonfinite_case(n, m, tokens, dtype, device, rows=37, K=None):
+    """x [tokens, K] and grad_y [tokens, rows] with a NaN, a +inf and a -inf in some tokens, each
+    at a column (row) that some rows of S keep and others prune; the rest finite."""
+    K = K or 8 * m
+    x, s, b = sample(rows, K, (tokens,), n, m, dtype, device)
+    grad_y = torch.randn(tokens, rows, device=device).to(dtype)
+    dense = s.to_dense()
+    kept_by_some = ((dense != 0).any(0) & (dense == 0).any(0)).nonzero().flatten().tolist()
+    assert len(kept_by_some) >= 2, "a column kept by some rows and pruned by others"
+    specials = [(0, kept_by_some[0], float("nan")), (tokens - 1, kept_by_some[-1], float("inf")),
+                (tokens // 2, kept_by_some[1], -float("inf"))]
+    for t, c, value in specials:
+        x[t, c] = value
+        grad_y[t, (c * 7) % rows] = value
+    return x, s, b, grad_y
+
+
+def assert_same_nonfinite(actual, expected, dtype, what):
+    """NaN, +inf and -inf exactly where the reference has them; the finite values close."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
+    assert torch.equal(actual.isinf(), expected.isinf()), f"{what}: inf positions differ"
+    inf = expected.isinf()
+    assert torch.equal(actual[inf].double(), expected[inf]), f"{what}: inf signs differ"
+    finite = expected.isfinite()
+    assert_close(actual.double().where(finite, 0), expected.where(finite, 0), dtype, what, scale=SCALE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (2, 8)])
+def test_nonfinite_inputs_propagate_as_in_the_dense_reference(n, m, dtype):
+    """x @ S_dense^T in IEEE arithmetic: a pruned entry is a stored 0, and 0 * inf = 0 * NaN =
+    NaN, so a non-finite x[t, c] makes every output of token t non-finite (NaN where S prunes
+    c). Below the dense switch the kernels skip pruned columns; the result must not depend on
+    which side of it the token count is (one token: the GEMV; a few: the tiles; then dense)."""
+    start = dense_min_tokens(n, m)
+    for tokens in (1, 2, 5, 17, start - 1, start):
+        x, s, b, grad_y = nonfinite_case(n, m, tokens, dtype, "cpu")
+        y_ref, gx_ref, gv_ref, _ = reference_grads(x, s, b, grad_y)
+        what = f"{n}:{m} {dtype} tokens={tokens}"
+        y = nm_sparse_linear(x, s.values, s.meta, b, n=n, m=m)
+        assert y.isnan().any() and y_ref[0].isnan().all(), what  # token 0: NaN in every output
+        assert_same_nonfinite(y, y_ref, dtype, "y " + what)
+        gx, gv = torch.ops.leanformer.nm_sparse_linear_backward(grad_y, x, s.values, s.meta, n=n, m=m,
+                                                                output_mask=[True, True])
+        assert_same_nonfinite(gx, gx_ref, dtype, "grad_x " + what)
+        assert_same_nonfinite(gv, gv_ref, dtype, "grad_values " + what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(0,), (1,), (3,), (2, 10), (70,)])
+@pytest.mark.parametrize("rows,K", [(0, 16), (5, 0), (0, 0)])
+def test_no_rows_or_no_columns(device, lead, rows, K):
+    """y = bias (or an empty y) and zero gradients, on both sides of the dense switch; K = 0 or
+    rows = 0 made x.reshape(-1, K) / grad_y.reshape(-1, rows) ambiguous and raise."""
+    values = torch.zeros(rows, K // 2, device=device).requires_grad_(True)
+    meta = torch.zeros(rows, (K // 2 * 2 + 31) // 32, device=device, dtype=torch.int32)
+    bias = torch.randn(rows, device=device).requires_grad_(True)
+    x = torch.randn(*lead, K, device=device).requires_grad_(True)
+    y = nm_sparse_linear(x, values, meta, bias, n=2, m=4)
+    assert y.shape == (*lead, rows)
+    torch.testing.assert_close(y, bias.detach().expand(*lead, rows))
+    gx, gv, gb = torch.autograd.grad(y, [x, values, bias], torch.ones_like(y))
+    assert torch.all(gx == 0) and torch.all(gv == 0) and gv.shape == values.shape
+    torch.testing.assert_close(gb, torch.full((rows,), float(math.prod(lead)), device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

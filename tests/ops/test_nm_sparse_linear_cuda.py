@@ -358,6 +358,30 @@ def test_compile_fullgraph_cuda():
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])
+def test_nonfinite_inputs_propagate_as_in_the_dense_reference_on_cuda(n, m, dtype, device):
+    """As on the CPU (tests/ops/test_nm_sparse_linear.py): a non-finite x[t, c] (grad_y[t, r])
+    reaches every output of token t as the dense x @ S^T (grad_y @ S) does, on every path: the
+    GEMV (<= 8 tokens), CUTLASS's sparse tensor cores (2:4 fp16/bf16, rows % 32 == 0, K % 64 == 0)
+    and decompress + cuBLAS (on emu: the GEMV and decompress + GEMM)."""
+    from tests.ops.test_nm_sparse_linear import assert_same_nonfinite, nonfinite_case, reference_grads
+
+    for tokens in (1, 5, 8, 9, 64):
+        x, s, b, grad_y = nonfinite_case(n, m, tokens, dtype, device, rows=64, K=128)
+        y_ref, gx_ref, gv_ref, _ = reference_grads(x, s, b, grad_y)
+        what = f"{n}:{m} {dtype} tokens={tokens}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = nm_sparse_linear(x, s.values, s.meta, b, n=n, m=m)
+            gx, gv = torch.ops.leanformer.nm_sparse_linear_backward(grad_y, x, s.values, s.meta, n=n, m=m,
+                                                                    output_mask=[True, True])
+        assert_same_nonfinite(y, y_ref, dtype, "y " + what)
+        assert_same_nonfinite(gx, gx_ref, dtype, "grad_x " + what)
+        assert_same_nonfinite(gv, gv_ref, dtype, "grad_values " + what)
+
+
+@gpu
 def test_bad_inputs_name_the_argument_on_cuda(device):
     s = NMSparseMatrix.prune(torch.randn(8, 16), 2, 4).to(device)
     x = torch.randn(2, 16, device=device)

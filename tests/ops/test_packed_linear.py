@@ -50,6 +50,25 @@ def test_rows_do_not_change_each_others_results():
         assert torch.equal(packed_linear(x[i:i + 1], p, b, 1024), full[i:i + 1])
 
 
+@pytest.mark.parametrize("rows", [(0,), (3,), (2, 5)])
+def test_no_input_features_differentiate(rows):
+    """K = 0: y = bias and SwiGLU's y = 0, and their gradients (zeros, grad_bias the row count);
+    the backward's reshape(-1, K) was ambiguous at K = 0 and raised."""
+    x = torch.randn(*rows, 0, requires_grad=True)
+    packed = pack_linear_weight(torch.randn(40, 0)).requires_grad_(True)
+    b = torch.randn(40, requires_grad=True)
+    y = packed_linear(x, packed, b, 40)
+    torch.testing.assert_close(y, b.detach().expand(*rows, 40))
+    gx, gp, gb = torch.autograd.grad(y, [x, packed, b], torch.ones_like(y))
+    assert gx.shape == x.shape and gp.shape == packed.shape and torch.all(gp == 0)
+    torch.testing.assert_close(gb, torch.full((40,), float(torch.Size(rows).numel())))
+    packed = pack_swiglu_weight(torch.randn(33, 0), torch.randn(33, 0)).requires_grad_(True)
+    y = packed_swiglu(x, packed, 33)
+    assert torch.equal(y, torch.zeros(*rows, 33))
+    gx, gp = torch.autograd.grad(y, [x, packed], torch.ones_like(y))
+    assert gx.shape == x.shape and gp.shape == packed.shape and torch.all(gp == 0)
+
+
 def test_non_contiguous_input():
     w = torch.randn(40, 24)
     x = torch.randn(24, 5).t()

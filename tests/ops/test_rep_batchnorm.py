@@ -44,6 +44,74 @@ def test_matches_reference(device, dtype, shape, training, masked):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_channels_of_equal_values(device):
+    """Every token equal (variance 0, invstd = 1 / sqrt(eps)): BN(x) = bias exactly, y = bias +
+    alpha x. The forward computed x * w * invstd - mean * w * invstd, whose rounding invstd
+    amplified (1e-3 here); it now takes x - mean first. Also |mean| >> std keeps fp32 accuracy."""
+    x = (torch.randn(1, 8, device=device) * 50).expand(64, 8).contiguous().requires_grad_(True)
+    w, b, _, rm, rv = params(8, device=device)
+    alpha = torch.zeros(1, device=device)
+    y = rep_batchnorm(x, w, b, alpha, rm, rv, training=True)
+    torch.testing.assert_close(y, b.detach().expand(64, 8), rtol=0, atol=1e-6)
+    x = (1000 + torch.randn(64, 8, device=device)).requires_grad_(True)
+    y = rep_batchnorm(x, w, b, alpha, rm, rv, training=True)
+    x2 = x.detach().double().requires_grad_(True)
+    y_ref = rep_batchnorm_reference(x2, w.double(), b.double(), alpha.double(), rm.double(), rv.double(),
+                                    training=True)
+    assert_close(y, y_ref, torch.float32, "y", scale=0.5)
+    g = torch.randn(64, 8, device=device)
+    (dx,) = torch.autograd.grad(y, [x], g)
+    (dx_ref,) = torch.autograd.grad(y_ref, [x2], g.double())
+    assert_close(dx, dx_ref, torch.float32, "dx", scale=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_equal_counted_values_with_far_uncounted_rows(device):
+    """Two counted tokens equal in a channel (variance 0, invstd = 1 / sqrt(eps)) and uncounted
+    tokens far from them: mean(dy * xhat) over the batch is large, and dx's statistics term
+    x * k2 + k3 cancelled to 7% of dx in fp32 (the fuzz suite's progressive_norm case 53)."""
+    x = torch.randn(4, 31, device=device) * 3 + 1
+    x[3, ::3] = x[2, ::3]
+    x.requires_grad_(True)
+    mask = torch.tensor([False, False, True, True], device=device)
+    w, b, alpha, rm, rv = params(31, device=device)
+    y = rep_batchnorm(x, w, b, alpha, rm, rv, training=True, mask=mask)
+    x2 = x.detach().double().requires_grad_(True)
+    y_ref = rep_batchnorm_reference(x2, w.double(), b.double(), alpha.double(), rm.double(), rv.double(),
+                                    training=True, mask=mask)
+    g = torch.randn(4, 31, device=device)
+    (dx,) = torch.autograd.grad(y, [x], g)
+    (dx_ref,) = torch.autograd.grad(y_ref, [x2], g.double())
+    assert_close(dx, dx_ref, torch.float32, "dx", scale=5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("strided", ["weight", "running_mean", "running_var"])
+def test_strided_parameters_give_the_same_gradients(training, strided):
+    """The op and the reference with a strided weight or running statistic agree with the
+    contiguous ones. F.batch_norm's CPU backward (which the reference ran on them) read such a
+    weight, and in eval such statistics, as if contiguous: wrong grad_x and grad_weight."""
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    w, b, alpha, rm, rv = params(8, torch.float64)
+    g = torch.randn(6, 5, 8, dtype=torch.float64)
+    results = []
+    for fn in (rep_batchnorm, rep_batchnorm_reference):
+        for layout in ("contiguous", "strided"):
+            args = dict(weight=w.detach().clone(), bias=b.detach().clone(), running_mean=rm.clone(),
+                        running_var=rv.clone())
+            if layout == "strided":
+                args[strided] = torch.zeros(8, 2, dtype=torch.float64).copy_(args[strided][:, None])[:, 0]
+                assert args[strided].stride() == (2,)
+            xl, wl = x.clone().requires_grad_(True), args["weight"].requires_grad_(True)
+            y = fn(xl, wl, args["bias"], alpha.detach(), args["running_mean"], args["running_var"], training=training)
+            results.append((fn.__name__, layout, y, *torch.autograd.grad(y, [xl, wl], g)))
+    want = results[0]
+    for name, layout, *got in results[1:]:
+        for what, a, r in zip(("y", "dx", "dweight"), got, want[2:]):
+            torch.testing.assert_close(a, r, msg=f"{name} {layout} {strided}: {what}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
     mask = torch.rand(5, 3, device=device) > 0.3

@@ -45,6 +45,16 @@ def test_matches_reference(device, dtype, shape, gamma, training, masked):
         assert_close(a.grad, r.grad, dtype, f"d{name}", scale=5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_layernorm_of_rows_of_equal_values(device):
+    """A row of equal values has mean x and LayerNorm output ln_bias exactly; the row mean summed
+    plainly in fp32 was off by a rounding that 1 / sqrt(ln_eps) amplified to ~1e-4."""
+    x = (torch.randn(6, 1, device=device) * 50).expand(6, 33).contiguous()
+    p, (rm, rv) = make_params(33, device=device)
+    y = progressive_norm(x, **p, running_mean=rm, running_var=rv, gamma=1.0, training=False)
+    torch.testing.assert_close(y, p["ln_bias"].detach().expand(6, 33), rtol=0, atol=1e-6)
+
+
 def test_gamma_endpoints_are_layernorm_and_repbn():
     x = torch.randn(4, 9, 12)
     p, (rm, rv) = make_params(12)

@@ -61,6 +61,20 @@ def test_commit_without_conv_and_with_an_empty_path(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["S", "z", "tails"])
+def test_an_expanded_state_is_refused_and_left_untouched(device, which):
+    """S, z and the conv tails are written in place through their strides: an expanded one
+    (stride 0 over the batch) took every sequence's update on one shared row, from racing threads."""
+    S, z, tails, k, v, path, num = commit_case(2, 3, 6, 2, 4, 3, 2, torch.float32, torch.float32, device)
+    args = dict(S=S, z=z, tails=tails)
+    args[which] = [args[which][0], args[which][1][:1].expand(args[which][1].shape)]
+    before = [t.clone() for t in args["S"] + args["z"] + args["tails"]]
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        sla_tree_commit(args["S"], args["z"], args["tails"], k, v, path, num)
+    assert all(torch.equal(a, b) for a, b in zip(args["S"] + args["z"] + args["tails"], before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_commit_opcheck_and_compile(device):
     S, z, tails, k, v, path, num = commit_case(2, 2, 6, 2, 4, 3, 2, torch.float32, torch.float32, device)
     torch.library.opcheck(torch.ops.leanformer.sla_tree_commit.default,

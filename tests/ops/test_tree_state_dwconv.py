@@ -110,7 +110,8 @@ def test_bad_inputs_name_the_argument():
         (dict(parents=parents.int()), "parents must be int64"),
         (dict(weight=weight[:3]), "weight must be \\[D, kernel_size\\]"),
         (dict(conv_tail=tail[..., :1]), "conv_tail must be \\[B\\*H, D, kernel_size - 1\\]"),
-        (dict(conv_tail=tail.double()), "conv_tail and weight must have v's dtype"),
+        (dict(conv_tail=tail.double()), "conv_tail must have v's dtype"),
+        (dict(weight=weight.double()), "weight must have v's dtype"),
         (dict(bias=bias[:2]), "bias must have shape \\[D\\] = \\[4\\]"),
         (dict(v=v[0]), "v must be \\[B, T, H, D\\]"),
     ]

@@ -46,6 +46,23 @@ def test_greedy_by_hand():
     assert num.tolist() == [3, 1] and bonus.tolist() == [9, 2]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("low,high", [(1.0, 1.0 + 1e-12), (1e39, 2e39), (-2e39, -1e39)])
+def test_greedy_fp64_argmax_is_torch_argmax(device, low, high):
+    """fp64 logits are compared in fp64, as torch.argmax does: rounded to fp32 first, 1 and
+    1 + 1e-12 tie (and 1e39, 2e39 both become inf) and the lower token won."""
+    tokens = torch.tensor([[5, 3, 7]], device=device)
+    parents = torch.tensor([-1, 0, 0], device=device)
+    logits = torch.full((1, 3, 10), -3e39 if low < 0 else 0.0, dtype=torch.float64, device=device)
+    logits[0, 0, 3], logits[0, 0, 7] = low, high
+    logits[0, 2, 4] = 1.0
+    assert int(logits[0, 0].argmax()) == 7
+    for result in (verify_tree_greedy(logits, tokens, parents),
+                   verify_tree_greedy_reference(logits, tokens, parents)):
+        accepted, num, bonus = (t.tolist() for t in result)
+        assert accepted == [[0, 2, -1]] and num == [2] and bonus == [4], (low, high, result)
+
+
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("batched_parents", [False, True])
 def test_sampling_matches_python_walk(device, dtype, batched_parents):

@@ -115,3 +115,21 @@ def test_compaction_bad_inputs_name_the_argument_and_leave_the_cache(device):
         assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0) and torch.equal(cl, cl0)
     with pytest.raises(RuntimeError, match="v_cache must be"):
         compact_kv_cache(k_cache, v_cache[:, :9], lens, acc, num)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["k_cache", "v_cache", "cache_lens"])
+def test_an_expanded_cache_is_refused_and_left_untouched(device, which):
+    """The caches and cache_lens are written in place: with elements sharing memory (stride 0,
+    an expanded view) every slot move lands on the shared row, and cache_lens.add_ raised only
+    after the caches had been moved."""
+    k_cache, v_cache, cache_lens, _, _, _, _ = tree_step(3, 30, [0, 4, 9], 8, 2, 4, 3, torch.float32, device)
+    accepted = torch.tensor([[0, 2, 5, -1], [0, 3, -1, -1], [0, -1, -1, -1]], device=device)  # slots move
+    num = torch.tensor([3, 2, 1], device=device)
+    args = dict(k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens)
+    args[which] = args[which][:1].expand(args[which].shape)
+    before = {k: t.clone() for k, t in args.items()}
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        compact_kv_cache(args["k_cache"], args["v_cache"], args["cache_lens"], accepted, num)
+    for name, t in args.items():
+        assert torch.equal(t, before[name]), f"{name} was modified"

@@ -65,6 +65,17 @@ def test_from_dense_round_trip(device, dtype, n, m):
     assert torch.equal(again.values, s.values) and torch.equal(again.meta, s.meta)
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 4), (4, 16)])
+@pytest.mark.parametrize("rows,K", [(0, 16), (0, 0), (3, 0)])
+def test_empty_matrices_pack(n, m, rows, K):
+    """No rows or no columns: prune and from_dense give empty values and meta of the right
+    shapes (0 rows made the packing's reshape(rows, -1) ambiguous and raise)."""
+    dense = torch.randn(rows, K)
+    for s in (NMSparseMatrix.prune(dense, n, m), NMSparseMatrix.from_dense(dense * 0, n, m)):
+        assert s.values.shape == (rows, K // m * n) and s.meta.shape == (rows, (K // m * n * meta_bits(m) + 31) // 32)
+        assert torch.equal(s.to_dense(), torch.zeros(rows, K))
+
+
 def test_under_full_groups_are_padded_at_the_smallest_unused_columns():
     w = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
     s = NMSparseMatrix.from_dense(w, 2, 4)

@@ -1,4 +1,11 @@
-"""Typed wrappers over ``torch.ops.leanformer``, with fake kernels and autograd registered.
+"""Typed wrappers over ``torch.ops.leanformer``, with autograd registered.
+
+The ops' fake kernels (what ``torch.compile`` and ``torch.export`` trace through) are C++ Meta
+kernels, ``csrc/<family>_meta.cpp``: they run the same argument checks as the CPU and CUDA
+kernels (shapes, dtypes, one device for every tensor, scalar arguments), on symbolic sizes too,
+so a compiled or exported program refuses what eager refuses. Checks that need the data (token
+ids within the vocabulary, parents forming a tree, cache_lens within the cache, indices below
+d_ff) run in the real kernels only: a compiled graph checks them when its kernel runs.
 
 One module per op family, named as the family's C++ files (``csrc/<family>_*``), its reference
 (:mod:`leanformer.reference`), tests (``tests/ops/test_<family>*.py``) and benchmark

@@ -1,8 +1,9 @@
 """Simplified linear attention (SLAB, Guo et al. ICML 2024): ReLU linear attention.
 
 The kernels are torch.ops.leanformer.sla_forward / sla_backward / sla_step (C++ on CPU,
-CUDA on GPU). This file gives them typed wrappers, fake kernels for torch.compile and
-export, and autograd.
+CUDA on GPU; their fake kernels for torch.compile and export are the C++ Meta kernels of
+csrc/linear_attention_meta.cpp, which run the same argument checks). This file gives them
+typed wrappers and autograd.
 """
 from __future__ import annotations
 
@@ -106,32 +107,6 @@ def simplified_linear_attention_step(
     S, z = _split_state(state, "state")
     o, S_new, z_new = _ops.sla_step(q, k, v, S, z, eps)
     return o, (S_new, z_new)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-@torch.library.register_fake("leanformer::sla_forward")
-def _sla_forward_fake(q, k, v, initial_S, initial_z, causal, eps):
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    sd = _state_dtype(q.dtype)
-    return q.new_empty(B, T, H, Dv), q.new_empty(B, H, Dk, Dv, dtype=sd), q.new_empty(B, H, Dk, dtype=sd)
-
-
-# Like the real kernels, fakes return contiguous tensors whatever the inputs' strides.
-@torch.library.register_fake("leanformer::sla_backward")
-def _sla_backward_fake(grad_o, grad_S, grad_z, q, k, v, o, initial_S, initial_z, causal, eps):
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    sd = _state_dtype(q.dtype)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(B, H, Dk, Dv, dtype=sd), q.new_empty(B, H, Dk, dtype=sd))
-
-
-@torch.library.register_fake("leanformer::sla_step")
-def _sla_step_fake(q, k, v, S, z, eps):
-    B, H, _ = q.shape
-    return q.new_empty(B, H, v.shape[-1]), S.new_empty(S.shape), z.new_empty(z.shape)
 
 
 # ---- autograd: each backward is itself a custom op ----

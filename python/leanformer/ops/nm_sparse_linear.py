@@ -4,8 +4,9 @@
 and is stored packed (see :mod:`leanformer.sparse.nm_format`): ``values [rows, K//m*n]`` and
 int32 ``meta``. The kernels are torch.ops.leanformer.nm_sparse_linear and
 nm_sparse_linear_backward (C++ on CPU, CUDA on GPU); they read only values + meta, which is
-the memory (and at batch 1, time) saving. This file gives them a typed wrapper, fake kernels
-for torch.compile and export, and autograd (w.r.t. x, the kept values under the fixed
+the memory (and at batch 1, time) saving; their fake kernels for torch.compile and export are
+the C++ Meta kernels of csrc/nm_sparse_linear_meta.cpp, which run the same argument checks.
+This file gives them a typed wrapper and autograd (w.r.t. x, the kept values under the fixed
 pattern, and bias).
 
 From :func:`dense_min_tokens` tokens on, the CPU kernels unpack S to dense and call the BLAS
@@ -15,6 +16,7 @@ GEMM (forward and backward), which is faster there; the wrapper logs that switch
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -74,23 +76,19 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
 
     On the CPU, from ``dense_min_tokens(n, m)`` tokens on S is unpacked and multiplied densely
     (logged); below that the kernels read only values + meta.
+
+    Non-finite inputs propagate as in the dense product ``x @ S_dense^T`` (IEEE arithmetic, a
+    pruned entry being a stored 0), whatever the path: ``0 * inf = 0 * NaN = NaN``, so an inf or
+    NaN in ``x[t, c]`` makes every output of token t non-finite: NaN in the rows that prune
+    column c, the IEEE sum (``+-inf`` or NaN) in the rows that keep it. The backward's grad_x
+    does the same with grad_y (``grad_y @ S_dense``); grad_values is the dense gradient at the
+    kept entries. On the CPU the sparse kernels skip pruned columns, then fix up only the tokens
+    that hold a non-finite value (one scan of x, nothing more for finite inputs); on CUDA the
+    GEMV and sparse tensor-core paths do not fix them up yet (see docs/nm_sparse_linear.md).
     """
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         _log_cpu_path(x, n, m)
     return _ops.nm_sparse_linear(x, values, meta, bias, n=n, m=m)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-@torch.library.register_fake("leanformer::nm_sparse_linear")
-def _nm_sparse_linear_fake(x, values, meta, bias, *, n, m):
-    return x.new_empty([*x.shape[:-1], values.shape[0]])
-
-
-@torch.library.register_fake("leanformer::nm_sparse_linear_backward")
-def _nm_sparse_linear_backward_fake(grad_y, x, values, meta, *, n, m, output_mask):
-    return (x.new_empty(x.shape if output_mask[0] else (0,)),
-            values.new_empty(values.shape if output_mask[1] else (0,)))
 
 
 # ---- autograd: the backward is itself a custom op; grad_bias is a plain sum ----
@@ -110,7 +108,7 @@ def _nm_sparse_linear_backward(ctx, grad_y):
         grad_x, grad_values = _ops.nm_sparse_linear_backward(grad_y, x, values, meta, n=ctx.n, m=ctx.m,
                                                              output_mask=need)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_bias = grad_y.reshape(math.prod(grad_y.shape[:-1]), grad_y.shape[-1]).sum(0)  # -1: ambiguous at 0 rows
     return (grad_x if need[0] else None, grad_values if need[1] else None, None, grad_bias)
 
 

@@ -3,12 +3,15 @@
 At one token, or a token tree of a few dozen, ``F.linear`` on the CPU spends much of its time
 repacking the weight inside the BLAS call. ``torch.ops.leanformer.packed_linear`` reads W
 from a layout packed once, ``[ceil(N/32), K, 32]`` (32-column panels of W^T, zero past N), and
-runs register-tiled panels over the rows. This file gives it the packing, a typed wrapper, a
-fake kernel and autograd (w.r.t. x, the packed weight and bias).
+runs register-tiled panels over the rows; its fake kernel for torch.compile and export (of CPU
+tensors) is the C++ Meta kernel of csrc/packed_linear_meta.cpp, which runs the CPU kernel's
+argument checks. This file gives it the packing, a typed wrapper and autograd (w.r.t. x, the
+packed weight and bias).
 :func:`leanformer.nn.packed_linears` swaps it into a model's ``nn.Linear`` layers for decoding.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,10 +65,9 @@ def packed_linear(x: Tensor, packed_weight: Tensor, bias: Optional[Tensor], out_
     return _ops.packed_linear(x, packed_weight, bias, out_features)
 
 
-@torch.library.register_fake("leanformer::packed_linear")
-def _packed_linear_fake(x, packed_weight, bias, out_features):
-    torch._check(x.shape[-1] == packed_weight.shape[1], lambda: "packed_linear: x.shape[-1] must be packed_weight.shape[1]")
-    return x.new_empty([*x.shape[:-1], out_features])
+def _rows(t: Tensor) -> Tensor:
+    """``[..., C]`` -> ``[rows, C]`` (with -1 for rows, ambiguous when C = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _setup(ctx, inputs, output):
@@ -80,10 +82,10 @@ def _backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ unpack_linear_weight(packed_weight, ctx.out_features)
     if ctx.needs_input_grad[1]:
-        g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [N, K]
+        g = _rows(grad_y).t() @ _rows(x)  # [N, K]
         grad_w = pack_linear_weight(g)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_b = _rows(grad_y).sum(0)
     return grad_x, grad_w, grad_b, None
 
 
@@ -119,12 +121,6 @@ def packed_swiglu(x: Tensor, packed_gate_up: Tensor, hidden: int) -> Tensor:
     return _ops.packed_swiglu(x, packed_gate_up, hidden)
 
 
-@torch.library.register_fake("leanformer::packed_swiglu")
-def _packed_swiglu_fake(x, packed_gate_up, hidden):
-    torch._check(x.shape[-1] == packed_gate_up.shape[2], lambda: "packed_swiglu: x.shape[-1] must be packed_gate_up.shape[2]")
-    return x.new_empty([*x.shape[:-1], hidden])
-
-
 def _swiglu_setup(ctx, inputs, output):
     x, packed, hidden = inputs
     ctx.hidden = hidden
@@ -142,8 +138,8 @@ def _swiglu_backward(ctx, grad_y):
     if ctx.needs_input_grad[0]:
         grad_x = grad_g @ wg + grad_u @ wu
     if ctx.needs_input_grad[1]:
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_p = pack_swiglu_weight(grad_g.reshape(-1, ctx.hidden).t() @ x2, grad_u.reshape(-1, ctx.hidden).t() @ x2)
+        x2 = _rows(x)
+        grad_p = pack_swiglu_weight(_rows(grad_g).t() @ x2, _rows(grad_u).t() @ x2)
     return grad_x, grad_p, None
 
 

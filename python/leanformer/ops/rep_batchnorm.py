@@ -108,17 +108,6 @@ def _update_running_stats(x, mask, mean, invstd, running_mean, running_var, mome
         running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
 
 
-@torch.library.register_fake("leanformer::rep_batchnorm")
-def _rep_batchnorm_fake(x, weight, bias, alpha, running_mean, running_var, training, eps, mask):
-    C = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty(C), weight.new_empty(C)
-
-
-@torch.library.register_fake("leanformer::rep_batchnorm_backward")
-def _rep_batchnorm_backward_fake(grad_y, x, weight, alpha, mean, invstd, training, mask):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape), alpha.new_empty(alpha.shape)
-
-
 def _setup(ctx, inputs, output):
     x, weight, bias, alpha, running_mean, running_var, training, eps, mask = inputs
     y, mean, invstd = output
@@ -137,20 +126,6 @@ def _backward(ctx, grad_y, _grad_mean, _grad_invstd):
 torch.library.register_autograd("leanformer::rep_batchnorm", _backward, setup_context=_setup)
 
 
-@torch.library.register_fake("leanformer::progressive_norm")
-def _progressive_norm_fake(x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, running_mean, running_var,
-                           gamma, training, ln_eps, bn_eps, mask):
-    C = x.shape[-1]
-    return x.new_empty(x.shape), bn_weight.new_empty(C), bn_weight.new_empty(C)
-
-
-@torch.library.register_fake("leanformer::progressive_norm_backward")
-def _progressive_norm_backward_fake(grad_y, x, ln_weight, bn_weight, alpha, mean, invstd, gamma,
-                                    training, ln_eps, mask):
-    C = x.shape[-1]
-    return (x.new_empty(x.shape), *(bn_weight.new_empty(C) for _ in range(4)), alpha.new_empty(alpha.shape))
-
-
 def _pn_setup(ctx, inputs, output):
     x, ln_weight, ln_bias, bn_weight, bn_bias, alpha, rm, rv, gamma, training, ln_eps, bn_eps, mask = inputs
     _, mean, invstd = output
@@ -167,22 +142,6 @@ def _pn_backward(ctx, grad_y, _grad_mean, _grad_invstd):
 
 
 torch.library.register_autograd("leanformer::progressive_norm", _pn_backward, setup_context=_pn_setup)
-
-
-@torch.library.register_fake("leanformer::rep_batchnorm_stats")
-def _rep_batchnorm_stats_fake(x, mask):
-    return x.new_empty(2 * x.shape[-1] + 1, dtype=torch.float64)
-
-
-@torch.library.register_fake("leanformer::progressive_norm_backward_reduce")
-def _progressive_norm_backward_reduce_fake(grad_y, x, bn_mean, bn_invstd, gamma, ln_eps):
-    return x.new_empty((4, x.shape[-1]), dtype=torch.float64)
-
-
-@torch.library.register_fake("leanformer::progressive_norm_backward_elemt")
-def _progressive_norm_backward_elemt_fake(grad_y, x, ln_weight, bn_weight, alpha, bn_mean, bn_invstd,
-                                          mean_dy, mean_dy_xhat, gamma, ln_eps, mask):
-    return x.new_empty(x.shape)
 
 
 # ---- synchronized statistics across torch.distributed ranks ----

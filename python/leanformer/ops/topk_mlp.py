@@ -6,8 +6,9 @@ activations are kept, so the down projection reads only k rows of ``W_down^T``.
 ``predicted_sparse_mlp`` computes the MLP on given (predicted) neurons only, so the up
 projection is sparse too (Deja Vu). The kernels are torch.ops.leanformer.topk_activation /
 sparse_down_projection / topk_mlp / predicted_sparse_mlp and
-their backward ops (C++ on CPU, CUDA on GPU). This file gives them typed wrappers, fake
-kernels for torch.compile and export, and autograd.
+their backward ops (C++ on CPU, CUDA on GPU; their fake kernels for torch.compile and export
+are the C++ Meta kernels of csrc/topk_mlp_meta.cpp, which run the same argument checks, all
+but the indices' values). This file gives them typed wrappers and autograd.
 
 Conventions shared by the three ops:
 
@@ -157,57 +158,6 @@ def predicted_sparse_mlp(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down
         >>> y = predicted_sparse_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.w_down_t(), mlp.fc2.bias, idx)
     """
     return _ops.predicted_sparse_mlp(x, w_up, b_up, w_down_t, b_down, indices, activation)[0]
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-def _with_last(t: Tensor, last) -> list:
-    return [*t.shape[:-1], last]
-
-
-@torch.library.register_fake("leanformer::topk_activation")
-def _topk_activation_fake(h, k, activation):
-    shape = _with_last(h, k)
-    return h.new_empty(shape), h.new_empty(shape, dtype=torch.long)
-
-
-@torch.library.register_fake("leanformer::topk_activation_backward")
-def _topk_activation_backward_fake(grad_values, h, indices, activation):
-    return h.new_empty(h.shape)
-
-
-@torch.library.register_fake("leanformer::sparse_down_projection")
-def _sparse_down_projection_fake(values, indices, w_down_t, bias):
-    return values.new_empty(_with_last(values, w_down_t.shape[1]))
-
-
-def _maybe(needed: bool, shape, like: Tensor) -> Tensor:
-    return like.new_empty(shape if needed else (0,))
-
-
-@torch.library.register_fake("leanformer::sparse_down_projection_backward")
-def _sparse_down_projection_backward_fake(grad_y, values, indices, w_down_t, output_mask):
-    return (_maybe(output_mask[0], values.shape, values),
-            _maybe(output_mask[1], w_down_t.shape, values),
-            _maybe(output_mask[2], (w_down_t.shape[1],), values))
-
-
-@torch.library.register_fake("leanformer::topk_mlp")
-def _topk_mlp_fake(x, w_up, b_up, w_down_t, b_down, k, activation):
-    shape = _with_last(x, k)
-    return x.new_empty(x.shape), x.new_empty(shape, dtype=torch.long), x.new_empty(shape)
-
-
-@torch.library.register_fake("leanformer::topk_mlp_backward")
-def _topk_mlp_backward_fake(grad_y, x, w_up, w_down_t, h_selected, indices, activation, output_mask):
-    return (_maybe(output_mask[0], x.shape, x), _maybe(output_mask[1], w_up.shape, x),
-            _maybe(output_mask[2], (w_up.shape[0],), x), _maybe(output_mask[3], w_down_t.shape, x),
-            _maybe(output_mask[4], (w_down_t.shape[1],), x))
-
-
-@torch.library.register_fake("leanformer::predicted_sparse_mlp")
-def _predicted_sparse_mlp_fake(x, w_up, b_up, w_down_t, b_down, indices, activation):
-    return x.new_empty(x.shape), x.new_empty(_with_last(x, indices.shape[-1]))
 
 
 # ---- autograd: each backward is itself a custom op ----

@@ -9,8 +9,10 @@ Tree token padding is -1, never a real id.
 
 Kernels: ``torch.ops.leanformer.tree_attention`` (softmax attention over a KV cache) and
 ``tree_linear_attention`` (SLAB's linear attention over a recurrent prefix state), C++ on CPU
-(csrc/tree_attention*_cpu.cpp) and CUDA (csrc/cuda/tree_attention_cuda.cu). Both are
-differentiable: the backward recomputes through the PyTorch reference
+(csrc/tree_attention*_cpu.cpp) and CUDA (csrc/cuda/tree_attention_cuda.cu); their fake
+kernels for torch.compile and export are the C++ Meta kernels of csrc/tree_attention_meta.cpp,
+which run the same argument checks (all but cache_lens' values and the mask's diagonal, which
+need the data). Both are differentiable: the backward recomputes through the PyTorch reference
 (:mod:`leanformer.reference.tree_attention`), which is what training a drafter through a tree
 needs.
 """
@@ -99,18 +101,6 @@ def tree_linear_attention(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor,
         torch.Size([1, 3, 4, 32])
     """
     return _ops.tree_linear_attention(q, k, v, S, z, tree_mask, eps)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-@torch.library.register_fake("leanformer::tree_attention")
-def _tree_attention_fake(q, k_cache, v_cache, cache_lens, k_tree, v_tree, tree_mask, scale):
-    return q.new_empty((*q.shape[:3], v_cache.shape[-1]))
-
-
-@torch.library.register_fake("leanformer::tree_linear_attention")
-def _tree_linear_attention_fake(q, k, v, S, z, tree_mask, eps):
-    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 # ---- autograd: the forward is the fused kernel; the backward recomputes the attention through

@@ -8,7 +8,10 @@ Tree token padding is -1, never a real id.
 
 Kernels: ``torch.ops.leanformer.sla_tree_commit`` (the accepted path folded into every
 layer's state, in place) and ``tree_dwconv`` (SLAB's causal depthwise conv of V along each
-node's branch), C++ on CPU (csrc/tree_state_*_cpu.cpp) and CUDA (csrc/cuda/tree_state_*_cuda.cu).
+node's branch), C++ on CPU (csrc/tree_state_*_cpu.cpp) and CUDA (csrc/cuda/tree_state_*_cuda.cu);
+their fake kernels for torch.compile and export are the C++ Meta kernels of
+csrc/tree_state_meta.cpp, which run the same argument checks (all but the values of parents
+and path, which need the data: a tree that is not one is refused by the real kernel).
 ``tree_dwconv`` is differentiable through the PyTorch reference
 (:mod:`leanformer.reference.tree_state`).
 """
@@ -73,18 +76,6 @@ def tree_dwconv(v: Tensor, conv_tail: Tensor, parents: Tensor, weight: Tensor, b
         >>> o = o + tree_dwconv(v, cache.conv_tail, tree.parents, attn.dwc.weight[:, 0], attn.dwc.bias)
     """
     return _ops.tree_dwconv(v, conv_tail, parents, weight, bias)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-@torch.library.register_fake("leanformer::sla_tree_commit")
-def _sla_tree_commit_fake(S, z, conv_tail, k, v, path, num_accepted):
-    return None
-
-
-@torch.library.register_fake("leanformer::tree_dwconv")
-def _tree_dwconv_fake(v, conv_tail, parents, weight, bias):
-    return v.new_empty(v.shape)
 
 
 # ---- autograd: through the PyTorch reference (for training drafters through a SLAB LM) ----

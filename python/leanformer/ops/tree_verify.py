@@ -9,7 +9,10 @@ Tree token padding is -1, never a real id.
 
 Kernels: ``torch.ops.leanformer.verify_tree_greedy``, ``verify_tree_sampling`` and
 ``compact_kv_cache``, C++ on CPU (csrc/tree_verify*_cpu.cpp) and CUDA
-(csrc/cuda/tree_verify_cuda.cu). Not differentiable. Sampling verification takes the warped
+(csrc/cuda/tree_verify_cuda.cu); their fake kernels for torch.compile and export are the C++
+Meta kernels of csrc/tree_verify_meta.cpp, which run the same argument checks (all but the
+values: parents forming a tree, token ids within the vocabulary, accepted paths ascending,
+cache_lens within the cache). Not differentiable. Sampling verification takes the warped
 distribution (:func:`leanformer.decoding.warp_probs`), the same warp plain sampling uses, so
 the two sample the same distribution.
 """
@@ -107,25 +110,3 @@ def compact_kv_cache(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accep
         >>> compact_kv_cache(k_cache, v_cache, cache_lens, acc, n)
     """
     _ops.compact_kv_cache(k_cache, v_cache, cache_lens, accepted, num_accepted)
-
-
-# ---- fake kernels: shapes and dtypes only, for torch.compile / export ----
-
-def _verification_fake(scores, tree_tokens):
-    B, T = scores.shape[:2]
-    return (tree_tokens.new_empty((B, T)), tree_tokens.new_empty((B,)), tree_tokens.new_empty((B,)))
-
-
-@torch.library.register_fake("leanformer::verify_tree_greedy")
-def _verify_tree_greedy_fake(logits, tree_tokens, parents):
-    return _verification_fake(logits, tree_tokens)
-
-
-@torch.library.register_fake("leanformer::verify_tree_sampling")
-def _verify_tree_sampling_fake(probs, tree_tokens, parents, uniforms):
-    return _verification_fake(probs, tree_tokens)
-
-
-@torch.library.register_fake("leanformer::compact_kv_cache")
-def _compact_kv_cache_fake(k_cache, v_cache, cache_lens, accepted, num_accepted):
-    return None

@@ -1,6 +1,7 @@
 """RepBN written the way a user would in eager PyTorch."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,9 +16,13 @@ def rep_batchnorm_reference(x: Tensor, weight: Tensor, bias: Tensor, alpha: Tens
     """BN(x) + alpha * x over every token of x [..., C]; updates the running buffers in place
     when training. With a mask, only the tokens where it is true enter the statistics."""
     C = x.shape[-1]
-    rows = x.reshape(-1, C)
+    rows = x.reshape(math.prod(x.shape[:-1]), C)  # -1 would be ambiguous for C = 0
     if mask is None:
-        y = F.batch_norm(rows, running_mean, running_var, weight, bias, training, momentum, eps)
+        # Contiguous weight and, in eval, running statistics: F.batch_norm's CPU backward reads
+        # strided ones as if contiguous (torch 2.14: wrong grad_input and grad_weight, correct
+        # forward). The running statistics it updates in training are passed as they are.
+        rm, rv = (running_mean, running_var) if training else (running_mean.contiguous(), running_var.contiguous())
+        y = F.batch_norm(rows, rm, rv, weight.contiguous(), bias.contiguous(), training, momentum, eps)
         return y.view_as(x) + alpha * x
     if not training:
         mean, var = running_mean, running_var

@@ -34,7 +34,8 @@ def _verification(paths: List[List[int]], bonus: List[int], T: int,
 def verify_tree_greedy_reference(logits: Tensor, tree_tokens: Tensor,
                                  parents: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """From the root, move to the first child whose token is the argmax of the current node's
-    logits; stop when there is none and emit that argmax as the bonus."""
+    logits (torch.argmax in the logits' own dtype: ties to the lowest id, NaN the maximum); stop
+    when there is none and emit that argmax as the bonus."""
     B, T, _ = logits.shape
     paths, bonus = [], []
     for b in range(B):
@@ -42,7 +43,7 @@ def verify_tree_greedy_reference(logits: Tensor, tree_tokens: Tensor,
         kids = _children(_parents_row(parents, b), tokens)
         node, path = 0, [0]
         while True:
-            best = int(logits[b, node].float().argmax())
+            best = int(logits[b, node].argmax())
             nxt = next((c for c in kids[node] if tokens[c] == best), None)
             if nxt is None:
                 bonus.append(best)

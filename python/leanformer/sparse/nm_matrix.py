@@ -44,8 +44,8 @@ def _pack(dense: Tensor, keep: Tensor, n: int, m: int) -> Tuple[Tensor, Tensor]:
     rank_key = (~keep).to(torch.int64) * m + col  # kept first, then by column
     idx = rank_key.argsort(dim=-1)[..., :n].sort(dim=-1).values
     values = (groups * keep).gather(-1, idx)
-    rows = dense.shape[0]
-    return values.reshape(rows, -1).contiguous(), pack_meta(idx.reshape(rows, -1), m)
+    rows, V = groups.shape[0], groups.shape[1] * n  # explicit: -1 is ambiguous for 0 rows
+    return values.reshape(rows, V).contiguous(), pack_meta(idx.reshape(rows, V), m)
 
 
 class NMSparseMatrix:
