@@ -57,6 +57,20 @@ void launch_scatter_gather(bool scatter, const at::Tensor& values, const at::Ten
   });
 }
 
+// y [tokens, rows] of the GEMV or CUTLASS made the dense product's where x has an inf or NaN
+// (nm_fix_nonfinite_kernel); decompress + cuBLAS is the dense product already.
+void fix_nonfinite_tokens(const at::Tensor& x2d, const at::Tensor& meta, const at::Tensor& y, int64_t n,
+                          int64_t m) {
+  const int64_t tokens = x2d.size(0), K = x2d.size(1), rows = y.size(1);
+  if (tokens == 0 || K == 0 || rows == 0) return;
+  TORCH_CHECK(tokens < (int64_t(1) << 31), "nm_sparse_linear on CUDA: too many tokens (", tokens, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_fix_nonfinite", [&] {
+    launch_kernel(nm_fix_nonfinite_kernel<scalar_t>, static_cast<unsigned>(tokens), kElementwiseThreads, 0,
+                  current_stream(), x2d.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), y.data_ptr<scalar_t>(),
+                  K, rows, meta.size(1), static_cast<int>(n), static_cast<int>(m));
+  });
+}
+
 // The compiled-in patterns: the benchmarked 2:4 and 1:4; every other N:M runs the generic one.
 template <typename scalar_t, int kT, bool kGrad>
 void launch_gemv_pattern(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& meta,
@@ -155,9 +169,14 @@ at::Tensor nm_sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   if (use_gemv(x2d)) {
     at::Tensor y = at::empty({x2d.size(0), rows}, x.options());
     if (x2d.size(0) > 0) launch_gemv(x2d, v, mt, b, at::Tensor(), y, n, m);
+    fix_nonfinite_tokens(x2d, mt, y, n, m);
     return y.view(out_shape);
   }
-  if (cutlass_eligible(x2d, rows, n, m)) return nm24_linear_cutlass(x2d, v, mt, b).view(out_shape);
+  if (cutlass_eligible(x2d, rows, n, m)) {
+    at::Tensor y = nm24_linear_cutlass(x2d, v, mt, b).contiguous();
+    fix_nonfinite_tokens(x2d, mt, y, n, m);
+    return y.view(out_shape);
+  }
   if (!(n == 2 && m == 4 && x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
     TORCH_WARN_ONCE("nm_sparse_linear: ", n, ":", m, " ", x.scalar_type(), " at ", x2d.size(0),
                     " tokens runs as decompress + cuBLAS dense GEMM (the GEMV kernel takes <= ", kMaxGemvTokens,

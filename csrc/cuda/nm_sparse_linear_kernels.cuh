@@ -8,6 +8,7 @@
 #include "device.cuh"
 
 #include <cstdint>
+#include <limits>
 
 namespace leanformer {
 namespace {
@@ -193,6 +194,54 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     dense[row * K + col] = values[i];
   else
     values[i] = dense[row * K + col];
+}
+
+// Whether row `meta_row` of S keeps column c (holds one of its values; a pruned entry is a zero).
+__device__ __forceinline__ bool keeps_column(const int32_t* __restrict__ meta_row, int64_t c, int n, int m) {
+  const int bits = nm_meta_bits(m);
+  const int64_t g = c / m;
+  const uint32_t in_group = static_cast<uint32_t>(c - g * m), field = (1u << bits) - 1;
+  for (int64_t j = g * n; j < (g + 1) * n; ++j) {
+    const int64_t bit = j * bits;
+    if (((static_cast<uint32_t>(meta_row[bit >> 5]) >> (bit & 31)) & field) == in_group) return true;
+  }
+  return false;
+}
+
+// y = x @ S^T from the sparse kernels (the GEMV, CUTLASS), made the dense product's for tokens
+// with an inf or NaN in x, as on the CPU: y[t, r] = NaN where row r prunes a column c with
+// x[t, c] non-finite (0 * inf = 0 * NaN = NaN in x @ S_dense^T). One block per token: its
+// threads scan x[t] for a non-finite value; only such a token's rows are then checked, each
+// against every non-finite column. Finite inputs cost the scan of x.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    nm_fix_nonfinite_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ meta,
+                            scalar_t* __restrict__ y, int64_t K, int64_t rows, int64_t words, int n,
+                            int m) {
+  using acc_t = opmath_t<scalar_t>;
+  __shared__ int any_nonfinite;
+  const scalar_t* xt = x + static_cast<int64_t>(blockIdx.x) * K;
+  if (threadIdx.x == 0) any_nonfinite = 0;
+  __syncthreads();
+  bool found = false;
+  for (int64_t c = threadIdx.x; c < K; c += kElementwiseThreads) {
+    const acc_t v = static_cast<acc_t>(xt[c]);
+    found |= (v - v) != acc_t(0);  // inf - inf and NaN - NaN are NaN
+  }
+  if (found) any_nonfinite = 1;
+  __syncthreads();
+  if (!any_nonfinite) return;
+  scalar_t* yt = y + static_cast<int64_t>(blockIdx.x) * rows;
+  for (int64_t r = threadIdx.x; r < rows; r += kElementwiseThreads) {
+    const int32_t* meta_row = meta + r * words;
+    for (int64_t c = 0; c < K; ++c) {
+      const acc_t v = static_cast<acc_t>(xt[c]);
+      if ((v - v) != acc_t(0) && !keeps_column(meta_row, c, n, m)) {
+        yt[r] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        break;
+      }
+    }
+  }
 }
 
 }  // namespace
