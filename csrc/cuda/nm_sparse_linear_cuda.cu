@@ -31,6 +31,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -160,7 +161,9 @@ at::Tensor nm_sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   check_nm_sparse_linear_inputs(x, values, meta, bias, n, m);
   DeviceGuard guard(x.device());
   const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  // Tokens explicitly: reshape's -1 is ambiguous with no columns (K == 0).
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2d = x.reshape({tokens, K}).contiguous();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
@@ -191,8 +194,10 @@ std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cuda(
   check_nm_sparse_linear_backward_inputs(grad_y, x, values, meta, n, m);
   DeviceGuard guard(x.device());
   const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
-  const at::Tensor gy2d = grad_y.reshape({-1, rows}).contiguous();
+  // Tokens explicitly: reshape's -1 is ambiguous with no columns (K == 0).
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2d = x.reshape({tokens, K}).contiguous();
+  const at::Tensor gy2d = grad_y.reshape({tokens, rows}).contiguous();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   at::Tensor grad_x = at::empty({0}, x.options()), grad_values = at::empty({0}, values.options());
   if (output_mask[0]) {

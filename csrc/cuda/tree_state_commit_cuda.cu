@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -23,6 +24,13 @@ inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(
 void sla_tree_commit_cuda(at::TensorList S, at::TensorList z, at::TensorList conv_tail, at::TensorList k,
                           at::TensorList v, const at::Tensor& path_in, const at::Tensor& num_accepted_in) {
   check_sla_tree_commit_inputs(S, z, conv_tail, k, v, path_in, num_accepted_in);
+  // Written in place through their strides: refuse an expanded S, z or tail (stride 0 over the
+  // batch), as the CPU kernel does; every sequence's block would race on the one shared row.
+  for (size_t l = 0; l < S.size(); ++l) {
+    at::assert_no_internal_overlap(S[l]);
+    at::assert_no_internal_overlap(z[l]);
+    if (!conv_tail.empty()) at::assert_no_internal_overlap(conv_tail[l]);
+  }
   const DeviceGuard device_guard(S[0].device());
   const cudaStream_t stream = current_stream();
   const at::Tensor path = path_in.contiguous(), num = num_accepted_in.contiguous();

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -103,6 +104,11 @@ void compact_kv_cache_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& cache_lens, const at::Tensor& accepted,
                            const at::Tensor& num_accepted) {
   check_compact_kv_cache_inputs(k_cache, v_cache, cache_lens, accepted, num_accepted);
+  // Written in place: refuse an expanded cache or cache_lens (elements sharing memory), as the CPU
+  // kernel does; its blocks would race on the shared slots.
+  at::assert_no_internal_overlap(k_cache);
+  at::assert_no_internal_overlap(v_cache);
+  at::assert_no_internal_overlap(cache_lens);
   const DeviceGuard device_guard(k_cache.device());
   const cudaStream_t stream = current_stream();
   const at::Tensor acc = accepted.contiguous(), num = num_accepted.contiguous();
