@@ -125,7 +125,7 @@ def test_bad_inputs_raise_clear_errors(device):
     if device == "cpu":  # on CUDA an index out of range is a device-side assert
         cases += [(lambda: f(x, w_up, b_up, w_down_t, b_down, idx + 40), "indices must be in \\[0, d_ff\\) = \\[0, 40\\)"),
                   (lambda: f(x, w_up, b_up, w_down_t, b_down, idx - 40), "indices must be in \\[0, d_ff\\) = \\[0, 40\\)")]
-    else:
+    elif device == "cuda":  # emu tensors are CPU tensors: no second device type there
         cases.append((lambda: f(x, w_up, b_up, w_down_t, b_down, idx.cpu()), "indices is on cpu but x is on cuda"))
     for fn, message in cases:
         with pytest.raises((RuntimeError, ValueError), match=message):
