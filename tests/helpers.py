@@ -6,24 +6,53 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from leanformer import emu
 from leanformer.reference import ancestor_mask
 
 # ---- devices and dtypes ----
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "emu": the CUDA kernels emulated on the CPU (leanformer.emu, built by `python -m
+# leanformer.emu build`): the CUDA test cases run there on every machine, skipped with the
+# reason where the emulation is not built. tests/conftest.py makes the device string "emu"
+# work in a test that takes a `device` parameter.
+EMU_UNAVAILABLE = emu.unavailable_reason()
+GPU_DEVICES = (["cuda"] if torch.cuda.is_available() else []) + ["emu"]
+DEVICES = ["cpu"] + GPU_DEVICES
+# The devices torch itself knows, for tests of modules, models and formats above the ops (the
+# emulated device is for the op tests: nn.Module.to does not take "emu").
+TORCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def is_gpu(device):
+    """The CUDA kernels run on this device: "cuda", or "emu", their CPU emulation."""
+    return device in ("cuda", "emu")
+
+
+def generator_device(device):
+    """The device of a torch.Generator that draws tensors for `device` ("emu" draws on the CPU)."""
+    return "cpu" if device == "emu" else device
+
+
+def skip_on_emu(device, why):
+    """Skips a case of the emulated device: tests of what the emulation does not model (fake
+    kernels under torch.compile / opcheck, two device types, CUDA generators, host syncs)."""
+    if device == "emu":
+        pytest.skip(f"not on the CUDA emulation: {why}")
 
 
 def dtypes_for(device):
     """Every dtype the ops accept on that device (fp64 is for gradcheck, tested there)."""
-    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if is_gpu(device) else [])
 
 
-def device_dtypes(*, fp64=False):
+def device_dtypes(*, fp64=False, devices=None):
     """(device, dtype) pairs for ``@pytest.mark.parametrize("device,dtype", ...)``: every
-    device with :func:`dtypes_for`, plus float64 where ``fp64``."""
-    return [(d, dt) for d in DEVICES for dt in dtypes_for(d) + ([torch.float64] if fp64 else [])]
+    device (of ``devices``, default DEVICES) with :func:`dtypes_for`, plus float64 where ``fp64``."""
+    return [(d, dt) for d in (DEVICES if devices is None else devices)
+            for dt in dtypes_for(d) + ([torch.float64] if fp64 else [])]
 
 
 # ---- tolerances and the comparison against a reference ----

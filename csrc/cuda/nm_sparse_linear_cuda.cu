@@ -26,12 +26,12 @@
 // (16 columns for 2:4, 32 for 1:4), which without the skew would land on the same banks.
 // fp32 accumulation; a warp-shuffle reduction ends each row.
 #include "nm_sparse_linear_cutlass.h"
+#include "launch.h"
+#include "nm_sparse_linear_kernels.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,201 +43,32 @@
 namespace leanformer {
 namespace {
 
-constexpr int kMaxGemvTokens = 8;
-constexpr int kGemvWarps = 8;  // rows per block
-constexpr int kGemvThreads = 32 * kGemvWarps;
-constexpr int kLaneValues = 8;                     // values (one meta word) per lane step
-constexpr int kWarpValues = 32 * kLaneValues;      // values per warp step
-constexpr int kChunkAlign = 128;                   // chunk columns: multiple of 8 * m (m <= 16)
-constexpr int kGemvSmemBytes = 40 * 1024;          // under the 48 KB default limit
-constexpr int kElementwiseThreads = 256;
-
-__device__ __forceinline__ int skew(int c) { return c + (c >> 5); }
-inline int skewed_pitch(int chunk) { return chunk + chunk / 32; }
-
-// 8 values as one (fp16/bf16) or two (fp32) 16-byte words.
-template <typename scalar_t>
-union Pack8 {
-  uint4 raw[kLaneValues * sizeof(scalar_t) / 16];
-  scalar_t e[kLaneValues];
-};
-
-// The 8 values j0 .. j0+7 of a row as fp32; kVec: aligned 16-byte loads.
-template <typename scalar_t, bool kVec>
-__device__ __forceinline__ void load_values(const scalar_t* __restrict__ p, int count, float (&v)[8]) {
-  if constexpr (kVec) {
-    Pack8<scalar_t> u;
-#pragma unroll
-    for (int w = 0; w < int(sizeof(u.raw) / 16); ++w) u.raw[w] = __ldg(reinterpret_cast<const uint4*>(p) + w);
-#pragma unroll
-    for (int i = 0; i < kLaneValues; ++i) v[i] = static_cast<float>(u.e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kLaneValues; ++i) v[i] = i < count ? static_cast<float>(p[i]) : 0.f;
-  }
-}
-
-template <typename scalar_t, bool kVec>
-__device__ __forceinline__ void store_values(scalar_t* __restrict__ p, int count, const float (&v)[8]) {
-  if constexpr (kVec) {
-    Pack8<scalar_t> u;
-#pragma unroll
-    for (int i = 0; i < kLaneValues; ++i) u.e[i] = static_cast<scalar_t>(v[i]);
-#pragma unroll
-    for (int w = 0; w < int(sizeof(u.raw) / 16); ++w) reinterpret_cast<uint4*>(p)[w] = u.raw[w];
-  } else {
-#pragma unroll
-    for (int i = 0; i < kLaneValues; ++i)
-      if (i < count) p[i] = static_cast<scalar_t>(v[i]);
-  }
-}
-
-// Columns (relative to the chunk start c0) of values j0 .. j0+7 (j0 % 8 == 0) from the meta
-// word holding their indices. kN > 0: the pattern is compiled in (kN divides 8, so j0 starts
-// a group and the group of value e is e / kN).
-template <int kN, int kM>
-__device__ __forceinline__ void decode_columns(uint32_t word, int shift, int64_t j0, int n, int m,
-                                               int64_t c0, int (&col)[8]) {
-  if constexpr (kN > 0) {
-    constexpr int kBits = kM == 2 ? 1 : (kM == 4 ? 2 : 4);
-    const int base = static_cast<int>(j0 / kN * kM - c0);
-#pragma unroll
-    for (int e = 0; e < kLaneValues; ++e)
-      col[e] = base + (e / kN) * kM + static_cast<int>((word >> (shift + e * kBits)) & ((1u << kBits) - 1));
-  } else {
-    const int bits = nm_meta_bits(m);
-    const int64_t g = j0 / n;
-    int t = static_cast<int>(j0 - g * n);
-    int base = static_cast<int>(g * m - c0);
-#pragma unroll
-    for (int e = 0; e < kLaneValues; ++e) {
-      col[e] = base + static_cast<int>((word >> (shift + e * bits)) & ((1u << bits) - 1));
-      if (++t == n) {
-        t = 0;
-        base += m;
-      }
-    }
-  }
-}
-
-// kGradValues = false: y[t, row] = sum_j values[row, j] x[t, col(row, j)] + bias[row].
-// kGradValues = true:  grad_values[row, j] = sum_t grad_y[t, row] x[t, col(row, j)].
-// kT >= tokens (padded tokens read zeros). kN = 0: the pattern (n, m) is read at run time and
-// values are loaded one by one (no alignment assumed).
-template <typename scalar_t, int kT, int kN, int kM, bool kGradValues>
-__global__ void __launch_bounds__(kGemvThreads)
-    nm_gemv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ values,
-                   const int32_t* __restrict__ meta, const scalar_t* __restrict__ bias,
-                   const scalar_t* __restrict__ grad_y, scalar_t* __restrict__ out, int tokens,
-                   int64_t rows, int64_t K, int64_t kc, int64_t words, int n, int m, int chunk) {
-  extern __shared__ float xs[];  // [kT][skewed_pitch(chunk)]
-  constexpr bool kVec = kN > 0;
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  const bool active = row < rows;
-  const int n_ = kN > 0 ? kN : n, m_ = kN > 0 ? kM : m, bits = nm_meta_bits(m_);
-  const int pitch = chunk + chunk / 32;
-  const scalar_t* vrow = values + (active ? row : 0) * kc;
-  scalar_t* grow = out + (active ? row : 0) * kc;  // grad_values row
-  const uint32_t* mrow = reinterpret_cast<const uint32_t*>(meta) + (active ? row : 0) * words;
-
-  float acc[kT];  // forward: per-token sums; grad: this row's grad_y
-#pragma unroll
-  for (int t = 0; t < kT; ++t)
-    acc[t] = (kGradValues && active && t < tokens) ? static_cast<float>(grad_y[t * rows + row]) : 0.f;
-
-  for (int64_t c0 = 0; c0 < K; c0 += chunk) {
-    const int width = static_cast<int>(K - c0 < chunk ? K - c0 : chunk);
-    __syncthreads();  // the previous chunk is consumed
-    for (int i = threadIdx.x; i < kT * chunk; i += kGemvThreads) {
-      const int t = i / chunk, c = i - t * chunk;
-      xs[t * pitch + skew(c)] = (t < tokens && c < width) ? static_cast<float>(x[t * K + c0 + c]) : 0.f;
-    }
-    __syncthreads();
-    if (!active) continue;
-    // width is a multiple of m (chunk is, and so is K), so [v0, v1) are whole groups and
-    // v1 - v0 is a multiple of 8 except at the row's end.
-    const int64_t v0 = c0 / m_ * n_;
-    const int64_t v1 = (c0 + width) / m_ * n_;
-#pragma unroll 2
-    for (int64_t j0 = v0 + lane * kLaneValues; j0 < v1; j0 += kWarpValues) {
-      const int count = static_cast<int>(v1 - j0 < kLaneValues ? v1 - j0 : kLaneValues);
-      const int64_t bitpos = j0 * bits;
-      const uint32_t word = __ldg(mrow + (bitpos >> 5));
-      int col[kLaneValues];
-      decode_columns<kN, kM>(word, static_cast<int>(bitpos & 31), j0, n_, m_, c0, col);
-      if constexpr (!kGradValues) {
-        float v[kLaneValues];
-        load_values<scalar_t, kVec>(vrow + j0, count, v);
-#pragma unroll
-        for (int e = 0; e < kLaneValues; ++e) {
-          if (kVec || e < count) {
-            const float* xc = xs + skew(col[e]);
-#pragma unroll
-            for (int t = 0; t < kT; ++t) acc[t] = fmaf(v[e], xc[t * pitch], acc[t]);
-          }
-        }
-      } else {
-        float g[kLaneValues];
-#pragma unroll
-        for (int e = 0; e < kLaneValues; ++e) {
-          g[e] = 0.f;
-          if (kVec || e < count) {
-            const float* xc = xs + skew(col[e]);
-#pragma unroll
-            for (int t = 0; t < kT; ++t) g[e] = fmaf(acc[t], xc[t * pitch], g[e]);
-          }
-        }
-        store_values<scalar_t, kVec>(grow + j0, count, g);
-      }
-    }
-  }
-  if constexpr (!kGradValues) {
-#pragma unroll
-    for (int t = 0; t < kT; ++t)
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
-    if (active && lane == 0) {
-      const float b = bias ? static_cast<float>(bias[row]) : 0.f;
-#pragma unroll
-      for (int t = 0; t < kT; ++t)
-        if (t < tokens) out[t * rows + row] = static_cast<scalar_t>(acc[t] + b);
-    }
-  }
-}
-
-// kScatter: dense[row, col(row, j)] = values[row, j] (dense zeroed beforehand; columns of a
-// row are distinct, so no two threads write one element). Else the gather:
-// values[row, j] = dense[row, col(row, j)]. One thread per value.
-template <typename scalar_t, bool kScatter>
-__global__ void __launch_bounds__(kElementwiseThreads)
-    nm_scatter_gather_kernel(scalar_t* __restrict__ values, const int32_t* __restrict__ meta,
-                             scalar_t* __restrict__ dense, int64_t total, int64_t kc, int64_t words,
-                             int64_t K, int n, int m) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x;
-  if (i >= total) return;
-  const int bits = nm_meta_bits(m);
-  const int64_t row = i / kc, j = i - row * kc, bitpos = j * bits;
-  const uint32_t word = reinterpret_cast<const uint32_t*>(meta)[row * words + (bitpos >> 5)];
-  const int64_t col = j / n * m + ((word >> (bitpos & 31)) & ((1u << bits) - 1));
-  if constexpr (kScatter)
-    dense[row * K + col] = values[i];
-  else
-    values[i] = dense[row * K + col];
-}
 
 void launch_scatter_gather(bool scatter, const at::Tensor& values, const at::Tensor& meta,
                            const at::Tensor& dense, int64_t n, int64_t m) {
   const int64_t total = values.numel();
   if (total == 0) return;
   const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "nm_scatter_gather", [&] {
     auto kernel = scatter ? nm_scatter_gather_kernel<scalar_t, true> : nm_scatter_gather_kernel<scalar_t, false>;
-    kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
-        values.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), dense.data_ptr<scalar_t>(), total,
-        values.size(1), meta.size(1), dense.size(1), static_cast<int>(n), static_cast<int>(m));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, blocks, kElementwiseThreads, 0, stream, values.data_ptr<scalar_t>(),
+                  meta.data_ptr<int32_t>(), dense.data_ptr<scalar_t>(), total, values.size(1), meta.size(1),
+                  dense.size(1), static_cast<int>(n), static_cast<int>(m));
+  });
+}
+
+// y [tokens, rows] of the GEMV or CUTLASS made the dense product's where x has an inf or NaN
+// (nm_fix_nonfinite_kernel); decompress + cuBLAS is the dense product already.
+void fix_nonfinite_tokens(const at::Tensor& x2d, const at::Tensor& meta, const at::Tensor& y, int64_t n,
+                          int64_t m) {
+  const int64_t tokens = x2d.size(0), K = x2d.size(1), rows = y.size(1);
+  if (tokens == 0 || K == 0 || rows == 0) return;
+  TORCH_CHECK(tokens < (int64_t(1) << 31), "nm_sparse_linear on CUDA: too many tokens (", tokens, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_fix_nonfinite", [&] {
+    launch_kernel(nm_fix_nonfinite_kernel<scalar_t>, static_cast<unsigned>(tokens), kElementwiseThreads, 0,
+                  current_stream(), x2d.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), y.data_ptr<scalar_t>(),
+                  K, rows, meta.size(1), static_cast<int>(n), static_cast<int>(m));
   });
 }
 
@@ -261,11 +92,10 @@ void launch_gemv_pattern(const at::Tensor& x2d, const at::Tensor& values, const 
   auto kernel = nm_gemv_kernel<scalar_t, kT, 0, 0, kGrad>;
   if (aligned && n == 2 && m == 4) kernel = nm_gemv_kernel<scalar_t, kT, 2, 4, kGrad>;
   if (aligned && n == 1 && m == 4) kernel = nm_gemv_kernel<scalar_t, kT, 1, 4, kGrad>;
-  kernel<<<blocks, kGemvThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      x2d.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), bias, grad_y,
-      out.data_ptr<scalar_t>(), tokens, rows, K, kc, meta.size(1), static_cast<int>(n), static_cast<int>(m),
-      chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, blocks, kGemvThreads, smem, current_stream(), x2d.data_ptr<scalar_t>(),
+                values.data_ptr<scalar_t>(), meta.data_ptr<int32_t>(), bias, grad_y,
+                out.data_ptr<scalar_t>(), tokens, rows, K, kc, meta.size(1), static_cast<int>(n),
+                static_cast<int>(m), chunk);
 }
 
 // Forward (grad_y undefined) or grad_values (grad_y [T, rows]) for T <= kMaxGemvTokens.
@@ -329,9 +159,11 @@ bool cutlass_eligible(const at::Tensor& x2d, int64_t rows, int64_t n, int64_t m)
 at::Tensor nm_sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                  const std::optional<at::Tensor>& bias, int64_t n, int64_t m) {
   check_nm_sparse_linear_inputs(x, values, meta, bias, n, m);
-  c10::cuda::CUDAGuard guard(x.device());
+  DeviceGuard guard(x.device());
   const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  // Tokens explicitly: reshape's -1 is ambiguous with no columns (K == 0).
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2d = x.reshape({tokens, K}).contiguous();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
@@ -340,9 +172,14 @@ at::Tensor nm_sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, 
   if (use_gemv(x2d)) {
     at::Tensor y = at::empty({x2d.size(0), rows}, x.options());
     if (x2d.size(0) > 0) launch_gemv(x2d, v, mt, b, at::Tensor(), y, n, m);
+    fix_nonfinite_tokens(x2d, mt, y, n, m);
     return y.view(out_shape);
   }
-  if (cutlass_eligible(x2d, rows, n, m)) return nm24_linear_cutlass(x2d, v, mt, b).view(out_shape);
+  if (cutlass_eligible(x2d, rows, n, m)) {
+    at::Tensor y = nm24_linear_cutlass(x2d, v, mt, b).contiguous();
+    fix_nonfinite_tokens(x2d, mt, y, n, m);
+    return y.view(out_shape);
+  }
   if (!(n == 2 && m == 4 && x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
     TORCH_WARN_ONCE("nm_sparse_linear: ", n, ":", m, " ", x.scalar_type(), " at ", x2d.size(0),
                     " tokens runs as decompress + cuBLAS dense GEMM (the GEMV kernel takes <= ", kMaxGemvTokens,
@@ -355,10 +192,12 @@ std::tuple<at::Tensor, at::Tensor> nm_sparse_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
     int64_t n, int64_t m, std::array<bool, 2> output_mask) {
   check_nm_sparse_linear_backward_inputs(grad_y, x, values, meta, n, m);
-  c10::cuda::CUDAGuard guard(x.device());
+  DeviceGuard guard(x.device());
   const int64_t K = x.size(-1), rows = values.size(0);
-  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
-  const at::Tensor gy2d = grad_y.reshape({-1, rows}).contiguous();
+  // Tokens explicitly: reshape's -1 is ambiguous with no columns (K == 0).
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2d = x.reshape({tokens, K}).contiguous();
+  const at::Tensor gy2d = grad_y.reshape({tokens, rows}).contiguous();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   at::Tensor grad_x = at::empty({0}, x.options()), grad_values = at::empty({0}, values.options());
   if (output_mask[0]) {
@@ -388,7 +227,7 @@ at::Tensor nm_decompress_cuda(const at::Tensor& values, const at::Tensor& meta, 
   return dense;
 }
 
-TORCH_LIBRARY_IMPL(leanformer, CUDA, m) {
+LEANFORMER_CUDA_LIBRARY_IMPL(m) {
   m.impl("nm_sparse_linear", &nm_sparse_linear_cuda);
   m.impl("nm_sparse_linear_backward", &nm_sparse_linear_backward_cuda);
 }

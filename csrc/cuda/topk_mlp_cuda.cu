@@ -20,14 +20,12 @@
 // scatter_rows: atomicAdd into the fp32 (fp64) accumulator; its sum order is not fixed.
 // Indices out of [0, d_ff) trip a device-side assert (a host check would need a sync).
 #include "../topk_mlp_checks.h"
+#include "launch.h"
+#include "topk_mlp_kernels.cuh"
 #include "../topk_mlp_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cub/block/block_scan.cuh>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,219 +34,6 @@
 namespace leanformer {
 namespace {
 
-constexpr int kSelectThreads = 256;
-constexpr int kColTile = 256;     // gather_rows / scatter_rows: columns per block
-constexpr int kRowChunk = 256;    // gather_rows: (value, index) pairs staged per step
-constexpr int kDotWarps = 8;      // gather_dot: pairs per block
-constexpr int kMaxSplitRows = 8;  // gather_rows: split k only for this many tokens or fewer
-
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename scalar_t>
-using key_type = std::conditional_t<std::is_same_v<scalar_t, double>, uint64_t, uint32_t>;
-
-template <typename scalar_t, bool kRelu>
-__device__ __forceinline__ scalar_t activate(scalar_t x) {
-  // NaN passes through, as in F.relu. Compared in the op math type: a tiny negative double
-  // must not round to -0.0f first.
-  return (kRelu && static_cast<at::opmath_type<scalar_t>>(x) < 0) ? scalar_t(0) : x;
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ key_type<scalar_t> key_of(scalar_t v) {
-  if constexpr (std::is_same_v<scalar_t, double>)
-    return order_key(v);
-  else
-    return order_key(static_cast<float>(v));
-}
-
-template <typename scalar_t, bool kRelu>
-__global__ void __launch_bounds__(kSelectThreads)
-    topk_select_kernel(const scalar_t* __restrict__ h, int64_t d_ff, int64_t k,
-                       scalar_t* __restrict__ values, int64_t* __restrict__ indices,
-                       scalar_t* __restrict__ pre) {
-  using key_t = key_type<scalar_t>;
-  constexpr int kBits = 8 * sizeof(key_t);
-  using Scan = cub::BlockScan<uint32_t, kSelectThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ uint32_t hist[256];
-  __shared__ key_t s_prefix;
-  __shared__ int64_t s_remaining;
-
-  const int tid = threadIdx.x, lane = tid % 32;
-  const int64_t row = blockIdx.x;
-  const scalar_t* x = h + row * d_ff;
-
-  // ---- radix select: the k-th largest key T, and how many keys equal to T are taken ----
-  key_t prefix = 0, mask = 0;
-  int64_t remaining = k;  // still to take among the keys matching prefix under mask
-  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
-    for (int b = tid; b < 256; b += kSelectThreads) hist[b] = 0;
-    __syncthreads();
-    for (int64_t i = tid; i < d_ff; i += kSelectThreads) {
-      const key_t key = key_of(activate<scalar_t, kRelu>(x[i]));
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
-    }
-    __syncthreads();
-    if (tid < 32) {
-      // Lane l holds bins 255 - 8l - t (t < 8): the warp scans the histogram from the top.
-      uint32_t cnt[8], local = 0;
-#pragma unroll
-      for (int t = 0; t < 8; ++t) local += (cnt[t] = hist[255 - (8 * lane + t)]);
-      uint32_t incl = local;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += y;
-      }
-      int64_t above = incl - local;  // keys in the bins above this lane's
-      if (above < remaining && remaining <= static_cast<int64_t>(incl)) {
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          if (above + cnt[t] >= remaining) {
-            s_prefix = prefix | (static_cast<key_t>(255 - (8 * lane + t)) << shift);
-            s_remaining = remaining - above;
-            break;
-          }
-          above += cnt[t];
-        }
-      }
-    }
-    __syncthreads();
-    prefix = s_prefix;
-    remaining = s_remaining;
-    mask |= static_cast<key_t>(0xFF) << shift;
-  }
-  const key_t T = prefix;
-  const int64_t take_equal = remaining;
-
-  // ---- output in index order: slot = greater-before + min(equal-before, take_equal) ----
-  int64_t gt_total = 0, eq_total = 0;
-  for (int64_t base = 0; base < d_ff && gt_total + imin(eq_total, take_equal) < k;
-       base += kSelectThreads) {
-    const int64_t i = base + tid;
-    scalar_t a = scalar_t(0);
-    bool gt = false, eq = false;
-    if (i < d_ff) {
-      a = activate<scalar_t, kRelu>(x[i]);
-      const key_t key = key_of(a);
-      gt = key > T;
-      eq = key == T;
-    }
-    // Counts per tile are <= 256: greater in the high half, equal in the low half.
-    uint32_t packed = (uint32_t(gt) << 16) | uint32_t(eq), before, tile_total;
-    Scan(scan_storage).ExclusiveSum(packed, before, tile_total);
-    const int64_t gt_before = gt_total + (before >> 16), eq_before = eq_total + (before & 0xFFFF);
-    if (gt || (eq && eq_before < take_equal)) {
-      const int64_t slot = row * k + gt_before + imin(eq_before, take_equal);
-      indices[slot] = i;
-      values[slot] = a;
-      if (pre) pre[slot] = x[i];
-    }
-    gt_total += tile_total >> 16;
-    eq_total += tile_total & 0xFFFF;
-    __syncthreads();  // scan_storage is reused by the next tile
-  }
-}
-
-// out[n, c] (or partial[split, n, c]) = sum over this split's j of v[n, j] * table[idx[n, j], c].
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kColTile)
-    gather_rows_kernel(const acc_t* __restrict__ v, const int64_t* __restrict__ idx, int64_t N,
-                       int64_t k, const scalar_t* __restrict__ table, int64_t d_ff, int64_t C,
-                       int64_t col_tiles, int64_t rows_per_split, const scalar_t* __restrict__ bias,
-                       acc_t* __restrict__ partial, scalar_t* __restrict__ out) {
-  __shared__ acc_t sv[kRowChunk];
-  __shared__ int64_t si[kRowChunk];
-  const int64_t n = blockIdx.x / col_tiles, c = (blockIdx.x % col_tiles) * kColTile + threadIdx.x;
-  const int64_t j0 = blockIdx.y * rows_per_split, j1 = imin(k, j0 + rows_per_split);
-  acc_t acc = 0;
-  for (int64_t jc = j0; jc < j1; jc += kRowChunk) {
-    const int len = static_cast<int>(imin(kRowChunk, j1 - jc));
-    if (threadIdx.x < len) {
-      const int64_t i = idx[n * k + jc + threadIdx.x];
-      CUDA_KERNEL_ASSERT(i >= 0 && i < d_ff && "indices must be in [0, d_ff)");
-      si[threadIdx.x] = i;
-      sv[threadIdx.x] = v[n * k + jc + threadIdx.x];
-    }
-    __syncthreads();
-    if (c < C) {
-#pragma unroll 4
-      for (int jj = 0; jj < len; ++jj) acc += sv[jj] * static_cast<acc_t>(table[si[jj] * C + c]);
-    }
-    __syncthreads();
-  }
-  if (c >= C) return;
-  if (partial) {
-    partial[(blockIdx.y * N + n) * C + c] = acc;
-  } else {
-    if (bias) acc += static_cast<acc_t>(bias[c]);
-    out[n * C + c] = static_cast<scalar_t>(acc);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void reduce_splits_kernel(const acc_t* __restrict__ partial, int64_t splits,
-                                     int64_t NC, int64_t C, const scalar_t* __restrict__ bias,
-                                     scalar_t* __restrict__ out) {
-  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (e >= NC) return;
-  acc_t acc = bias ? static_cast<acc_t>(bias[e % C]) : acc_t(0);
-  for (int64_t s = 0; s < splits; ++s) acc += partial[s * NC + e];
-  out[e] = static_cast<scalar_t>(acc);
-}
-
-// out[p] = g[p / k] . table[idx[p]], one warp per pair p = n * k + j.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDotWarps * 32)
-    gather_dot_kernel(const acc_t* __restrict__ g, const int64_t* __restrict__ idx, int64_t pairs,
-                      int64_t k, const scalar_t* __restrict__ table, int64_t d_ff, int64_t C,
-                      acc_t* __restrict__ out) {
-  const int64_t p = blockIdx.x * int64_t(kDotWarps) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (p >= pairs) return;
-  const int64_t i = idx[p];
-  CUDA_KERNEL_ASSERT(i >= 0 && i < d_ff && "indices must be in [0, d_ff)");
-  const acc_t* gr = g + (p / k) * C;
-  const scalar_t* tr = table + i * C;
-  acc_t s = 0;
-  for (int64_t c = lane; c < C; c += 32) s += gr[c] * static_cast<acc_t>(tr[c]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) out[p] = s;
-}
-
-// out[idx[p], c] += v[p] * g[p / k, c] over work items (pair, column tile), grid-stride.
-template <typename acc_t>
-__global__ void __launch_bounds__(kColTile)
-    scatter_rows_kernel(const acc_t* __restrict__ v, const int64_t* __restrict__ idx,
-                        int64_t pairs, int64_t k, const acc_t* __restrict__ g, int64_t d_ff,
-                        int64_t C, int64_t col_tiles, acc_t* __restrict__ out) {
-  for (int64_t w = blockIdx.x; w < pairs * col_tiles; w += gridDim.x) {
-    const int64_t p = w / col_tiles, c = (w % col_tiles) * kColTile + threadIdx.x;
-    if (c >= C) continue;
-    const int64_t i = idx[p];
-    CUDA_KERNEL_ASSERT(i >= 0 && i < d_ff && "indices must be in [0, d_ff)");
-    atomicAdd(out + i * C + c, v[p] * g[(p / k) * C + c]);
-  }
-}
-
-// predicted_sparse_mlp, between its two gathers: in place on h [pairs] (the gathered dot
-// products x . w_up[idx]), h = act(round(h + b_up[idx])), and pre = round(h + b_up[idx]).
-template <typename scalar_t, typename acc_t>
-__global__ void bias_activation_kernel(acc_t* __restrict__ h, const int64_t* __restrict__ idx,
-                                       int64_t pairs, int64_t d_ff, const scalar_t* __restrict__ b_up,
-                                       bool gelu, scalar_t* __restrict__ pre) {
-  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (p >= pairs) return;
-  CUDA_KERNEL_ASSERT(idx[p] >= 0 && idx[p] < d_ff && "indices must be in [0, d_ff)");
-  const scalar_t v = static_cast<scalar_t>(h[p] + (b_up ? static_cast<acc_t>(b_up[idx[p]]) : acc_t(0)));
-  pre[p] = v;
-  const acc_t a = static_cast<acc_t>(v);
-  h[p] = gelu ? acc_t(0.5) * a * (acc_t(1) + erf(a * acc_t(M_SQRT1_2))) : (a < acc_t(0) ? acc_t(0) : a);
-}
-
-unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 struct CudaKernels {
   static at::Tensor up_projection(const at::Tensor& x, const at::Tensor& w_up,
@@ -258,30 +43,28 @@ struct CudaKernels {
 
   static void select(const at::Tensor& h, int64_t k, Activation act, at::Tensor& values,
                      at::Tensor& indices, at::Tensor pre) {
-    const at::cuda::CUDAGuard guard(h.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(h.device());
+    const cudaStream_t stream = current_stream();
     const int64_t N = h.size(0), d_ff = h.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "topk_select_cuda", [&] {
       scalar_t* pp = pre.defined() ? pre.data_ptr<scalar_t>() : nullptr;
       auto kernel = act == Activation::kRelu ? topk_select_kernel<scalar_t, true>
                                              : topk_select_kernel<scalar_t, false>;
-      kernel<<<static_cast<unsigned>(N), kSelectThreads, 0, stream>>>(
-          h.data_ptr<scalar_t>(), d_ff, k, values.data_ptr<scalar_t>(),
-          indices.data_ptr<int64_t>(), pp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(kernel, static_cast<unsigned>(N), kSelectThreads, 0, stream, h.data_ptr<scalar_t>(),
+                    d_ff, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), pp);
     });
   }
 
   static void gather_rows(const at::Tensor& v, const at::Tensor& indices, const at::Tensor& table,
                           const at::Tensor& bias, at::Tensor& out) {
-    const at::cuda::CUDAGuard guard(v.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(v.device());
+    const cudaStream_t stream = current_stream();
     const int64_t N = v.size(0), k = v.size(1), d_ff = table.size(0), C = table.size(1);
     const int64_t col_tiles = (C + kColTile - 1) / kColTile;
     // Split k for decode-sized N until there are ~2 blocks per SM, each split >= 32 rows.
     int64_t splits = 1;
     if (N <= kMaxSplitRows) {
-      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int64_t sms = device_properties().multiProcessorCount;
       splits = std::clamp<int64_t>((2 * sms + N * col_tiles - 1) / (N * col_tiles), 1,
                                    std::max<int64_t>(1, k / 32));
     }
@@ -289,35 +72,32 @@ struct CudaKernels {
     splits = std::max<int64_t>(1, (k + rows_per_split - 1) / rows_per_split);
     TORCH_CHECK(N * col_tiles < (int64_t(1) << 31), "sparse_down_projection: too many rows (", N, ")");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "gather_rows_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = opmath_t<scalar_t>;
       const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       at::Tensor partial;
       if (splits > 1) partial = at::empty({splits, N, C}, v.options());
       const dim3 grid(static_cast<unsigned>(N * col_tiles), static_cast<unsigned>(splits));
-      gather_rows_kernel<scalar_t, acc_t><<<grid, kColTile, 0, stream>>>(
-          v.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), N, k, table.data_ptr<scalar_t>(),
-          d_ff, C, col_tiles, rows_per_split, bp, splits > 1 ? partial.data_ptr<acc_t>() : nullptr,
-          out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(gather_rows_kernel<scalar_t, acc_t>, grid, kColTile, 0, stream, v.data_ptr<acc_t>(),
+                    indices.data_ptr<int64_t>(), N, k, table.data_ptr<scalar_t>(), d_ff, C, col_tiles,
+                    rows_per_split, bp,
+                    splits > 1 ? partial.data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>());
       if (splits > 1) {
-        reduce_splits_kernel<scalar_t, acc_t><<<blocks_for(N * C, 256), 256, 0, stream>>>(
-            partial.data_ptr<acc_t>(), splits, N * C, C, bp, out.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(reduce_splits_kernel<scalar_t, acc_t>, blocks_for(N * C, 256), 256, 0, stream,
+                      partial.data_ptr<acc_t>(), splits, N * C, C, bp, out.data_ptr<scalar_t>());
       }
     });
   }
 
   static void gather_dot(const at::Tensor& g, const at::Tensor& indices, const at::Tensor& table,
                          at::Tensor& out) {
-    const at::cuda::CUDAGuard guard(g.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(g.device());
+    const cudaStream_t stream = current_stream();
     const int64_t pairs = indices.numel(), k = indices.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "gather_dot_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      gather_dot_kernel<scalar_t, acc_t><<<blocks_for(pairs, kDotWarps), kDotWarps * 32, 0, stream>>>(
-          g.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, k, table.data_ptr<scalar_t>(),
-          table.size(0), table.size(1), out.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      using acc_t = opmath_t<scalar_t>;
+      launch_kernel(gather_dot_kernel<scalar_t, acc_t>, blocks_for(pairs, kDotWarps), kDotWarps * 32, 0,
+                    stream, g.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, k,
+                    table.data_ptr<scalar_t>(), table.size(0), table.size(1), out.data_ptr<acc_t>());
     });
   }
 
@@ -328,20 +108,19 @@ struct CudaKernels {
                          const at::Tensor& b_up, const at::Tensor& w_down_t,
                          const at::Tensor& b_down, Activation act, at::Tensor& pre,
                          at::Tensor& out) {
-    const at::cuda::CUDAGuard guard(x.device());
+    const DeviceGuard guard(x.device());
     const int64_t pairs = indices.numel();
     at::Tensor h = at::empty(indices.sizes(), x.options());
     if (pairs > 0 && x.size(1) > 0) gather_dot(x, indices, w_up, h);
     else h.zero_();
     if (pairs > 0) {
-      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      const cudaStream_t stream = current_stream();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_up.scalar_type(), "bias_activation_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        bias_activation_kernel<scalar_t, acc_t><<<blocks_for(pairs, 256), 256, 0, stream>>>(
-            h.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, w_up.size(0),
-            b_up.defined() ? b_up.data_ptr<scalar_t>() : nullptr, act == Activation::kGelu,
-            pre.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        using acc_t = opmath_t<scalar_t>;
+        launch_kernel(bias_activation_kernel<scalar_t, acc_t>, blocks_for(pairs, 256), 256, 0, stream,
+                      h.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), pairs, w_up.size(0),
+                      b_up.defined() ? b_up.data_ptr<scalar_t>() : nullptr, act == Activation::kGelu,
+                      pre.data_ptr<scalar_t>());
       });
     }
     if (out.numel() > 0) gather_rows(h, indices, w_down_t, b_down, out);
@@ -349,23 +128,22 @@ struct CudaKernels {
 
   static void scatter_rows(const at::Tensor& v, const at::Tensor& indices, const at::Tensor& g,
                            at::Tensor& out) {
-    const at::cuda::CUDAGuard guard(v.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(v.device());
+    const cudaStream_t stream = current_stream();
     const int64_t pairs = indices.numel(), k = indices.size(1), C = out.size(1);
     const int64_t col_tiles = (C + kColTile - 1) / kColTile;
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t sms = device_properties().multiProcessorCount;
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(pairs * col_tiles, 32 * sms));
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "scatter_rows_cuda", [&] {
-      scatter_rows_kernel<scalar_t><<<grid, kColTile, 0, stream>>>(
-          v.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), pairs, k, g.data_ptr<scalar_t>(),
-          out.size(0), C, col_tiles, out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(scatter_rows_kernel<scalar_t>, grid, kColTile, 0, stream, v.data_ptr<scalar_t>(),
+                    indices.data_ptr<int64_t>(), pairs, k, g.data_ptr<scalar_t>(), out.size(0), C,
+                    col_tiles, out.data_ptr<scalar_t>());
     });
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(leanformer, CUDA, m) { register_topk_mlp_ops<CudaKernels>(m); }
+LEANFORMER_CUDA_LIBRARY_IMPL(m) { register_topk_mlp_ops<CudaKernels>(m); }
 
 }  // namespace leanformer

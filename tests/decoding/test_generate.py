@@ -23,7 +23,7 @@ from leanformer.lab.experiments.tree_decoding import checkpoint_stem, drafters_f
 from leanformer.lab.experiments.tree_decoding import main as tree_decoding_main
 from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM
 from leanformer.training import sequential_windows, train
-from tests.helpers import DEVICES
+from tests.helpers import TORCH_DEVICES as DEVICES
 
 STATIC = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]])
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leanformer import fold_batchnorm
-from tests.helpers import DEVICES
+from tests.helpers import TORCH_DEVICES as DEVICES
 from leanformer.layers import (attention_slots, drop_modules, forward, head, num_layers, patch_layer,
                                skip_layers, without_modules)
 from leanformer.models import BertConfig, BertEncoder, LlamaConfig, LlamaLM, LMConfig, SLABLM

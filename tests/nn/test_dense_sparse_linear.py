@@ -10,7 +10,7 @@ from torch import nn
 from leanformer.nn import DenseSparseLinear, LowRankLinear, NMSparseLinear, StraightThroughFactorizer
 from leanformer.nn.dense_sparse_factorization import factorize
 from leanformer.sparse import nm_mask
-from tests.helpers import DEVICES, device_dtypes, tolerance, trained_like
+from tests.helpers import TORCH_DEVICES as DEVICES, device_dtypes, tolerance, trained_like
 
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 2)]
 
@@ -48,7 +48,7 @@ def test_alternating_is_never_worse_than_svd_and_improves_on_real_like_weights()
     assert alt < svd * 0.99, (alt, svd)
 
 
-@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("device,dtype", device_dtypes(devices=DEVICES))
 @pytest.mark.parametrize("shape", [(37, 64, 9), (8, 24, 8), (100, 36, 1)])
 def test_from_linear_forward_is_d_times_s(device, dtype, shape):
     out_f, in_f, rank = shape

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from leanformer.nn import SimplifiedLinearAttention, SLACache
 from leanformer.reference import sla_causal_quadratic_reference, sla_noncausal_reference
-from tests.helpers import DEVICES
+from tests.helpers import TORCH_DEVICES as DEVICES
 
 
 def reference_block(m: SimplifiedLinearAttention, x, hw=None):

@@ -8,7 +8,7 @@ import torch
 
 from leanformer.nn import PRepBN, RepBN
 from leanformer.reference import progressive_norm_reference
-from tests.helpers import DEVICES
+from tests.helpers import TORCH_DEVICES as DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

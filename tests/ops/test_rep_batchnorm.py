@@ -6,7 +6,7 @@ import torch
 from leanformer.nn import RepBN
 from leanformer.ops import rep_batchnorm
 from leanformer.reference import rep_batchnorm_reference
-from tests.helpers import DEVICES, assert_close, device_dtypes
+from tests.helpers import DEVICES, GPU_DEVICES, assert_close, device_dtypes, skip_on_emu
 
 
 def params(C, dtype=torch.float32, device="cpu"):
@@ -48,6 +48,9 @@ def test_channels_of_equal_values(device):
     """Every token equal (variance 0, invstd = 1 / sqrt(eps)): BN(x) = bias exactly, y = bias +
     alpha x. The forward computed x * w * invstd - mean * w * invstd, whose rounding invstd
     amplified (1e-3 here); it now takes x - mean first. Also |mean| >> std keeps fp32 accuracy."""
+    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
+        pytest.xfail("CUDA rep_batchnorm still computes x * w * invstd - mean * w * invstd (fixed on the CPU "
+                     "in 9ac63e8, not yet in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = (torch.randn(1, 8, device=device) * 50).expand(64, 8).contiguous().requires_grad_(True)
     w, b, _, rm, rv = params(8, device=device)
     alpha = torch.zeros(1, device=device)
@@ -70,6 +73,9 @@ def test_equal_counted_values_with_far_uncounted_rows(device):
     """Two counted tokens equal in a channel (variance 0, invstd = 1 / sqrt(eps)) and uncounted
     tokens far from them: mean(dy * xhat) over the batch is large, and dx's statistics term
     x * k2 + k3 cancelled to 7% of dx in fp32 (the fuzz suite's progressive_norm case 53)."""
+    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
+        pytest.xfail("CUDA rep_batchnorm's dx still computes x * k2 + k3 (fixed on the CPU in 9ac63e8, not yet "
+                     "in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = torch.randn(4, 31, device=device) * 3 + 1
     x[3, ::3] = x[2, ::3]
     x.requires_grad_(True)
@@ -125,6 +131,7 @@ def test_gradcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_and_compile(device):
+    skip_on_emu(device, "opcheck and torch.compile trace the fake kernels, not an EmuTensor")
     x = torch.randn(6, 7, 8, device=device, requires_grad=True)
     w, b, alpha, rm, rv = params(8, device=device)
     for training in (True, False):
@@ -165,15 +172,15 @@ def test_bad_inputs_raise_clear_errors():
         RepBN(8)(torch.randn(3, 7))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's behaviour")
-def test_cuda_mask_with_one_token_gives_nan_statistics():
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_cuda_mask_with_one_token_gives_nan_statistics(device):
     """The CPU kernel raises; the CUDA one would need a device sync to read the mask's count,
     so it returns NaN statistics instead (the unmasked case is still checked from the shape)."""
-    x = torch.randn(4, 6, 8, device="cuda")
-    w, b, alpha, rm, rv = params(8, device="cuda")
-    mask = torch.zeros(4, 6, dtype=torch.bool, device="cuda")
+    x = torch.randn(4, 6, 8, device=device)
+    w, b, alpha, rm, rv = params(8, device=device)
+    mask = torch.zeros(4, 6, dtype=torch.bool, device=device)
     mask[1, 2] = True
     y, mean, invstd = torch.ops.leanformer.rep_batchnorm(x, w, b, alpha, rm, rv, True, 1e-5, mask)
     assert mean.isnan().all() and invstd.isnan().all() and y.isnan().all()
     with pytest.raises(RuntimeError, match="more than one token per channel"):
-        rep_batchnorm(torch.randn(1, 8, device="cuda"), w, b, alpha, rm, rv, training=True)
+        rep_batchnorm(torch.randn(1, 8, device=device), w, b, alpha, rm, rv, training=True)

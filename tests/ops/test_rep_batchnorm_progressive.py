@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from leanformer.nn import PRepBN
 from leanformer.ops import progressive_norm, rep_batchnorm
 from leanformer.reference import progressive_norm_reference
-from tests.helpers import DEVICES, assert_close, device_dtypes
+from tests.helpers import DEVICES, GPU_DEVICES, assert_close, device_dtypes, skip_on_emu
 
 
 def make_params(C, dtype=torch.float32, device="cpu"):
@@ -49,6 +49,9 @@ def test_matches_reference(device, dtype, shape, gamma, training, masked):
 def test_layernorm_of_rows_of_equal_values(device):
     """A row of equal values has mean x and LayerNorm output ln_bias exactly; the row mean summed
     plainly in fp32 was off by a rounding that 1 / sqrt(ln_eps) amplified to ~1e-4."""
+    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
+        pytest.xfail("CUDA's LayerNorm row mean is still the plain fp32 sum (fixed on the CPU in 9ac63e8, not yet "
+                     "in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = (torch.randn(6, 1, device=device) * 50).expand(6, 33).contiguous()
     p, (rm, rv) = make_params(33, device=device)
     y = progressive_norm(x, **p, running_mean=rm, running_var=rv, gamma=1.0, training=False)
@@ -81,6 +84,7 @@ def test_gradcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
+    skip_on_emu(device, "opcheck traces the fake kernels, not an EmuTensor")
     x = torch.randn(6, 7, 8, device=device, requires_grad=True)
     p, (rm, rv) = make_params(8, device=device)
     for gamma, training in [(0.5, True), (0.2, False)]:
@@ -105,16 +109,16 @@ def test_bad_inputs_raise_clear_errors():
         PRepBN(8, -1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels at a DeiT-S size")
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_cuda_large_batch_matches_reference_and_reruns_bitwise(masked):
+def test_cuda_large_batch_matches_reference_and_reruns_bitwise(masked, device):
     """64 x 197 tokens of 384 channels: many row blocks in the column reductions, 16-byte
     packs in the row passes; the reductions use no atomics, so a rerun is bitwise equal."""
     shape = (64, 197, 384)
-    x = (torch.randn(shape, device="cuda") * 2 + 3).requires_grad_(True)
-    mask = torch.rand(shape[:-1], device="cuda") > 0.2 if masked else None
-    p, (rm, rv) = make_params(384, device="cuda")
-    g = torch.randn(shape, device="cuda")
+    x = (torch.randn(shape, device=device) * 2 + 3).requires_grad_(True)
+    mask = torch.rand(shape[:-1], device=device) > 0.2 if masked else None
+    p, (rm, rv) = make_params(384, device=device)
+    g = torch.randn(shape, device=device)
     runs = []
     for _ in range(2):
         for t in [x, *p.values()]:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from leanformer.nn import NeuronPredictor
 from leanformer.ops import predicted_sparse_mlp, topk_mlp
 from leanformer.reference import predicted_sparse_mlp_reference
-from tests.helpers import DEVICES, assert_close, assert_compiles_like_eager, device_dtypes, grads_of, make_mlp
+from tests.helpers import (DEVICES, assert_close, assert_compiles_like_eager, device_dtypes, grads_of, make_mlp,
+                           skip_on_emu)
 
 
 def random_indices(lead, k, d_ff, device, repeats=False):
@@ -78,6 +79,7 @@ def test_gradcheck(device, activation):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
+    skip_on_emu(device, "opcheck traces the fake kernels, not an EmuTensor")
     for dtype in (torch.float32, torch.float64):
         x, w_up, b_up, w_down_t, b_down = (t.requires_grad_(True) for t in make_mlp((3,), 12, 40, dtype, device))
         idx = random_indices((3,), 7, 40, device)
@@ -89,6 +91,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(device):
+    skip_on_emu(device, "opcheck and torch.compile trace the fake kernels, not an EmuTensor")
     x, w_up, b_up, w_down_t, b_down = (t.requires_grad_(True) for t in make_mlp((2, 5), 16, 64, torch.float32, device))
     pred = NeuronPredictor(16, 64, 4).to(device)
 
@@ -122,7 +125,7 @@ def test_bad_inputs_raise_clear_errors(device):
     if device == "cpu":  # on CUDA an index out of range is a device-side assert
         cases += [(lambda: f(x, w_up, b_up, w_down_t, b_down, idx + 40), "indices must be in \\[0, d_ff\\) = \\[0, 40\\)"),
                   (lambda: f(x, w_up, b_up, w_down_t, b_down, idx - 40), "indices must be in \\[0, d_ff\\) = \\[0, 40\\)")]
-    else:
+    elif device == "cuda":  # emu tensors are CPU tensors: no second device type there
         cases.append((lambda: f(x, w_up, b_up, w_down_t, b_down, idx.cpu()), "indices is on cpu but x is on cuda"))
     for fn, message in cases:
         with pytest.raises((RuntimeError, ValueError), match=message):

@@ -1,15 +1,16 @@
 """The CUDA kernels of verify_tree_greedy, verify_tree_sampling and compact_kv_cache against the
 CPU kernels on the same inputs: identical verification results for identical logits / uniforms,
-in-place compaction of strided caches, and no host sync. CUDA only: skipped on a machine
-without a GPU."""
+in-place compaction of strided caches, and no host sync. On a GPU ("cuda") and on the CUDA
+emulation ("emu", tests/helpers.py), every machine."""
 import pytest
 import torch
 
 from leanformer.decoding import warp_probs
+from leanformer.emu import EmuTensor
 from leanformer.ops import compact_kv_cache, verify_tree_greedy, verify_tree_sampling
-from tests.helpers import assert_fails_in_subprocess, drafted_tree
+from tests.helpers import GPU_DEVICES, assert_fails_in_subprocess, drafted_tree, skip_on_emu
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.parametrize("device", GPU_DEVICES)
 
 
 def drafted(B, T, V, batched_parents, g):
@@ -20,25 +21,25 @@ def drafted(B, T, V, batched_parents, g):
 
 def assert_same_verification(cuda_result, cpu_result):
     for name, a, b in zip(("accepted", "num_accepted", "bonus"), cuda_result, cpu_result):
-        assert a.device.type == "cuda" and a.dtype == torch.long
+        assert (a.device.type == "cuda" or isinstance(a, EmuTensor)) and a.dtype == torch.long
         assert torch.equal(a.cpu(), b), f"{name} differs: cuda {a.cpu()} cpu {b}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("T,V,batched_parents", [(1, 5, False), (13, 50_000, False),
                                                  (40, 257, True), (100, 33, True)])
-def test_verify_tree_greedy_cuda_matches_cpu(dtype, T, V, batched_parents):
+def test_verify_tree_greedy_cuda_matches_cpu(dtype, T, V, batched_parents, device):
     g = torch.Generator().manual_seed(T + V)
     logits, tokens, parents = drafted(32, T, V, batched_parents, g)
     logits = logits.to(dtype)
     cpu_logits = logits if dtype != torch.float16 else logits.float()  # exact for fp16 values
-    result = verify_tree_greedy(logits.cuda(), tokens.cuda(), parents.cuda())
+    result = verify_tree_greedy(logits.to(device), tokens.to(device), parents.to(device))
     assert_same_verification(result, verify_tree_greedy(cpu_logits, tokens, parents))
     if T > 2:
         assert result[1].max() >= 3, "the drafted trees should give some long paths"
 
 
-def test_verify_tree_greedy_cuda_ties_and_nan():
+def test_verify_tree_greedy_cuda_ties_and_nan(device):
     """torch.argmax's ranking: ties go to the lowest token id, a NaN beats every number."""
     tokens = torch.tensor([[5, 3, 7], [5, 3, 7], [5, 3, 7]])
     parents = torch.tensor([-1, 0, 0])
@@ -48,12 +49,12 @@ def test_verify_tree_greedy_cuda_ties_and_nan():
     logits[2, 0, [500, 7]] = float("nan")    # the first NaN (7) wins: node 2
     cpu = verify_tree_greedy(logits, tokens, parents)
     assert cpu[2][1].item() == 999
-    assert_same_verification(verify_tree_greedy(logits.cuda(), tokens.cuda(), parents.cuda()), cpu)
+    assert_same_verification(verify_tree_greedy(logits.to(device), tokens.to(device), parents.to(device)), cpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("T,V,batched_parents", [(1, 7, False), (13, 32_000, False), (40, 100, True)])
-def test_verify_tree_sampling_cuda_matches_cpu(dtype, T, V, batched_parents):
+def test_verify_tree_sampling_cuda_matches_cpu(dtype, T, V, batched_parents, device):
     """Identical uniforms give identical accepted paths and bonus tokens on both backends."""
     g = torch.Generator().manual_seed(T * V)
     B = 256
@@ -63,7 +64,7 @@ def test_verify_tree_sampling_cuda_matches_cpu(dtype, T, V, batched_parents):
     uniforms[:8] = 0.0                     # always accept the first child with p > 0
     uniforms[8:16] = 1.0 - 2.0 ** -24      # reject everything, bonus at the end of the CDF
     cpu = verify_tree_sampling_ops(probs, tokens, parents, uniforms)
-    cuda = verify_tree_sampling_ops(probs.cuda(), tokens.cuda(), parents.cuda(), uniforms.cuda())
+    cuda = verify_tree_sampling_ops(probs.to(device), tokens.to(device), parents.to(device), uniforms.to(device))
     assert_same_verification(cuda, cpu)
     if T > 2:
         assert cpu[1].max() >= 2
@@ -73,20 +74,21 @@ def verify_tree_sampling_ops(probs, tokens, parents, uniforms):
     return torch.ops.leanformer.verify_tree_sampling(probs, tokens, parents, uniforms)
 
 
-def test_verify_tree_sampling_cuda_wrapper_draws_on_the_generator():
+def test_verify_tree_sampling_cuda_wrapper_draws_on_the_generator(device):
     """The wrapper with a CUDA generator runs end to end and is reproducible."""
+    skip_on_emu(device, "a CUDA generator")
     g = torch.Generator().manual_seed(3)
     logits, tokens, parents = drafted(8, 11, 64, False, g)
-    args = (logits.cuda(), tokens.cuda(), parents.cuda())
+    args = (logits.to(device), tokens.to(device), parents.to(device))
     probs = warp_probs(args[0], temperature=0.7)
-    runs = [verify_tree_sampling(probs, *args[1:], generator=torch.Generator("cuda").manual_seed(5)) for _ in range(2)]
+    runs = [verify_tree_sampling(probs, *args[1:], generator=torch.Generator(device).manual_seed(5)) for _ in range(2)]
     assert_same_verification(runs[0], tuple(t.cpu() for t in runs[1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64,
                                    torch.int8])
 @pytest.mark.parametrize("layout", ["contiguous", "heads_major"])
-def test_compact_kv_cache_cuda_matches_cpu(dtype, layout):
+def test_compact_kv_cache_cuda_matches_cpu(dtype, layout, device):
     g = torch.Generator().manual_seed(7)
     B, L_max, H, D, Dv, T = 5, 90, 3, 40, 24, 17
     k = (torch.randn(B, L_max, H, D, generator=g) * 50).to(dtype)
@@ -105,28 +107,29 @@ def test_compact_kv_cache_cuda_matches_cpu(dtype, layout):
 
     k_cpu, v_cpu, lens_cpu = k.clone(), v.clone(), cache_lens.clone()
     compact_kv_cache(k_cpu, v_cpu, lens_cpu, accepted, num)
-    k_gpu, v_gpu = as_layout(k.cuda()), as_layout(v.cuda())
-    lens_gpu = cache_lens.cuda()
+    k_gpu, v_gpu = as_layout(k.to(device)), as_layout(v.to(device))
+    lens_gpu = cache_lens.to(device)
     k_ptr = k_gpu.data_ptr()
-    compact_kv_cache(k_gpu, v_gpu, lens_gpu, accepted.cuda(), num.cuda())
+    compact_kv_cache(k_gpu, v_gpu, lens_gpu, accepted.to(device), num.to(device))
     assert k_gpu.data_ptr() == k_ptr, "compaction must be in place"
     assert torch.equal(k_gpu.cpu(), k_cpu) and torch.equal(v_gpu.cpu(), v_cpu)
     assert torch.equal(lens_gpu.cpu(), lens_cpu) and lens_cpu.tolist() == (cache_lens + num).tolist()
 
 
-def test_cuda_ops_do_not_sync_the_host():
+def test_cuda_ops_do_not_sync_the_host(device):
     """The verification results and cache_lens stay on the device: no op reads a value back."""
+    skip_on_emu(device, "host syncs")
     g = torch.Generator().manual_seed(0)
-    logits, tokens, parents = (t.cuda() for t in drafted(2, 9, 100, False, g))
+    logits, tokens, parents = (t.to(device) for t in drafted(2, 9, 100, False, g))
     probs = logits.softmax(-1)
-    uniforms = torch.rand(2, 9, device="cuda")
-    cache_lens = torch.tensor([50, 100], device="cuda")
+    uniforms = torch.rand(2, 9, device=device)
+    cache_lens = torch.tensor([50, 100], device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         verify_tree_greedy(logits, tokens, parents)
         accepted, num, _ = verify_tree_sampling_ops(probs, tokens, parents, uniforms)
-        k = torch.zeros(2, 120, 2, 64, device="cuda")
+        k = torch.zeros(2, 120, 2, 64, device=device)
         compact_kv_cache(k, k.clone(), cache_lens, accepted, num)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -136,13 +139,20 @@ def test_cuda_ops_do_not_sync_the_host():
 BAD_ACCEPTED = """
 import torch, leanformer
 from leanformer.ops import compact_kv_cache
-k = torch.randn(1, 10, 1, 4, device="cuda")
-compact_kv_cache(k, k.clone(), torch.tensor([2], device="cuda"),
-                 torch.tensor([[0, 3, 1]], device="cuda"), torch.tensor([3], device="cuda"))
+k = torch.randn(1, 10, 1, 4, device=device)
+compact_kv_cache(k, k.clone(), torch.tensor([2], device=device),
+                 torch.tensor([[0, 3, 1]], device=device), torch.tensor([3], device=device))
 torch.cuda.synchronize()
 """
 
 
-def test_bad_accepted_path_trips_a_device_side_assert():
-    """On CUDA the value checks are device-side asserts (no read-back)."""
+def test_bad_accepted_path_trips_a_device_side_assert(device):
+    """On CUDA the value checks are device-side asserts (no read-back); the emulation raises
+    them when the kernel has run."""
+    if device == "emu":
+        k = torch.randn(1, 10, 1, 4, device=device)
+        with pytest.raises(RuntimeError, match="device-side assert triggered: .*accepted must ascend"):
+            compact_kv_cache(k, k.clone(), torch.tensor([2], device=device), torch.tensor([[0, 3, 1]], device=device),
+                             torch.tensor([3], device=device))
+        return
     assert_fails_in_subprocess(BAD_ACCEPTED, "accepted must ascend")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leanformer.sparse import NMSparseMatrix, meta_bits, nm_mask, pack_meta, unpack_dense, unpack_meta
-from tests.helpers import DEVICES
+from tests.helpers import TORCH_DEVICES as DEVICES
 
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 2), (3, 16), (8, 16)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -82,9 +82,8 @@ def nm_sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Ten
     NaN in ``x[t, c]`` makes every output of token t non-finite: NaN in the rows that prune
     column c, the IEEE sum (``+-inf`` or NaN) in the rows that keep it. The backward's grad_x
     does the same with grad_y (``grad_y @ S_dense``); grad_values is the dense gradient at the
-    kept entries. On the CPU the sparse kernels skip pruned columns, then fix up only the tokens
-    that hold a non-finite value (one scan of x, nothing more for finite inputs); on CUDA the
-    GEMV and sparse tensor-core paths do not fix them up yet (see docs/nm_sparse_linear.md).
+    kept entries. The sparse kernels (CPU and CUDA) skip pruned columns, then fix up only the
+    tokens that hold a non-finite value (one scan of x, nothing more for finite inputs).
     """
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         _log_cpu_path(x, n, m)

@@ -1,0 +1,2 @@
+// The CUDA launchers and kernels of tree_state_dwconv_cuda.cu, compiled for the CPU emulation.
+#include "../tree_state_dwconv_cuda.cu"
