@@ -74,12 +74,12 @@ void check_sizes(int64_t N, int64_t C, bool training, bool masked) {
 
 // The per-row-block statistics of the counted rows: part_stats [2, split.parts, C] (mean, M2
 // per row block and column) and part_count [split.parts].
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t>
 void launch_bn_stats_partials(const scalar_t* x, const bool* mask, int64_t N, int C,
-                              const ColumnSplit& split, acc_t* part_stats, int64_t* part_count,
+                              const ColumnSplit& split, double* part_stats, int64_t* part_count,
                               cudaStream_t stream) {
   if (split.parts == 0) return;
-  launch_kernel(bn_stats_partial_kernel<scalar_t, acc_t>, split.grid, dim3(kColTile, kRowThreads), 0,
+  launch_kernel(bn_stats_partial_kernel<scalar_t, opmath_t<scalar_t>>, split.grid, dim3(kColTile, kRowThreads), 0,
                 stream, x, mask, N, C, split.rows_per_block, part_stats,
                 part_stats + static_cast<int64_t>(split.parts) * C, part_count);
 }
@@ -132,7 +132,7 @@ struct BackwardPasses {
     });
   }
 
-  // dx with coef = [k1, k2, k3] x C; counted rows get the statistics term when training.
+  // dx with coef = [k1, k2, k3, mean] x C; counted rows get the statistics term when training.
   // After ln_rows with ln_w.
   void dx(bool training, const acc_t* coef, const acc_t* ln_w, acc_t gamma, scalar_t* out) const {
     if (N == 0 || C == 0) return;
@@ -166,14 +166,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
   if (C == 0) return {y, mean, invstd};
   const ColumnSplit split = args.training ? column_split(N, C) : ColumnSplit{};
   const int parts = split.parts;
-  auto part_stats = at::empty({2, parts, C}, popts);
+  auto part_stats = at::empty({2, parts, C}, x.options().dtype(at::kDouble));
   auto part_count = at::empty({parts}, x.options().dtype(at::kLong));
-  auto coef = at::empty({4, C}, popts);
+  auto coef = at::empty({6, C}, popts);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_forward_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    acc_t* part_mean = part_stats.data_ptr<acc_t>();
+    double* part_mean = part_stats.data_ptr<double>();
     launch_bn_stats_partials(xp, ptr_or_null<bool>(mask), N, C, split, part_mean,
                              part_count.data_ptr<int64_t>(), stream);
     launch_kernel(norm_forward_finalize_kernel<acc_t>, finalize_blocks(C), kFinalizeThreads, 0, stream,
@@ -221,7 +221,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_y_in, const NormArg
   const int parts = split.parts;
   auto part = at::empty({parts, K, C}, popts);
   auto part_count = at::empty({mask.defined() ? parts : 0}, x.options().dtype(at::kLong));
-  auto coef = at::empty({3, C}, popts);
+  auto coef = at::empty({4, C}, popts);
   auto rowstat = at::empty({with_ln ? N : 0, 4}, popts);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_cuda", [&] {
@@ -264,12 +264,12 @@ at::Tensor rep_batchnorm_stats_cuda(const at::Tensor& x_in,
   auto out = at::empty({2 * static_cast<int64_t>(C) + 1}, x.options().dtype(at::kDouble));
   const ColumnSplit split = column_split(s.N, C);
   const auto popts = x.options().dtype(rep_batchnorm_param_dtype(x));
-  auto part_stats = at::empty({2, split.parts, C}, popts);
+  auto part_stats = at::empty({2, split.parts, C}, x.options().dtype(at::kDouble));
   auto part_count = at::empty({split.parts}, x.options().dtype(at::kLong));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rep_batchnorm_stats_cuda", [&] {
     using acc_t = opmath_t<scalar_t>;
-    acc_t* part_mean = part_stats.data_ptr<acc_t>();
+    double* part_mean = part_stats.data_ptr<double>();
     launch_bn_stats_partials(x.data_ptr<scalar_t>(), ptr_or_null<bool>(mask), s.N, C, split,
                              part_mean, part_count.data_ptr<int64_t>(), stream);
     launch_kernel(bn_sums_finalize_kernel<acc_t>, finalize_blocks(C), kFinalizeThreads, 0, stream,
@@ -340,7 +340,7 @@ at::Tensor progressive_norm_backward_elemt_cuda(
   const bool with_ln = gamma != 0.0;
   const at::Tensor lw = with_ln ? ln_weight->contiguous() : at::Tensor();
   const auto popts = w.options();
-  auto coef = at::empty({3, C}, popts);
+  auto coef = at::empty({4, C}, popts);
   auto rowstat = at::empty({with_ln ? N : 0, 4}, popts);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_backward_elemt_cuda", [&] {

@@ -73,9 +73,8 @@ __device__ __forceinline__ void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, i
 
 // Column c's (count, mean, M2) over every row: the num_parts partials of
 // bn_stats_partial_kernel ([num_parts][C] each, counts [num_parts]) merged in order, in fp64.
-template <typename acc_t>
-__device__ __forceinline__ void merge_column_stats(const acc_t* __restrict__ part_mean,
-                                                   const acc_t* __restrict__ part_m2,
+__device__ __forceinline__ void merge_column_stats(const double* __restrict__ part_mean,
+                                                   const double* __restrict__ part_m2,
                                                    const int64_t* __restrict__ part_count,
                                                    int num_parts, int C, int c, int64_t& n,
                                                    double& mean, double& m2) {
@@ -85,20 +84,23 @@ __device__ __forceinline__ void merge_column_stats(const acc_t* __restrict__ par
                        part_m2[static_cast<int64_t>(p) * C + c]);
 }
 
-// LayerNorm's row statistics as row_statistics of the CPU file computes them: the mean, then
-// the mean squared deviation from it (two passes: no cancellation), rstd in fp64. The whole
-// warp calls it for one row; every lane gets the result.
+// LayerNorm's row statistics as row_statistics of the CPU file computes them: the mean, summed
+// about the row's first value s (mean = s + mean(x - s): a row of equal values gets its exact
+// mean, where a plain sum's rounding, amplified by 1 / sqrt(eps), moved LN's output by ~1e-4),
+// then the mean squared deviation from it (two passes: no cancellation), rstd in fp64. The
+// whole warp calls it for one row (C > 0); every lane gets the result.
 template <int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void row_mean_rstd(const scalar_t* __restrict__ row, int C, int lane,
                                               double eps, acc_t& mean, acc_t& rstd) {
+  const acc_t s = static_cast<acc_t>(row[0]);
   acc_t sum = 0;
   for (int c = lane * VEC; c < C; c += 32 * VEC) {
     acc_t v[VEC];
     load_pack<VEC>(row + c, v);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) sum += v[j];
+    for (int j = 0; j < VEC; ++j) sum += v[j] - s;
   }
-  mean = warp_sum(sum) / static_cast<acc_t>(C);
+  mean = s + warp_sum(sum) / static_cast<acc_t>(C);
   acc_t sq = 0;
   for (int c = lane * VEC; c < C; c += 32 * VEC) {
     acc_t v[VEC];
@@ -128,12 +130,13 @@ __device__ __forceinline__ int64_t row_stride() {
 // [blockIdx.y * rows_per_block, + rows_per_block), into part_*[blockIdx.y][c]. A thread sums
 // its rows shifted by the first value it counts (the CPU's shifted sums, with one shift per
 // thread: |mean - shift| stays of the order of the std, so s2 - s1^2 / n keeps its precision
-// without a division per element); the kRowThreads results of a column then merge by Chan.
+// without a division per element); the kRowThreads results of a column then merge by Chan, in
+// fp64: a mean rounded to fp32 there (1000 + N(0, 1) loses 3e-5) would move every y by as much.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColThreads)
     bn_stats_partial_kernel(const scalar_t* __restrict__ x, const bool* __restrict__ mask,
                             int64_t N, int C, int64_t rows_per_block,
-                            acc_t* __restrict__ part_mean, acc_t* __restrict__ part_m2,
+                            double* __restrict__ part_mean, double* __restrict__ part_m2,
                             int64_t* __restrict__ part_count) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int c = blockIdx.x * kColTile + tx;
@@ -153,16 +156,16 @@ __global__ void __launch_bounds__(kColThreads)
     ++n;
   }
   __shared__ int64_t sh_n[kRowThreads][kColTile];
-  __shared__ acc_t sh_mean[kRowThreads][kColTile], sh_m2[kRowThreads][kColTile];
-  const acc_t inv_n = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
-  const acc_t m2 = s2 - s1 * s1 * inv_n;
+  __shared__ double sh_mean[kRowThreads][kColTile], sh_m2[kRowThreads][kColTile];
+  const double inv_n = n > 0 ? 1.0 / n : 0.0;
+  const double m2 = static_cast<double>(s2) - static_cast<double>(s1) * s1 * inv_n;
   sh_n[ty][tx] = n;
-  sh_mean[ty][tx] = shift + s1 * inv_n;
-  sh_m2[ty][tx] = m2 < acc_t(0) ? acc_t(0) : m2;  // rounding can dip below 0; NaN stays NaN
+  sh_mean[ty][tx] = static_cast<double>(shift) + static_cast<double>(s1) * inv_n;
+  sh_m2[ty][tx] = m2 < 0.0 ? 0.0 : m2;  // rounding can dip below 0; NaN stays NaN
   __syncthreads();
   if (ty != 0) return;
   int64_t count = sh_n[0][tx];
-  acc_t mean = sh_mean[0][tx], M2 = sh_m2[0][tx];
+  double mean = sh_mean[0][tx], M2 = sh_m2[0][tx];
   for (int k = 1; k < kRowThreads; ++k) chan_merge(count, mean, M2, sh_n[k][tx], sh_mean[k][tx], sh_m2[k][tx]);
   if (c < C) {
     part_mean[static_cast<int64_t>(blockIdx.y) * C + c] = mean;
@@ -173,14 +176,15 @@ __global__ void __launch_bounds__(kColThreads)
 
 // Per column c: BN's statistics, merged from the num_parts partials in order (training) or
 // the running ones (eval), written to mean / invstd, and the coefficients of the output pass,
-// coef = [scale, shift, ln_w, ln_b] x C, as norm_forward of the CPU file computes them:
-//   y = (x - mu) * rstd * ln_w' + ln_b' + x * scale + shift, with gamma folded in.
+// coef = [scale, shift, ln_w, ln_b, mean, alpha'] x C, as norm_forward of the CPU file computes
+// them: y = (x - mu) * rstd * ln_w' + ln_b' + (x - mean) * scale + x * alpha' + shift, with
+// gamma folded in. (x - mean) first: x * scale - mean * scale cancels where |mean| >> std.
 // A mask that leaves at most one token gives NaN statistics (and y) instead of the CPU's
 // error: the count is on the device, and checking it on the host would sync every step.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    norm_forward_finalize_kernel(const acc_t* __restrict__ part_mean,
-                                 const acc_t* __restrict__ part_m2,
+    norm_forward_finalize_kernel(const double* __restrict__ part_mean,
+                                 const double* __restrict__ part_m2,
                                  const int64_t* __restrict__ part_count, int num_parts, int C,
                                  bool training, const acc_t* __restrict__ running_mean,
                                  const acc_t* __restrict__ running_var, double eps,
@@ -206,11 +210,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   mean_out[c] = m;
   invstd_out[c] = is;
   const double g = gamma;
-  const double wi = static_cast<double>(bn_w[c]) * is;
-  coef[c] = static_cast<acc_t>((1 - g) * (wi + static_cast<double>(alpha[0])));
-  coef[C + c] = static_cast<acc_t>((1 - g) * (static_cast<double>(bn_b[c]) - m * wi));
+  coef[c] = static_cast<acc_t>((1 - g) * static_cast<double>(bn_w[c]) * is);
+  coef[C + c] = static_cast<acc_t>((1 - g) * static_cast<double>(bn_b[c]));
   coef[2 * C + c] = ln_w != nullptr ? static_cast<acc_t>(g * ln_w[c]) : acc_t(0);
   coef[3 * C + c] = ln_b != nullptr ? static_cast<acc_t>(g * ln_b[c]) : acc_t(0);
+  coef[4 * C + c] = m;
+  coef[5 * C + c] = static_cast<acc_t>((1 - g) * static_cast<double>(alpha[0]));
 }
 
 // rep_batchnorm_stats: per column c the merged (count, mean, M2) unshifted in fp64,
@@ -218,7 +223,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // merge of fp64 values sees |mean| >> std. No counted row gives exact zeros.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    bn_sums_finalize_kernel(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
+    bn_sums_finalize_kernel(const double* __restrict__ part_mean, const double* __restrict__ part_m2,
                             const int64_t* __restrict__ part_count, int num_parts, int C,
                             double* __restrict__ out) {
   const int c = blockIdx.x * kFinalizeThreads + threadIdx.x;
@@ -242,6 +247,8 @@ __global__ void __launch_bounds__(kRowPassThreads)
   const acc_t* shift = coef + C;
   const acc_t* lw = coef + 2 * C;
   const acc_t* lb = coef + 3 * C;
+  const acc_t* bn_mean = coef + 4 * C;
+  const acc_t* a_g = coef + 5 * C;
   for (int64_t n = first_row(); n < N; n += row_stride()) {
     const scalar_t* row = x + n * C;
     acc_t mu = 0, rstd = 0;
@@ -251,10 +258,11 @@ __global__ void __launch_bounds__(kRowPassThreads)
       load_pack<VEC>(row + c, v);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
+        const acc_t bn = (v[j] - bn_mean[c + j]) * scale[c + j] + v[j] * a_g[c + j] + shift[c + j];
         if constexpr (WITH_LN)
-          out[j] = (v[j] - mu) * rstd * lw[c + j] + lb[c + j] + v[j] * scale[c + j] + shift[c + j];
+          out[j] = (v[j] - mu) * rstd * lw[c + j] + lb[c + j] + bn;
         else
-          out[j] = v[j] * scale[c + j] + shift[c + j];
+          out[j] = bn;
       }
       store_pack<VEC>(y + n * C + c, out);
     }
@@ -368,8 +376,10 @@ __device__ __forceinline__ void sum_column_parts(const acc_t* __restrict__ part,
     for (int k = 0; k < K; ++k) s[k] += part[(static_cast<int64_t>(p) * K + k) * C + c];
 }
 
-// Column c's coefficients of the dx pass, coef = [k1, k2, k3] x C, as backward_dx of the CPU
-// file: dx_bn = (1 - gamma) * (dy * k1 + [counted] (x * k2 + k3)), from the column means of
+// Column c's coefficients of the dx pass, coef = [k1, k2, k3, mean] x C, as backward_dx of the
+// CPU file: dx_bn = dy * k1 + [counted] ((x - mean) * k2 + k3), gamma folded in; (x - mean)
+// first, as x * k2 + mean * k2 cancelled (a 7% error of dx in fp32 with far uncounted rows).
+// From the column means of
 // dy and dy * xhat_bn over the counted rows (0 in eval). Every row's output depends on the
 // statistics of the counted rows, hence sums over all rows divided by the count.
 template <typename acc_t>
@@ -383,12 +393,13 @@ __device__ __forceinline__ void write_dx_coef(int C, int c, double gamma, double
   const double wi = static_cast<double>(bn_w[c]) * ip;
   coef[c] = static_cast<acc_t>((1 - g) * (wi + alpha));
   coef[C + c] = static_cast<acc_t>((1 - g) * -wi * ip * mean_dy_xhat);
-  coef[2 * C + c] = static_cast<acc_t>((1 - g) * (-wi * mean_dy + wi * mp * ip * mean_dy_xhat));
+  coef[2 * C + c] = static_cast<acc_t>((1 - g) * -wi * mean_dy);
+  coef[3 * C + c] = static_cast<acc_t>(mp);
 }
 
 // One block: merges the column sums of the num_parts partials in order, writes the parameter
-// gradients, and coef = [k1, k2, k3] x C of the dx pass, as norm_backward of the CPU file:
-//   dx_bn = (1 - gamma) * (dy * k1 + [counted, training] (x * k2 + k3)).
+// gradients, and coef = [k1, k2, k3, mean] x C of the dx pass, as norm_backward of the CPU
+// file: dx_bn = dy * k1 + [counted, training] ((x - mean) * k2 + k3).
 // One block, because d_alpha = (1 - gamma) * sum over all columns of sum(dy * x). K = 4 sums
 // with the LayerNorm branch (as norm_grad_partial_kernel writes them), else 3.
 template <typename acc_t, int K>
@@ -464,7 +475,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                 mean_dy_xhat[c], coef);
 }
 
-// dx, one warp per row: the BN branch with coef = [k1, k2, k3] and, WITH_LN, LayerNorm's
+// dx, one warp per row: the BN branch with coef = [k1, k2, k3, mean] and, WITH_LN, LayerNorm's
 // row-local backward rstd * (h - mean(h) - xhat * mean(h * xhat)) from rowstat.
 template <typename scalar_t, typename acc_t, int VEC, bool WITH_LN>
 __global__ void __launch_bounds__(kRowPassThreads)
@@ -476,6 +487,7 @@ __global__ void __launch_bounds__(kRowPassThreads)
   const acc_t* k1 = coef;
   const acc_t* k2 = coef + C;
   const acc_t* k3 = coef + 2 * C;
+  const acc_t* bn_mean = coef + 3 * C;
   for (int64_t n = first_row(); n < N; n += row_stride()) {
     const bool counted = training && (mask == nullptr || mask[n]);
     acc_t mu = 0, rstd = 0, mean_h = 0, mean_hx = 0;
@@ -490,7 +502,7 @@ __global__ void __launch_bounds__(kRowPassThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         acc_t o = g[j] * k1[c + j];
-        if (counted) o += v[j] * k2[c + j] + k3[c + j];
+        if (counted) o += (v[j] - bn_mean[c + j]) * k2[c + j] + k3[c + j];
         if constexpr (WITH_LN) {
           const acc_t h = gamma * g[j] * ln_w[c + j];
           o += rstd * (h - mean_h - (v[j] - mu) * rstd * mean_hx);

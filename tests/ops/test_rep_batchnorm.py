@@ -48,9 +48,6 @@ def test_channels_of_equal_values(device):
     """Every token equal (variance 0, invstd = 1 / sqrt(eps)): BN(x) = bias exactly, y = bias +
     alpha x. The forward computed x * w * invstd - mean * w * invstd, whose rounding invstd
     amplified (1e-3 here); it now takes x - mean first. Also |mean| >> std keeps fp32 accuracy."""
-    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
-        pytest.xfail("CUDA rep_batchnorm still computes x * w * invstd - mean * w * invstd (fixed on the CPU "
-                     "in 9ac63e8, not yet in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = (torch.randn(1, 8, device=device) * 50).expand(64, 8).contiguous().requires_grad_(True)
     w, b, _, rm, rv = params(8, device=device)
     alpha = torch.zeros(1, device=device)
@@ -73,9 +70,6 @@ def test_equal_counted_values_with_far_uncounted_rows(device):
     """Two counted tokens equal in a channel (variance 0, invstd = 1 / sqrt(eps)) and uncounted
     tokens far from them: mean(dy * xhat) over the batch is large, and dx's statistics term
     x * k2 + k3 cancelled to 7% of dx in fp32 (the fuzz suite's progressive_norm case 53)."""
-    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
-        pytest.xfail("CUDA rep_batchnorm's dx still computes x * k2 + k3 (fixed on the CPU in 9ac63e8, not yet "
-                     "in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = torch.randn(4, 31, device=device) * 3 + 1
     x[3, ::3] = x[2, ::3]
     x.requires_grad_(True)

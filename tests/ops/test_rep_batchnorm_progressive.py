@@ -49,9 +49,6 @@ def test_matches_reference(device, dtype, shape, gamma, training, masked):
 def test_layernorm_of_rows_of_equal_values(device):
     """A row of equal values has mean x and LayerNorm output ln_bias exactly; the row mean summed
     plainly in fp32 was off by a rounding that 1 / sqrt(ln_eps) amplified to ~1e-4."""
-    if device == "emu":  # also the CUDA kernels' defect: the emulation reproduces it
-        pytest.xfail("CUDA's LayerNorm row mean is still the plain fp32 sum (fixed on the CPU in 9ac63e8, not yet "
-                     "in csrc/cuda/rep_batchnorm_kernels.cuh)")
     x = (torch.randn(6, 1, device=device) * 50).expand(6, 33).contiguous()
     p, (rm, rv) = make_params(33, device=device)
     y = progressive_norm(x, **p, running_mean=rm, running_var=rv, gamma=1.0, training=False)
