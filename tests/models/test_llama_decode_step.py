@@ -11,6 +11,7 @@ import torch
 import leanformer
 from leanformer.decoding import MedusaHeads, TokenTree
 from leanformer.models import LlamaConfig, LlamaLM, load_pretrained, save_pretrained
+from leanformer.models import llama as llama_module
 from leanformer.models.llama import LlamaAttention, LlamaBlock, _rotary_tables, rope_tables
 
 CFG = LlamaConfig(dim=48, depth=3, num_heads=6, num_kv_heads=2, max_seq_len=64)
@@ -114,3 +115,17 @@ def test_generate_unchanged(prompts):
     tree = TokenTree.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
     drafted = leanformer.generate(m, prompts, max_new_tokens=12, drafter=MedusaHeads(m, 3), tree=tree)
     assert [s.tolist() for s in drafted.sequences] == [s.tolist() for s in new.sequences]
+
+
+@pytest.mark.skipif(not llama_module._OPENMP, reason="the thread count is switched under OpenMP only")
+def test_step_attention_runs_on_one_thread_and_restores_the_count():
+    m, ids, lengths = model(), torch.randint(0, 256, (1, 12)), torch.tensor([8])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mock.patch.object(torch, "set_num_threads", wraps=torch.set_num_threads) as set_threads:
+            steps(m, ids, lengths, 2)
+        assert [c.args for c in set_threads.call_args_list] == [(1,), (2,)] * 2 * CFG.depth
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -206,8 +206,8 @@ class DecodeStep:
     tree) shares, made once per step by :meth:`LlamaLM.call_context`: the RoPE factors at each
     sequence's position (``cos``, ``sin`` with the first half negated: ``x * cos +
     swap_halves(x) * sin`` is rotate-half RoPE), the flat cache row each sequence writes
-    (``b * L_max + lens[b]``), the key count ``Lk`` and the key mask (None when every sequence
-    reads all ``Lk`` slots, e.g. batch 1). ``threads``: the intra-op thread count to restore
+    (``b * L_max + lens[b]``), the key count ``Lk`` and the additive key mask (None when every
+    sequence reads all ``Lk`` slots, e.g. batch 1). ``threads``: the intra-op thread count to restore
     around the attention, which runs on one thread, or 1 to leave it alone: at decoding sizes
     (``B * H * Lk * D`` up to :data:`SERIAL_ATTENTION_WORK`) the attention is a few dozen
     microseconds of work, less than waking a second OpenMP thread costs, and on a busy host a
@@ -222,6 +222,10 @@ class DecodeStep:
 
 #: Above this many ``B * H * Lk * D`` a decoding step's attention keeps every intra-op thread.
 SERIAL_ATTENTION_WORK = 1 << 21
+# The thread count is switched only under ATen's OpenMP backend (the default; the native one warns
+# when set again after parallel work). It is process-wide for MKL, so another Python thread's GEMM
+# running during the attention would run on one thread.
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def rope_tables(n: int, D: int, base: float, device) -> tuple:
@@ -574,8 +578,8 @@ class LlamaLM(CausalLM):
                      tree_mask: Optional[Tensor] = None, depths: Optional[Tensor] = None) -> dict:
         B, T = input_ids.shape
         slots = self._slots(cache, B)  # checks the cache first
-        step = self._decode_step(cache) if T == 1 and self.fast_decode_step and cache is not None and tree_mask is None and lengths is None \
-            else None
+        one_token = T == 1 and cache is not None and tree_mask is None and lengths is None
+        step = self._decode_step(cache) if one_token and self.fast_decode_step else None
         return {"positions": self.positions(B, T, cache, depths), "slots": slots, "tree_mask": tree_mask,
                 "lengths": lengths, "step": step}
 
@@ -595,10 +599,14 @@ class LlamaLM(CausalLM):
             self.__dict__["_rope_tables"] = tables
         cos, sin = tables[0][lens][:, None], tables[1][lens][:, None]
         rows = lens + torch.arange(0, B * L, L, device=lens.device) if B > 1 else lens
-        mask = None if B == 1 or int(lens.min()) + 1 == Lk else \
-            (torch.arange(Lk, device=lens.device) <= lens[:, None]).view(B, 1, 1, Lk)
+        mask = None
+        if B > 1 and int(lens.min()) + 1 < Lk:  # 0 where slot s <= lens[b], else -inf: one float mask for every layer
+            hidden = (torch.arange(Lk, device=lens.device) > lens[:, None]).view(B, 1, 1, Lk)
+            mask = torch.zeros(hidden.shape, device=lens.device, dtype=self.embed.weight.dtype).masked_fill_(
+                hidden, float("-inf"))
         threads = torch.get_num_threads()
-        serial = lens.device.type == "cpu" and threads > 1 and B * c.num_heads * Lk * c.head_dim <= SERIAL_ATTENTION_WORK
+        serial = _OPENMP and lens.device.type == "cpu" and threads > 1 \
+            and B * c.num_heads * Lk * c.head_dim <= SERIAL_ATTENTION_WORK
         return DecodeStep(cos, sin, rows, Lk, mask, threads if serial else 1)
 
     def _slots(self, cache: Optional[KVCache], B: int) -> List[Optional[int]]:
