@@ -20,14 +20,17 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 def _unique_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state_dict without the second name of a tied tensor (the model re-ties it)."""
+    """The state_dict without the second name of a tied tensor (the model re-ties it); a tensor
+    that is a view of a larger storage (``LlamaLM.fuse_projections``) as a copy of its own, which
+    safetensors requires."""
     seen, state = set(), {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
         if key is not None and key in seen:
             continue
         seen.add(key)
-        state[name] = t.detach().contiguous().cpu()
+        t = t.detach().contiguous().cpu()
+        state[name] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
     return state
 
 

@@ -9,9 +9,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from leanformer.models.pretrained import load_llama
 from leanformer.models.protocol import CausalLM, real_block
+from leanformer.nn.packed_linear_layers import _PackedForward, _PackedSwiGLU
 from leanformer.ops import compact_kv_cache, tree_attention
 
 
@@ -118,6 +120,124 @@ def _rotary_tables(positions: Tensor, D: int, base: float):
     return tables
 
 
+# ---- fused projections and the one-token decoding step ----------------------------------------
+
+
+def _row_block(tensors: List[Optional[Tensor]]) -> Optional[Tensor]:
+    """The tensors stacked along dim 0, as one view of the storage they share, if they lie back
+    to back in it (what :meth:`LlamaLM.fuse_projections` arranges); else None."""
+    t0 = tensors[0]
+    if t0 is None or t0.is_meta:
+        return None
+    ptr, size, rows = t0.data_ptr(), t0.element_size(), 0
+    base = t0.untyped_storage().data_ptr()
+    for t in tensors:
+        if t is None or not t.is_contiguous() or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] \
+                or t.data_ptr() != ptr or t.untyped_storage().data_ptr() != base:
+            return None
+        ptr += t.numel() * size
+        rows += t.shape[0]
+    return t0.as_strided((rows, *t0.shape[1:]), t0.stride())
+
+
+def _plain(m: nn.Module) -> bool:
+    """No hooks on ``m`` and its own ``forward``."""
+    return not (m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+
+
+def _plain_linear(lin: nn.Module, rows: int) -> bool:
+    """Whether ``lin`` computes exactly ``F.linear(x, lin.weight, lin.bias)`` for ``rows`` rows:
+    an ``nn.Linear`` without hooks whose forward is its own, or a
+    :func:`leanformer.nn.packed_linears` one whose row range leaves ``rows`` to ``F.linear``."""
+    if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+        return False
+    f = lin.__dict__.get("forward")
+    return f is None or (type(f) is _PackedForward and not f.settings.min_rows <= rows <= f.settings.max_rows)
+
+
+def fused_weight(module: nn.Module, names: tuple, x: Tensor) -> Optional[tuple]:
+    """``(weight, bias)`` of the linears ``module.<names>`` run as one (their rows stacked, views
+    of one storage, bias None or stacked likewise) where that computes what calling them one by
+    one on ``x`` does up to summation order: no gradient needed, each a plain ``nn.Linear``
+    (:func:`_plain_linear`), no global module hooks, and weights (and biases) back to back in one
+    storage. None otherwise (the caller calls the linears). The views are cached on ``module``,
+    keyed by the parameters' addresses."""
+    mods, rows = module._modules, x.numel() // x.shape[-1]
+    lins = [mods[n] for n in names]
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks \
+            or not all(_plain_linear(lin, rows) for lin in lins):
+        return None
+    ws, bs = [lin.weight for lin in lins], [lin.bias for lin in lins]
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)
+                                    or any(b is not None and b.requires_grad for b in bs)):
+        return None
+    key = tuple((w.data_ptr(), w.shape) for w in ws) + tuple(None if b is None else (b.data_ptr(), b.shape) for b in bs)
+    cached = module.__dict__.get("_fused_rows")
+    if cached is None or cached[0] != key:
+        w = _row_block(ws)
+        b = None if all(b is None for b in bs) else _row_block(bs)
+        fused = None if w is None or (b is None and any(b is not None for b in bs)) else (w, b)
+        module.__dict__["_fused_rows"] = cached = (key, fused)
+    return cached[1]
+
+
+def _share_rows(module: nn.Module, names: tuple) -> None:
+    """Makes the weights (and biases) of the linears ``module.<names>`` views of one storage,
+    back to back, values unchanged (see :meth:`LlamaLM.fuse_projections`)."""
+    lins = [getattr(module, n) for n in names]
+    if not all(type(lin) is nn.Linear for lin in lins):
+        return
+    for attr in ("weight", "bias"):
+        ps = [getattr(lin, attr) for lin in lins]
+        if all(p is None for p in ps) or any(p is None for p in ps) or any(p.is_meta for p in ps) \
+                or _row_block(ps) is not None:
+            continue
+        with torch.no_grad():
+            stacked = torch.cat([p.detach() for p in ps])
+        start = 0
+        for lin, p in zip(lins, ps):
+            setattr(lin, attr, nn.Parameter(stacked[start:start + p.shape[0]], requires_grad=p.requires_grad))
+            start += p.shape[0]
+    module.__dict__.pop("_fused_rows", None)
+
+
+class DecodeStep:
+    """What every layer of a one-token decoding step (``T == 1`` per sequence over a cache, no
+    tree) shares, made once per step by :meth:`LlamaLM.call_context`: the RoPE factors at each
+    sequence's position (``cos``, ``sin`` with the first half negated: ``x * cos +
+    swap_halves(x) * sin`` is rotate-half RoPE), the flat cache row each sequence writes
+    (``b * L_max + lens[b]``), the key count ``Lk`` and the additive key mask (None when every
+    sequence reads all ``Lk`` slots, e.g. batch 1). ``threads``: the intra-op thread count to restore
+    around the attention, which runs on one thread, or 1 to leave it alone: at decoding sizes
+    (``B * H * Lk * D`` up to :data:`SERIAL_ATTENTION_WORK`) the attention is a few dozen
+    microseconds of work, less than waking a second OpenMP thread costs, and on a busy host a
+    descheduled worker stalls the step by milliseconds (measured: SDPA of 9 heads over 130 keys
+    after a GEMV, 2 threads, load 4 on 2 cores, median 7 ms; on one thread 54 us)."""
+
+    __slots__ = ("cos", "sin", "rows", "Lk", "mask", "threads")
+
+    def __init__(self, cos: Tensor, sin: Tensor, rows: Tensor, Lk: int, mask: Optional[Tensor], threads: int = 1):
+        self.cos, self.sin, self.rows, self.Lk, self.mask, self.threads = cos, sin, rows, Lk, mask, threads
+
+
+#: Above this many ``B * H * Lk * D`` a decoding step's attention keeps every intra-op thread.
+SERIAL_ATTENTION_WORK = 1 << 21
+# The thread count is switched only under ATen's OpenMP backend (the default; the native one warns
+# when set again after parallel work). It is process-wide for MKL, so another Python thread's GEMM
+# running during the attention would run on one thread.
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def rope_tables(n: int, D: int, base: float, device) -> tuple:
+    """``(cos, sin)`` ``[n, D]`` float32 for positions ``0..n-1``: cos of every angle twice
+    (both halves), sin with the first half negated, the angles as :func:`rotary_at` makes them
+    (so indexing them gives its factors bit for bit)."""
+    inv_freq = base ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    angles = torch.arange(n, device=device, dtype=torch.long).to(torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -125,6 +245,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same arithmetic, one call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
@@ -137,6 +259,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        gate_up = fused_weight(self, ("gate", "up"), x)
+        if gate_up is not None:  # gate and up as one GEMM over their rows (see LlamaLM.fuse_projections)
+            g, u = F.linear(x, gate_up[0], gate_up[1]).split(self.gate.out_features, dim=-1)
+            return self.down(F.silu(g) * u)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
     def swiglu_linears(self):
@@ -186,8 +312,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, k_cache: Optional[Tensor] = None,
                 v_cache: Optional[Tensor] = None, lens: Optional[Tensor] = None,
-                tree_mask: Optional[Tensor] = None) -> Tensor:
+                tree_mask: Optional[Tensor] = None, step: Optional[DecodeStep] = None) -> Tensor:
         B, T, _ = x.shape
+        if step is not None:
+            out = self.decode_step(x, k_cache, v_cache, step)
+            if out is not None:
+                return out
         q, k, v = self.qkv(x, positions)
         if k_cache is None:  # no prefix: causal, or a dense tree mask (drafter training)
             o = self.attend(q, k, v, tree_mask)
@@ -202,6 +332,46 @@ class LlamaAttention(nn.Module):
             visible = slots[None, None, :] <= (lens[:, None, None] + torch.arange(T, device=x.device)[None, :, None])
             o = self.attend(q, k_cache[:, :Lk], v_cache[:, :Lk], visible)
         return self.o_proj(o.reshape(B, T, -1))
+
+
+    def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
+        """One new token per sequence (``x [B, 1, C]``) at its cache length, as
+        :meth:`step_attention` with q, k and v from one GEMV over the stacked projections
+        (:func:`fused_weight`), then ``o_proj``. The same arithmetic as :meth:`forward`'s cached
+        path up to the GEMVs' summation order. None where it does not apply (the projections
+        are not fused, the cache is not contiguous): the caller takes the general path."""
+        fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
+        if fused is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return None
+        return self.o_proj(self.step_attention(x, k_cache, v_cache, step, *fused))
+
+    def step_attention(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep, weight: Tensor,
+                       bias: Optional[Tensor]) -> Tensor:
+        """The attention of one new token per sequence before ``o_proj``: ``x [B, 1, C]`` through
+        the stacked q/k/v ``weight`` (and ``bias``), q and k rotated together with the step's
+        RoPE factors, k and v written into the (contiguous) cache rows ``step.rows``, attention
+        over the first ``step.Lk`` slots under ``step.mask``. -> ``[B, 1, H * D]``."""
+        B, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        h = F.linear(x, weight, bias).view(B, H + 2 * Hkv, D)
+        qk, v, half, float32 = h[:, :H + Hkv], h[:, H + Hkv:], D // 2, x.dtype == torch.float32
+        qk = qk if float32 else qk.float()  # RoPE in float32, as rotary_at
+        qk = qk * step.cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * step.sin
+        qk = qk if float32 else qk.to(x.dtype)
+        q, k = qk[:, :H], qk[:, H:]
+        if k_cache.dtype != x.dtype:
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        k_cache.view(-1, Hkv, D).index_copy_(0, step.rows, k)
+        v_cache.view(-1, Hkv, D).index_copy_(0, step.rows, v)
+        Lk, threads = step.Lk, step.threads
+        if threads > 1:  # see DecodeStep: a small attention runs on one thread
+            torch.set_num_threads(1)
+        try:
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache[:, :Lk].transpose(1, 2),
+                                               v_cache[:, :Lk].transpose(1, 2), attn_mask=step.mask, enable_gqa=True)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+        return o.reshape(B, 1, H * D)
 
 
 def write_slots(k_cache: Tensor, v_cache: Tensor, lens: Tensor, k: Tensor, v: Tensor) -> None:
@@ -227,10 +397,46 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = SwiGLU(c.dim, c.hidden)
 
-    def forward(self, x: Tensor, positions: Tensor, k_cache=None, v_cache=None, lens=None, tree_mask=None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, k_cache=None, v_cache=None, lens=None, tree_mask=None,
+                step: Optional[DecodeStep] = None) -> Tensor:
+        if step is not None:
+            out = self.decode_step(x, k_cache, v_cache, step)
+            if out is not None:
+                return out
         if self.attn is not None:  # None: dropped by leanformer.layers.drop_modules
-            x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
+            if step is None:
+                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
+            else:  # a one-token decoding step (LlamaLM.call_context)
+                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask, step=step)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+
+    def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
+        """The block on one new token per sequence without a module call per sub-layer: norms,
+        the stacked q/k/v GEMV, :meth:`LlamaAttention.step_attention`, ``o_proj``, the stacked
+        gate/up GEMV and ``down``, each computing what the module would. None (the caller runs
+        the modules) unless every sub-module is the plain kind (no hooks, no replaced forward,
+        no packed kernel for these rows, the projections fused) and the cache contiguous."""
+        m = self._modules
+        n1, attn, n2, mlp = m["attn_norm"], m["attn"], m["mlp_norm"], m["mlp"]
+        if type(n1) is not RMSNorm or type(n2) is not RMSNorm or type(attn) is not LlamaAttention \
+                or type(mlp) is not SwiGLU or not (_plain(n1) and _plain(n2) and _plain(attn)) \
+                or mlp._forward_hooks or mlp._forward_pre_hooks:
+            return None
+        rows = x.shape[0]
+        f = mlp.__dict__.get("forward")
+        if f is not None and not (type(f) is _PackedSwiGLU and not f.settings.min_rows <= rows <= f.settings.max_rows):
+            return None
+        o, down = attn._modules["o_proj"], mlp._modules["down"]
+        if not (_plain_linear(o, rows) and _plain_linear(down, rows) and k_cache.is_contiguous()
+                and v_cache.is_contiguous()):
+            return None
+        qkv = fused_weight(attn, ("q_proj", "k_proj", "v_proj"), x)
+        gate_up = fused_weight(mlp, ("gate", "up"), x) if qkv is not None else None
+        if gate_up is None:
+            return None
+        x = x + F.linear(attn.step_attention(RMSNorm.forward(n1, x), k_cache, v_cache, step, *qkv), o.weight, o.bias)
+        g, u = F.linear(RMSNorm.forward(n2, x), *gate_up).split(mlp._modules["gate"].out_features, dim=-1)
+        return x + F.linear(F.silu(g) * u, down.weight, down.bias)
 
 
 class LlamaLM(CausalLM):
@@ -255,6 +461,9 @@ class LlamaLM(CausalLM):
     """
 
     model_type = "llama_lm"
+    #: one-token decoding steps take the :class:`DecodeStep` path (False: the general path, for
+    #: comparisons; same tokens)
+    fast_decode_step: bool = True
     sublayer_attrs = {"attention": ("attn_norm", "attn"), "mlp": ("mlp_norm", "mlp")}
 
     def __init__(self, config: LlamaConfig):
@@ -297,7 +506,23 @@ class LlamaLM(CausalLM):
             model = LlamaLM.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
             tokenizer = leanformer.models.load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
         """
-        return load_llama(path, cls, LlamaConfig, dtype=dtype)
+        return load_llama(path, cls, LlamaConfig, dtype=dtype).fuse_projections()
+
+    def fuse_projections(self) -> "LlamaLM":
+        """Lays each block's query, key and value weights (and biases), and its MLP's gate and up
+        weights, back to back in one storage, so that a decoding step runs each group as one
+        GEMV (:func:`fused_weight`). The parameters keep their names, shapes and values (the
+        state_dict is unchanged; they are views of the shared storage, which
+        ``save_pretrained`` writes as separate tensors); anything that replaces them
+        (``model.to(dtype)``, ``load_state_dict(assign=True)``) undoes it, and the model then
+        runs them one by one again. :meth:`from_pretrained` calls it. Returns the model."""
+        for block in self.layers:
+            block = real_block(block)
+            if block.attn is not None:
+                _share_rows(block.attn, ("q_proj", "k_proj", "v_proj"))
+            if block.mlp is not None and isinstance(block.mlp, SwiGLU):
+                _share_rows(block.mlp, ("gate", "up"))
+        return self
 
     def new_cache(self, batch: int, max_len: Optional[int] = None, *, device=None,
                   dtype: Optional[torch.dtype] = None) -> KVCache:
@@ -353,8 +578,36 @@ class LlamaLM(CausalLM):
                      tree_mask: Optional[Tensor] = None, depths: Optional[Tensor] = None) -> dict:
         B, T = input_ids.shape
         slots = self._slots(cache, B)  # checks the cache first
+        one_token = T == 1 and cache is not None and tree_mask is None and lengths is None
+        step = self._decode_step(cache) if one_token and self.fast_decode_step else None
         return {"positions": self.positions(B, T, cache, depths), "slots": slots, "tree_mask": tree_mask,
-                "lengths": lengths}
+                "lengths": lengths, "step": step}
+
+    def _decode_step(self, cache: KVCache) -> DecodeStep:
+        """The :class:`DecodeStep` of one new token per sequence over ``cache``."""
+        lens = cache.lens
+        B, L = lens.shape[0], cache.max_len
+        Lk = int(lens.max()) + 1
+        if Lk > L:
+            raise ValueError(f"the KV cache holds {L} positions; {Lk - 1} cached + 1 new do not fit (make it with "
+                             "a larger max_len)")
+        c = self.config
+        tables = self.__dict__.get("_rope_tables")
+        if tables is None or tables[0].shape[0] < L or tables[0].device != lens.device:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+                tables = rope_tables(max(L, c.max_seq_len), c.head_dim, c.rope_base, lens.device)
+            self.__dict__["_rope_tables"] = tables
+        cos, sin = tables[0][lens][:, None], tables[1][lens][:, None]
+        rows = lens + torch.arange(0, B * L, L, device=lens.device) if B > 1 else lens
+        mask = None
+        if B > 1 and int(lens.min()) + 1 < Lk:  # 0 where slot s <= lens[b], else -inf: one float mask for every layer
+            hidden = (torch.arange(Lk, device=lens.device) > lens[:, None]).view(B, 1, 1, Lk)
+            mask = torch.zeros(hidden.shape, device=lens.device, dtype=self.embed.weight.dtype).masked_fill_(
+                hidden, float("-inf"))
+        threads = torch.get_num_threads()
+        serial = _OPENMP and lens.device.type == "cpu" and threads > 1 \
+            and B * c.num_heads * Lk * c.head_dim <= SERIAL_ATTENTION_WORK
+        return DecodeStep(cos, sin, rows, Lk, mask, threads if serial else 1)
 
     def _slots(self, cache: Optional[KVCache], B: int) -> List[Optional[int]]:
         slots = self.attention_slots()
@@ -371,6 +624,9 @@ class LlamaLM(CausalLM):
         s = ctx["slots"][i]
         if cache is None or s is None:
             return self.layers[i](x, ctx["positions"], None, None, None, ctx["tree_mask"])
+        step = ctx.get("step")
+        if step is not None:
+            return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, None, step=step)
         return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"])
 
     def fill_block_cache(self, i: int, x: Tensor, cache: Optional[KVCache], ctx: dict) -> None:
