@@ -36,7 +36,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("nn", {"nn"}),
     ("models (and the transforms of a built model)", {"models", "fold", "convert", "analysis"}),
     ("drivers of a model (decoding, layers, compress)", {"decoding", "layers", "compress"}),
-    ("applications (lab, cli)", {"lab", "cli"}),
+    ("applications (lab, cli) and the CUDA emulation (a test device)", {"lab", "cli", "emu"}),
 ]
 
 # Imports allowed inside functions, as (importing module, imported module or a package of it):
@@ -52,6 +52,8 @@ ALLOWED_IN_FUNCTIONS: Dict[Tuple[str, str], str] = {
         "tokenizers is optional (the hf extra); load_tokenizer says which extra to install when it is missing",
     ("leanformer.models.tokenizer", "jinja2"):
         "jinja2 is optional (the hf extra); only chat templates need it",
+    ("leanformer.emu", "torch.utils"):
+        "torch.utils.cpp_extension (slow to import) only when the emulation is built",
     ("leanformer.cli", "pytest"):
         "pytest is optional (the bench and test extras): `leanformer bench` runs the suite through it, the "
         "other commands do not need it",

@@ -78,7 +78,6 @@ _loaded = False
 def build(verbose: bool = False) -> float:
     """Compiles (ninja: only what changed) and loads the emulation library; returns seconds."""
     global _loaded
-    import leanformer  # noqa: F401  (the leanformer ops must exist before leanformer_emu copies them)
     from torch.utils import cpp_extension
 
     root, why = hip_cpu_root()
