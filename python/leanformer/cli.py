@@ -88,6 +88,7 @@ TRAINERS: Dict[str, Tuple[str, str]] = {
     "vit-digits": ("leanformer.lab.train.vit_digits", "main"),
     "lm-text": ("leanformer.lab.train.lm_text", "main"),
     "llama-text": ("leanformer.lab.train.llama_text", "main"),
+    "smollm2-drafters": ("leanformer.lab.train.smollm2_drafters", "main"),
 }
 EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "topk-minilm": ("leanformer.lab.experiments.topk_minilm", "main"),
@@ -95,6 +96,7 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "tree-decoding": ("leanformer.lab.experiments.tree_decoding", "main"),
     "elastic-minilm": ("leanformer.lab.experiments.elastic_minilm", "main"),
     "dsformer-minilm": ("leanformer.lab.experiments.dsformer_minilm", "main"),
+    "real-llm": ("leanformer.lab.experiments.real_llm", "main"),
 }
 LAYERS: Dict[str, Tuple[str, str]] = {
     "soft": ("leanformer.lab.experiments.layers_soft", "main"),

@@ -67,3 +67,60 @@ def pydoc_sentences(n: Optional[int] = None, seed: int = 0, *, min_words: int = 
     if n > len(sentences):
         raise ValueError(f"asked for {n} sentences, pydoc_data.topics has {len(sentences)}")
     return random.Random(seed).sample(sentences, n)
+
+
+# Instruction templates around a sentence of the docs: the chat prompts of the real-model
+# experiments (SmolLM2's drafters train on the training topics' prompts, are measured on the rest).
+INSTRUCTIONS = ("Explain this in simple words: {s}", "Summarize in one sentence: {s}",
+                "Give a short Python example that illustrates this: {s}", "Is this statement correct? {s}",
+                "Rewrite this for a beginner: {s}", "What does the following mean? {s}",
+                "Write one question a student might ask about this: {s}", "List the key terms in: {s}")
+
+
+def _topic_split(split: str, val_fraction: float = 0.1) -> List[str]:
+    names = sorted(topics)
+    n_val = max(1, round(len(names) * val_fraction))
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return names[:-n_val] if split == "train" else names[-n_val:]
+
+
+def pydoc_prompts(split: str, n: int, *, seed: int = 0, text_fraction: float = 0.25) -> List[dict]:
+    """``n`` real prompts from Python's pydoc topics, those of ``split``: ``"train"`` (the first
+    90% of the topics in sorted order, as :func:`pydoc_text`) or ``"test"`` (the rest, held out).
+    Each is ``{"kind": "chat", "text": instruction}`` (one of :data:`INSTRUCTIONS` around a prose
+    sentence of a topic, for a chat template) or, for ``text_fraction`` of them, ``{"kind":
+    "text", "text": passage}`` (the first 20-60 words of a prose paragraph, to be continued as
+    plain text). Drawn at random with ``seed``, without repeats."""
+    rng = random.Random(seed)
+    sentences, passages = [], []
+    for name in _topic_split(split):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            lines = para.split("\n")
+            if not para.strip() or lines[0].startswith((" ", "\t")) or any(
+                    set(line.strip()) <= set("*=-~^") for line in lines):
+                continue
+            words = " ".join(line.strip() for line in lines).split()
+            if len(words) >= 20:
+                passages.append(" ".join(words[:rng.randint(20, 60)]))
+            sentences += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", " ".join(words))
+                          if 6 <= len(s.split()) <= 40]
+    n_text = round(n * text_fraction)
+    if n - n_text > len(sentences) or n_text > len(passages):
+        raise ValueError(f"asked for {n} prompts; the {split} topics hold {len(sentences)} sentences "
+                         f"and {len(passages)} passages")
+    chat = [{"kind": "chat", "text": rng.choice(INSTRUCTIONS).format(s=s)}
+            for s in rng.sample(sorted(set(sentences)), n - n_text)]
+    text = [{"kind": "text", "text": p} for p in rng.sample(sorted(set(passages)), n_text)]
+    out = chat + text
+    rng.shuffle(out)
+    return out
+
+
+def prompt_ids(tokenizer, prompt: dict) -> List[int]:
+    """A :func:`pydoc_prompts` prompt as token ids: the chat template (with the generation prompt)
+    for ``"chat"``, the plain text for ``"text"``."""
+    if prompt["kind"] == "chat" and tokenizer.chat_template is not None:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt["text"]}]),
+                                add_special_tokens=False)
+    return tokenizer.encode(prompt["text"])
