@@ -196,4 +196,14 @@ TORCH_LIBRARY(leanformer, m) {
   // int64 [T] or [B, T], weight [D, W + 1] (Conv1d taps, shared by the heads), bias [D]:
   // out[b, t, h, d] = bias[d] + sum_l weight[d, W - l] * (the value l steps up t's chain).
   m.def("tree_dwconv(Tensor v, Tensor conv_tail, Tensor parents, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ---- decode_attention ----
+  // One new token per sequence over a KV cache: qkv [B, (H + 2 Hkv) * D] (q, k, v side by side),
+  // q and k rotated (rotate-half RoPE, fp32, with row lens[b] of cos / sin [P, D] float32), k and v
+  // written in place at k_cache / v_cache [B, L, Hkv, D] row lens[b] (lens itself unchanged), then
+  // each query head h attends over slots 0..lens[b] of KV head h / (H / Hkv), scale D^-0.5
+  // -> [B, H * D] in qkv's dtype.
+  m.def(
+      "decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lens, Tensor cos, "
+      "Tensor sin, int num_heads) -> Tensor");
 }

@@ -1,8 +1,10 @@
 """LlamaLM's one-token decoding step (DecodeStep: stacked q/k/v and gate/up GEMVs over
-fuse_projections' shared storage, precomputed RoPE tables, KV rows written by index_copy_,
-attention over the filled slots without a per-layer mask) against the general path and the full
-forward; its fallbacks (hooks, unfused weights); generate() unchanged; state_dict unchanged."""
+fuse_projections' shared storage, precomputed RoPE tables, the attention as one
+leanformer.ops.decode_attention, or its unfused PyTorch steps where the op does not apply) against
+the general path and the full forward; its fallbacks (hooks, unfused weights, the unfused
+attention, logged once); generate() unchanged; state_dict unchanged."""
 import dataclasses
+import logging
 from unittest import mock
 
 import pytest
@@ -46,9 +48,10 @@ def test_step_matches_general_path_and_full_forward(bias, lengths):
     m = model(qkv_bias=bias)
     lengths = torch.tensor(lengths)
     ids = torch.randint(0, 256, (len(lengths), 24))
-    with mock.patch.object(LlamaBlock, "decode_step", autospec=True, side_effect=LlamaBlock.decode_step) as fast:
+    with mock.patch.object(LlamaBlock, "decode_step", autospec=True, side_effect=LlamaBlock.decode_step) as fast, \
+            mock.patch.object(llama_module, "decode_attention", wraps=llama_module.decode_attention) as op:
         new, cache = steps(m, ids, lengths, 6)
-    assert fast.call_count == 6 * CFG.depth
+    assert fast.call_count == op.call_count == 6 * CFG.depth
     old, old_cache = steps(m, ids, lengths, 6, fast=False)
     torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
     for k, k_old in zip(cache.k + cache.v, old_cache.k + old_cache.v):
@@ -117,13 +120,51 @@ def test_generate_unchanged(prompts):
     assert [s.tolist() for s in drafted.sequences] == [s.tolist() for s in new.sequences]
 
 
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 12]])
+def test_unfused_attention_computes_the_same_and_is_logged_once(lengths, caplog):
+    """Where decode_attention does not apply (here: forced), the
+    step's attention runs as PyTorch ops, saying why once."""
+    m, lengths = model(), torch.tensor(lengths)
+    ids = torch.randint(0, 256, (len(lengths), 24))
+    fused, cache = steps(m, ids, lengths, 5)
+    llama_module._LOGGED_UNFUSED.clear()
+    with mock.patch.object(llama_module, "_unfused_reason", return_value="forced by the test"), \
+            mock.patch.object(llama_module, "decode_attention") as op, \
+            caplog.at_level(logging.INFO, logger="leanformer.models.llama"):
+        unfused, unfused_cache = steps(m, ids, lengths, 5)
+    assert op.call_count == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["LlamaAttention decode step: unfused attention (forced by the test)"]
+    torch.testing.assert_close(unfused, fused, atol=1e-5, rtol=1e-5)
+    for k, k_unfused in zip(cache.k + cache.v, unfused_cache.k + unfused_cache.v):
+        torch.testing.assert_close(k, k_unfused, atol=1e-6, rtol=1e-5)
+
+
+def test_unfused_reasons():
+    x = torch.zeros(2, 40)
+    cache = torch.zeros(2, 8, 2, 5)
+    assert llama_module._unfused_reason(x, cache, cache) is None
+    assert llama_module._unfused_reason(x.double(), cache.double(), cache.double()) == "torch.float64 activations"
+    assert llama_module._unfused_reason(x, cache.bfloat16(), cache) == \
+        "a torch.bfloat16 cache for torch.float32 activations"
+    assert llama_module._unfused_reason(x.requires_grad_(), cache, cache) == "gradients needed"
+    assert llama_module._unfused_reason(x.to("meta"), cache.to("meta"), cache.to("meta")) == \
+        "no decode_attention kernel on meta"
+
+
 @pytest.mark.skipif(not llama_module._OPENMP, reason="the thread count is switched under OpenMP only")
 def test_step_attention_runs_on_one_thread_and_restores_the_count():
+    """decode_attention itself stays on the calling thread at decoding sizes (no switch); the
+    unfused attention switches to one thread around SDPA and back."""
     m, ids, lengths = model(), torch.randint(0, 256, (1, 12)), torch.tensor([8])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with mock.patch.object(torch, "set_num_threads", wraps=torch.set_num_threads) as set_threads:
+            steps(m, ids, lengths, 2)
+        assert set_threads.call_count == 0
+        with mock.patch.object(torch, "set_num_threads", wraps=torch.set_num_threads) as set_threads, \
+                mock.patch.object(llama_module, "_unfused_reason", return_value="forced by the test"):
             steps(m, ids, lengths, 2)
         assert [c.args for c in set_threads.call_args_list] == [(1,), (2,)] * 2 * CFG.depth
         assert torch.get_num_threads() == 2

@@ -197,8 +197,14 @@ def tree_state_samples():
                  names={n: f"tree_dwconv: {n}" for n in ("v", "conv_tail", "parents", "weight", "bias")})
 
 
+def decode_attention_samples():
+    B, H, Hkv, D, L, P = 2, 4, 2, 8, 10, 12
+    yield Sample("decode_attention", [rand(B, (H + 2 * Hkv) * D), rand(B, L, Hkv, D), rand(B, L, Hkv, D),
+                                      torch.tensor([3, 9]), rand(P, D), rand(P, D), H])
+
+
 SAMPLES = [*sla_samples(), *norm_samples(), *topk_samples(), *nm_samples(), *packed_samples(),
-           *tree_attention_samples(), *tree_verify_samples(), *tree_state_samples()]
+           *tree_attention_samples(), *tree_verify_samples(), *tree_state_samples(), *decode_attention_samples()]
 BY_OP = {s.op: s for s in SAMPLES}
 IN_PLACE = {"compact_kv_cache", "sla_tree_commit"}
 
@@ -394,6 +400,24 @@ SIZE_CASES = [
     ("tree_dwconv", with_args(parents=torch.tensor([-1, 0, 0])),
      r"^tree_dwconv: parents must be int64 \[T\] or \[B, T\]"),
     ("tree_dwconv", with_args(bias=lambda t: t[:5]), r"^tree_dwconv: bias must have shape \[D\] = \[6\]"),
+    ("decode_attention", with_args(qkv=lambda t: t[:, :56]),
+     r"^decode_attention: qkv must be \[B, \(H \+ 2 Hkv\) \* D\] = \[2, 64\]"),
+    ("decode_attention", with_args(num_heads=3), "^decode_attention: num_heads = 3 must be a multiple of"),
+    ("decode_attention", with_args(num_heads=0), "^decode_attention: num_heads must be >= 1"),
+    ("decode_attention", with_args(k_cache=lambda t: t[..., :7].contiguous(),
+                                   v_cache=lambda t: t[..., :7].contiguous(), qkv=lambda t: t[:, :56],
+                                   cos=lambda t: t[:, :7], sin=lambda t: t[:, :7]),
+     r"^decode_attention: the head dim D = 7 \(k_cache.shape\[3\]\) must be even"),
+    ("decode_attention", with_args(v_cache=lambda t: t[:, :9]),
+     r"^decode_attention: v_cache must be \[B, L, Hkv, D\] = \[2, 10, 2, 8\]"),
+    ("decode_attention", with_args(k_cache=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)),
+     "^decode_attention: k_cache must be contiguous"),
+    ("decode_attention", with_args(lens=torch.tensor([1, 2, 3])),
+     r"^decode_attention: lens must be int64 \[B\] = \[2\]"),
+    ("decode_attention", with_args(sin=lambda t: t[:11]),
+     r"^decode_attention: sin must be float32 \[P, D\] = \[12, 8\]"),
+    ("decode_attention", with_args(cos=lambda t: t[:, :6]),
+     r"^decode_attention: cos must be float32 \[P, D\] with D = 8"),
 ]
 
 
@@ -468,6 +492,8 @@ VALUE_CASES = [
     ("sparse_down_projection", with_args(indices=lambda t: t + 16), r"indices must be in \[0, d_ff\) = \[0, 16\)"),
     ("compact_kv_cache", with_args(accepted=torch.tensor([[0, 1, -1, -1], [0, 3, 2, -1]])),
      r"accepted\[1, 2\] = 2 must be a node index"),
+    ("decode_attention", with_args(lens=torch.tensor([3, 10])), r"lens\[1\] = 10 leaves no room for the new token"),
+    ("decode_attention", with_args(cos=lambda t: t[:9], sin=lambda t: t[:9]), r"lens\[1\] = 9 has no row in cos"),
 ]
 
 

@@ -109,3 +109,15 @@ def test_verify_tree_greedy_varying_tree():
 
     calls = [[torch.randn(2, T, 11), torch.randint(0, 11, (2, T)), random_parents(T)] for T in (3, 6, 9)]
     assert_one_graph(f, calls)
+
+
+def test_decode_attention_varying_batch_and_cache():
+    def f(qkv, k_cache, v_cache, lens, cos, sin):
+        return ops.decode_attention(qkv, k_cache, v_cache, lens, cos, sin, 6)
+
+    calls = []
+    for B, L, P in ((3, 7, 10), (4, 9, 13), (5, 11, 17)):
+        angles = torch.rand(P, 4)
+        calls.append([torch.randn(B, 10 * 8), torch.randn(B, L, 2, 8), torch.randn(B, L, 2, 8),
+                      torch.randint(0, L, (B,)), torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)])
+    assert_one_graph(f, calls)

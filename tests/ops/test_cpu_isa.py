@@ -1,6 +1,7 @@
 """The CPU kernels pick their vector tiles (AVX-512, AVX2, portable) when the library loads;
 LEANFORMER_DISABLE_AVX512=1 forces the AVX2 tiles, so both paths of the shared small GEMM and
-the softmax (and packed_linear's tiles) are checked against the references on one AVX-512 machine."""
+the softmax (and packed_linear's tiles, decode_attention's vectors) are checked against the
+references on one AVX-512 machine."""
 import json
 import os
 import subprocess
@@ -41,6 +42,15 @@ for dtype in (torch.float32, torch.float64):
     wu = torch.randn(45, 70, dtype=dtype)
     errors[f"packed_swiglu {dtype}"] = (packed_swiglu(x, pack_swiglu_weight(w, wu), 45) - torch.nn.functional.silu(
         torch.nn.functional.linear(x, w)) * torch.nn.functional.linear(x, wu)).abs().max().item()
+# decode_attention: 16- (AVX-512) or 8-float (AVX2) vectors, head dim 40 (a partial vector), fp32
+from leanformer.ops import decode_attention
+from leanformer.reference import decode_attention_reference
+qkv, kc, vc = torch.randn(2, 10 * 40), torch.randn(2, 300, 2, 40), torch.randn(2, 300, 2, 40)
+angles = torch.rand(300, 20)
+cs = (torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1))
+lens = torch.tensor([299, 37])
+want = decode_attention_reference(qkv, kc.clone(), vc.clone(), lens, *cs, 6)
+errors["decode_attention float32"] = (decode_attention(qkv, kc, vc, lens, *cs, 6) - want).abs().max().item()
 print(json.dumps({"isa": _C.cpu_vector_isa(), "errors": errors}))
 """
 

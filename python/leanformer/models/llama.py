@@ -3,6 +3,8 @@ keeps one length per sequence, so batched decoding of prompts of different lengt
 tree-verified decoding (``leanformer.ops.tree_attention``) work on the same cache."""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -14,7 +16,9 @@ from torch.nn.modules import module as _module
 from leanformer.models.pretrained import load_llama
 from leanformer.models.protocol import CausalLM, real_block
 from leanformer.nn.packed_linear_layers import _PackedForward, _PackedSwiGLU
-from leanformer.ops import compact_kv_cache, tree_attention
+from leanformer.ops import compact_kv_cache, decode_attention, tree_attention
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -203,21 +207,54 @@ def _share_rows(module: nn.Module, names: tuple) -> None:
 
 class DecodeStep:
     """What every layer of a one-token decoding step (``T == 1`` per sequence over a cache, no
-    tree) shares, made once per step by :meth:`LlamaLM.call_context`: the RoPE factors at each
-    sequence's position (``cos``, ``sin`` with the first half negated: ``x * cos +
-    swap_halves(x) * sin`` is rotate-half RoPE), the flat cache row each sequence writes
-    (``b * L_max + lens[b]``), the key count ``Lk`` and the additive key mask (None when every
-    sequence reads all ``Lk`` slots, e.g. batch 1). ``threads``: the intra-op thread count to restore
-    around the attention, which runs on one thread, or 1 to leave it alone: at decoding sizes
-    (``B * H * Lk * D`` up to :data:`SERIAL_ATTENTION_WORK`) the attention is a few dozen
-    microseconds of work, less than waking a second OpenMP thread costs, and on a busy host a
-    descheduled worker stalls the step by milliseconds (measured: SDPA of 9 heads over 130 keys
-    after a GEMV, 2 threads, load 4 on 2 cores, median 7 ms; on one thread 54 us)."""
+    tree) shares, made once per step by :meth:`LlamaLM.call_context`: each sequence's cache
+    length ``lens``, the model's RoPE tables ``cos_table``, ``sin_table`` ``[P, D]``
+    (:func:`rope_tables`) and the key count ``Lk = max(lens) + 1``. The fused attention
+    (``leanformer.ops.decode_attention``) takes those; :meth:`unfused` makes what the unfused
+    path needs, once per step (see :meth:`LlamaAttention.step_attention`)."""
 
-    __slots__ = ("cos", "sin", "rows", "Lk", "mask", "threads")
+    __slots__ = ("lens", "cos_table", "sin_table", "Lk", "L", "_unfused")
 
-    def __init__(self, cos: Tensor, sin: Tensor, rows: Tensor, Lk: int, mask: Optional[Tensor], threads: int = 1):
-        self.cos, self.sin, self.rows, self.Lk, self.mask, self.threads = cos, sin, rows, Lk, mask, threads
+    def __init__(self, lens: Tensor, cos_table: Tensor, sin_table: Tensor, Lk: int, L: int):
+        self.lens, self.cos_table, self.sin_table, self.Lk, self.L = lens, cos_table, sin_table, Lk, L
+        self._unfused = None
+
+    def unfused(self, dtype: torch.dtype, num_heads: int) -> "UnfusedStep":
+        """The unfused path's factors (:class:`UnfusedStep`), made on first use in the step."""
+        u = self._unfused
+        if u is None or u.dtype != dtype or u.num_heads != num_heads:
+            u = self._unfused = UnfusedStep(self, dtype, num_heads)
+        return u
+
+
+class UnfusedStep:
+    """The unfused step attention's per-step tensors: the RoPE factors at each sequence's
+    position (``cos``, ``sin`` with the first half negated: ``x * cos + swap_halves(x) * sin`` is
+    rotate-half RoPE), the flat cache row each sequence writes (``b * L_max + lens[b]``), the
+    additive key mask (None when every sequence reads all ``Lk`` slots, e.g. batch 1).
+    ``threads``: the intra-op thread count to restore around the attention, which runs on one
+    thread, or 1 to leave it alone: at decoding sizes (``B * H * Lk * D`` up to
+    :data:`SERIAL_ATTENTION_WORK`) the attention is a few dozen microseconds of work, less than
+    waking a second OpenMP thread costs, and on a busy host a descheduled worker stalls the step
+    by milliseconds (measured: SDPA of 9 heads over 130 keys after a GEMV, 2 threads, load 4 on 2
+    cores, median 7 ms; on one thread 54 us)."""
+
+    __slots__ = ("dtype", "num_heads", "cos", "sin", "rows", "Lk", "mask", "threads")
+
+    def __init__(self, step: DecodeStep, dtype: torch.dtype, num_heads: int):
+        lens, L, Lk = step.lens, step.L, step.Lk
+        B, D = lens.shape[0], step.cos_table.shape[1]
+        self.dtype, self.num_heads, self.Lk = dtype, num_heads, Lk
+        self.cos, self.sin = step.cos_table[lens][:, None], step.sin_table[lens][:, None]
+        self.rows = lens + torch.arange(0, B * L, L, device=lens.device) if B > 1 else lens
+        self.mask = None
+        if B > 1 and int(lens.min()) + 1 < Lk:  # 0 where slot s <= lens[b], else -inf: one float mask for every layer
+            hidden = (torch.arange(Lk, device=lens.device) > lens[:, None]).view(B, 1, 1, Lk)
+            self.mask = torch.zeros(hidden.shape, device=lens.device, dtype=dtype).masked_fill_(hidden, float("-inf"))
+        threads = torch.get_num_threads()
+        serial = _OPENMP and lens.device.type == "cpu" and threads > 1 \
+            and B * num_heads * Lk * D <= SERIAL_ATTENTION_WORK
+        self.threads = threads if serial else 1
 
 
 #: Above this many ``B * H * Lk * D`` a decoding step's attention keeps every intra-op thread.
@@ -348,30 +385,66 @@ class LlamaAttention(nn.Module):
     def step_attention(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep, weight: Tensor,
                        bias: Optional[Tensor]) -> Tensor:
         """The attention of one new token per sequence before ``o_proj``: ``x [B, 1, C]`` through
-        the stacked q/k/v ``weight`` (and ``bias``), q and k rotated together with the step's
-        RoPE factors, k and v written into the (contiguous) cache rows ``step.rows``, attention
-        over the first ``step.Lk`` slots under ``step.mask``. -> ``[B, 1, H * D]``."""
+        the stacked q/k/v ``weight`` (and ``bias``), then ``leanformer.ops.decode_attention`` (q and
+        k rotated with the step's RoPE tables, k and v written into the contiguous cache at row
+        ``lens[b]``, attention over slots ``0..lens[b]``) -> ``[B, 1, H * D]``. Where the op does
+        not apply (:func:`_unfused_reason`: another dtype or device, a cache in another dtype,
+        gradients needed) the same steps in PyTorch ops, logged once per reason."""
         B, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        h = F.linear(x, weight, bias).view(B, H + 2 * Hkv, D)
+        h = F.linear(x, weight, bias)
+        why = _unfused_reason(h, k_cache, v_cache)
+        if why is None:
+            o = decode_attention(h.view(B, -1), k_cache, v_cache, step.lens, step.cos_table, step.sin_table, H)
+            return o.view(B, 1, H * D)
+        if why not in _LOGGED_UNFUSED:  # once per reason, not once per step
+            _LOGGED_UNFUSED.add(why)
+            logger.info("LlamaAttention decode step: unfused attention (%s)", why)
+        u = step.unfused(x.dtype, H)
+        h = h.view(B, H + 2 * Hkv, D)
         qk, v, half, float32 = h[:, :H + Hkv], h[:, H + Hkv:], D // 2, x.dtype == torch.float32
         qk = qk if float32 else qk.float()  # RoPE in float32, as rotary_at
-        qk = qk * step.cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * step.sin
+        qk = qk * u.cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * u.sin
         qk = qk if float32 else qk.to(x.dtype)
         q, k = qk[:, :H], qk[:, H:]
         if k_cache.dtype != x.dtype:
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-        k_cache.view(-1, Hkv, D).index_copy_(0, step.rows, k)
-        v_cache.view(-1, Hkv, D).index_copy_(0, step.rows, v)
-        Lk, threads = step.Lk, step.threads
-        if threads > 1:  # see DecodeStep: a small attention runs on one thread
+        k_cache.view(-1, Hkv, D).index_copy_(0, u.rows, k)
+        v_cache.view(-1, Hkv, D).index_copy_(0, u.rows, v)
+        Lk, threads = u.Lk, u.threads
+        if threads > 1:  # see UnfusedStep: a small attention runs on one thread
             torch.set_num_threads(1)
         try:
             o = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache[:, :Lk].transpose(1, 2),
-                                               v_cache[:, :Lk].transpose(1, 2), attn_mask=step.mask, enable_gqa=True)
+                                               v_cache[:, :Lk].transpose(1, 2), attn_mask=u.mask, enable_gqa=True)
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
         return o.reshape(B, 1, H * D)
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOGGED_UNFUSED: set = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_decode_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("leanformer::decode_attention", key)
+
+
+def _unfused_reason(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Optional[str]:
+    """Why a decoding step's attention cannot run as ``leanformer.ops.decode_attention`` (None: it
+    can): the op takes float32 / bfloat16 / float16 on the CPU and CUDA (when built with CUDA
+    kernels), the caches in the activations' dtype, and has no autograd."""
+    if qkv.dtype not in _FUSED_DTYPES:
+        return f"{qkv.dtype} activations"
+    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
+        return f"a {k_cache.dtype} cache for {qkv.dtype} activations"
+    if not _has_decode_kernel(qkv.device.type):
+        return f"no decode_attention kernel on {qkv.device.type}"
+    if qkv.requires_grad:
+        return "gradients needed"
+    return None
 
 
 def write_slots(k_cache: Tensor, v_cache: Tensor, lens: Tensor, k: Tensor, v: Tensor) -> None:
@@ -585,8 +658,7 @@ class LlamaLM(CausalLM):
 
     def _decode_step(self, cache: KVCache) -> DecodeStep:
         """The :class:`DecodeStep` of one new token per sequence over ``cache``."""
-        lens = cache.lens
-        B, L = lens.shape[0], cache.max_len
+        lens, L = cache.lens, cache.max_len
         Lk = int(lens.max()) + 1
         if Lk > L:
             raise ValueError(f"the KV cache holds {L} positions; {Lk - 1} cached + 1 new do not fit (make it with "
@@ -597,17 +669,7 @@ class LlamaLM(CausalLM):
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
                 tables = rope_tables(max(L, c.max_seq_len), c.head_dim, c.rope_base, lens.device)
             self.__dict__["_rope_tables"] = tables
-        cos, sin = tables[0][lens][:, None], tables[1][lens][:, None]
-        rows = lens + torch.arange(0, B * L, L, device=lens.device) if B > 1 else lens
-        mask = None
-        if B > 1 and int(lens.min()) + 1 < Lk:  # 0 where slot s <= lens[b], else -inf: one float mask for every layer
-            hidden = (torch.arange(Lk, device=lens.device) > lens[:, None]).view(B, 1, 1, Lk)
-            mask = torch.zeros(hidden.shape, device=lens.device, dtype=self.embed.weight.dtype).masked_fill_(
-                hidden, float("-inf"))
-        threads = torch.get_num_threads()
-        serial = _OPENMP and lens.device.type == "cpu" and threads > 1 \
-            and B * c.num_heads * Lk * c.head_dim <= SERIAL_ATTENTION_WORK
-        return DecodeStep(cos, sin, rows, Lk, mask, threads if serial else 1)
+        return DecodeStep(lens, tables[0], tables[1], Lk, L)
 
     def _slots(self, cache: Optional[KVCache], B: int) -> List[Optional[int]]:
         slots = self.attention_slots()

@@ -1,5 +1,6 @@
 """Plain-PyTorch references of every kernel's math, shared by the tests and the benchmarks:
 one module per op family, named as :mod:`leanformer.ops`' modules."""
+from leanformer.reference.decode_attention import decode_attention_reference
 from leanformer.reference.linear_attention import (sla_causal_chunked_reference, sla_causal_quadratic_reference,
                                                    sla_noncausal_reference, sla_step_reference)
 from leanformer.reference.nm_sparse_linear import nm_sparse_linear as nm_sparse_linear_reference
@@ -30,4 +31,6 @@ __all__ = [
     "ancestor_mask", "prefix_tree_additive_mask", "tree_attention_reference", "tree_linear_attention_reference",
     "compact_kv_cache_reference", "verify_tree_greedy_reference", "verify_tree_sampling_reference",
     "sla_tree_commit_reference", "tree_dwconv_reference",
+    # decode_attention
+    "decode_attention_reference",
 ]
