@@ -63,7 +63,8 @@ def test_step_matches_general_path_and_full_forward(bias, lengths):
 
 
 def test_fallbacks_compute_the_same():
-    """A hook on a projection, or unfused (separately stored) weights: the module path."""
+    """A hook on a projection, or unfused (separately stored) weights: the projections are called
+    one by one (their hooks run), the step attention still runs, and computes the same."""
     ids, lengths = torch.randint(0, 256, (2, 20)), torch.tensor([7, 10])
     ref, _ = steps(model(), ids, lengths, 3, fast=False)
     hooked = model()
@@ -72,11 +73,11 @@ def test_fallbacks_compute_the_same():
     with mock.patch.object(LlamaAttention, "step_attention", autospec=True,
                            side_effect=LlamaAttention.step_attention) as fast:
         out, _ = steps(hooked, ids, lengths, 3)
-        assert len(calls) == 1 + 3 and fast.call_count == 3 * (CFG.depth - 1)  # the prefill, then 3 steps
+        assert len(calls) == 1 + 3 and fast.call_count == 3 * CFG.depth  # the prefill, then 3 steps
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         fast.reset_mock()
         out, _ = steps(model(fused=False), ids, lengths, 3)
-        assert fast.call_count == 0
+        assert fast.call_count == 3 * CFG.depth
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -170,3 +171,22 @@ def test_step_attention_runs_on_one_thread_and_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9]], [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12]]])
+def test_packed_single_rows_still_attend_with_the_fused_op(prompts):
+    """Under packed_linears (single rows packed, the default), q/k/v cannot run as one stacked
+    GEMV; the step calls the three packed projections and still attends with decode_attention,
+    computing the tokens of the unpacked step and of the general path."""
+    m = model(vocab_size=64)
+    calls = []
+    real = llama_module.decode_attention
+    with mock.patch.object(llama_module, "decode_attention", lambda *a: calls.append(1) or real(*a)):
+        packed = leanformer.generate(m, prompts, max_new_tokens=12)
+    assert calls, "the packed one-row step did not use decode_attention"
+    plain = leanformer.generate(m, prompts, max_new_tokens=12, pack_linears=False)
+    m.fast_decode_step = False
+    general = leanformer.generate(m, prompts, max_new_tokens=12)
+    del m.fast_decode_step
+    assert [s.tolist() for s in packed.sequences] == [s.tolist() for s in plain.sequences] \
+        == [s.tolist() for s in general.sequences]

@@ -374,24 +374,31 @@ class LlamaAttention(nn.Module):
     def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
         """One new token per sequence (``x [B, 1, C]``) at its cache length, as
         :meth:`step_attention` with q, k and v from one GEMV over the stacked projections
-        (:func:`fused_weight`), then ``o_proj``. The same arithmetic as :meth:`forward`'s cached
-        path up to the GEMVs' summation order. None where it does not apply (the projections
-        are not fused, the cache is not contiguous): the caller takes the general path."""
-        fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
-        if fused is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        (:func:`fused_weight`), or, where they cannot run as one (packed by
+        :func:`leanformer.nn.packed_linears` for this row count, hooked, or not back to back in
+        memory), from calling the three projections as :meth:`qkv` does; then ``o_proj``. The same
+        arithmetic as :meth:`forward`'s cached path up to the GEMVs' summation order. None where
+        the cache is not contiguous: the caller takes the general path."""
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             return None
+        fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
+        if fused is None:
+            h = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+            return self.o_proj(self.step_attention(x, k_cache, v_cache, step, projected=h))
         return self.o_proj(self.step_attention(x, k_cache, v_cache, step, *fused))
 
-    def step_attention(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep, weight: Tensor,
-                       bias: Optional[Tensor]) -> Tensor:
+    def step_attention(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep,
+                       weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                       projected: Optional[Tensor] = None) -> Tensor:
         """The attention of one new token per sequence before ``o_proj``: ``x [B, 1, C]`` through
-        the stacked q/k/v ``weight`` (and ``bias``), then ``leanformer.ops.decode_attention`` (q and
+        the stacked q/k/v ``weight`` (and ``bias``), or their output ``projected [B, 1, (H + 2
+        Hkv) D]`` computed by the caller, then ``leanformer.ops.decode_attention`` (q and
         k rotated with the step's RoPE tables, k and v written into the contiguous cache at row
         ``lens[b]``, attention over slots ``0..lens[b]``) -> ``[B, 1, H * D]``. Where the op does
         not apply (:func:`_unfused_reason`: another dtype or device, a cache in another dtype,
         gradients needed) the same steps in PyTorch ops, logged once per reason."""
         B, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        h = F.linear(x, weight, bias)
+        h = F.linear(x, weight, bias) if projected is None else projected
         why = _unfused_reason(h, k_cache, v_cache)
         if why is None:
             o = decode_attention(h.view(B, -1), k_cache, v_cache, step.lens, step.cos_table, step.sin_table, H)

@@ -30,22 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanformer import _C
 from leanformer.ops.packed_linear import pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu
 
 logger = logging.getLogger(__name__)
 
 
-def _default_min_rows() -> int:
-    return 1 if _C.cpu_vector_isa() == "avx2" else 2
-
-
 #: Rows (tokens) from and up to which the packed kernel runs. As guidance on 2-core CPUs: the
 #: packed kernel is about 2x F.linear at a few dozen rows (256 -> 1024) and close to it at a
-#: hundred; at one row (a plain decoding step) MKL's GEMV reads the weight at least as fast on an
-#: AVX-512 CPU, so single rows stay on F.linear there, while with AVX2 tiles one row is faster
-#: packed, so AVX2 hosts pack single rows too.
-DEFAULT_MIN_ROWS = _default_min_rows()
+#: hundred; at one row (a plain decoding step) it was 1.6-1.9x F.linear with AVX2 tiles (AMD),
+#: 1.0-1.2x with AVX-512 ones (Intel), and SmolLM2-135M's plain greedy decoding ran 1.7-1.9x
+#: faster packed on an AMD Zen 4 host with AVX-512 (MKL's GEMV reads ~9 GB/s there): single rows
+#: are packed on every ISA.
+DEFAULT_MIN_ROWS = 1
 DEFAULT_MAX_ROWS = 128
 
 
