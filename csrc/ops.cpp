@@ -5,7 +5,7 @@
 //   python/leanformer/ops/<family>.py, reference/<family>.py, tests/ops/test_<family>*.py,
 //   bench/bench_<family>.py
 // Families: linear_attention (schemas sla_*), rep_batchnorm (rep_batchnorm*, progressive_norm*),
-// topk_mlp, nm_sparse_linear, packed_linear (CPU only), tree_attention, tree_verify, tree_state.
+// topk_mlp, nm_sparse_linear, packed_linear (CPU only), quantized_linear, tree_attention, tree_verify, tree_state.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -146,6 +146,16 @@ TORCH_LIBRARY(leanformer, m) {
   // y [..., hidden] = silu(x @ Wg^T) * (x @ Wu^T) (Llama's SwiGLU before its down projection),
   // gate and up [hidden, K] packed side by side per panel: packed_gate_up [ceil(hidden/32), 2, K, 32].
   m.def("packed_swiglu(Tensor x, Tensor packed_gate_up, int hidden) -> Tensor");
+
+  // ---- quantized_linear ----
+  // y [..., N] = x [..., K] @ W^T + bias with W block-quantized: blocks of 32 inputs, 4- or 8-bit
+  // unsigned codes u, float16 scale s and minimum m per output and block, W = s u + m (m =
+  // -2^(bits-1) s where mins is absent: GGUF's Q4_0 / Q8_0; Q4_1 stores m). Packed in tiles of 16
+  // outputs: qweight uint8 [ceil(N/16), K/32, 16 * 32 * bits / 8], scales / mins float16
+  // [ceil(N/16), K/32, 16] (python/leanformer/reference/quantized_linear.py). x is rounded to int8
+  // per row and block (llama.cpp's Q8_0 activations) and the products summed in integers.
+  m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, Tensor? bias, int bits, "
+        "int out_features) -> Tensor");
 
   // ---- tree_attention ----
   // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each

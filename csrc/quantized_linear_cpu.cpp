@@ -1,0 +1,376 @@
+// quantized_linear on the CPU: y = x @ W^T + bias with W in 4- or 8-bit blocks of 32 (the
+// packed layout of python/leanformer/reference/quantized_linear.py). Decoding reads every weight
+// once per token, so a GEMV's time is the weight's bytes over the memory bandwidth: 4-bit codes
+// with a float16 scale and minimum per 32 are 5 bits a weight against float32's 32.
+//
+// As llama.cpp does, each row of x is first rounded to int8 per block of 32 (scale max|x| / 127),
+// so the products are integer dot products: AVX-512 VNNI's vpdpbusd multiplies 64 unsigned codes
+// by 64 int8 inputs and adds them in fours, 16 outputs x 4 inputs per instruction in the tile
+// layout (the 4 inputs broadcast from one 32-bit load of x). Per block and output one fp32 fma
+// scales the integer sum, one more adds the minimum's term, in the order the reference fixes,
+// so every path (VNNI, AVX2, portable) returns the same bits, and a row's result does not depend
+// on the other rows: verification of a token tree agrees with plain decoding exactly.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define LEANFORMER_QUANT_X86 1
+#define LEANFORMER_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define LEANFORMER_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#include "quantized_linear_checks.h"
+#include "small_gemm.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside its own AVX-512 headers
+
+namespace leanformer {
+namespace {
+
+constexpr int64_t QB = kQuantBlock, QT = kQuantTile;
+
+// x rounded per row and block: codes xq [M, K], dx = max|x| / 127 and sx = dx * sum(xq) [M, KB],
+// and the code sums (the AVX2 8-bit path's correction) [M, KB].
+struct QuantizedRows {
+  int64_t ldx;  // K + 64: rows 4 KB apart would share L1 sets (K = 4096: 8 rows thrash an 8-way L1)
+  std::vector<int8_t> xq;
+  std::vector<float> dx, sx;
+  std::vector<int32_t> xsum;
+};
+
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* xq, float* dx, float* sx, int32_t* xsum) {
+  for (int64_t b = 0; b < K / QB; ++b) {
+    float v[QB];
+    float a = 0.f;
+    for (int i = 0; i < QB; ++i) {
+      v[i] = static_cast<float>(x[b * QB + i]);
+      a = std::max(a, std::fabs(v[i]));
+    }
+    const float inv = a > 0.f ? 127.f / a : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < QB; ++i) {
+      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v[i] * inv)));  // half to even
+      xq[b * QB + i] = static_cast<int8_t>(q);
+      sum += static_cast<int32_t>(q);
+    }
+    dx[b] = a / 127.f;
+    xsum[b] = sum;
+    sx[b] = dx[b] * static_cast<float>(sum);
+  }
+}
+
+// ---- portable: one output at a time, the same fp32 operations in the same order ----
+
+void tile_portable(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+                   const QuantizedRows& q, int64_t r0, int64_t rows, int64_t K, float* out /* [rows, 16] */) {
+  const int64_t nbytes = quant_tile_bytes(bits);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* xr = q.xq.data() + (r0 + r) * q.ldx;
+    for (int j = 0; j < QT; ++j) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < KB; ++b) {
+        const uint8_t* blk = qw + b * nbytes;
+        const int8_t* xb = xr + b * QB;
+        int32_t isum = 0;
+        for (int i = 0; i < QB; ++i) {
+          int u;
+          if (bits == 8) {
+            u = blk[(i / 4) * 64 + j * 4 + i % 4];
+          } else {
+            const int ii = i % 16;
+            const uint8_t byte = blk[(ii / 4) * 64 + j * 4 + ii % 4];
+            u = i < 16 ? (byte & 0x0F) : (byte >> 4);
+          }
+          isum += u * xb[i];
+        }
+        const float s = static_cast<float>(sc[b * QT + j]);
+        const float m = mn ? static_cast<float>(mn[b * QT + j]) : s * -float(1 << (bits - 1));
+        const float dxb = q.dx[(r0 + r) * KB + b], sxb = q.sx[(r0 + r) * KB + b];
+        acc = std::fma(static_cast<float>(isum), s * dxb, acc);
+        acc = std::fma(m, sxb, acc);
+      }
+      out[r * QT + j] = acc;
+    }
+  }
+}
+
+#ifdef LEANFORMER_QUANT_X86
+
+// ---- AVX-512 VNNI: 16 outputs in one zmm of int32 sums, MR rows at once ----
+
+template <int BITS, int MR>
+LEANFORMER_VNNI_TARGET __attribute__((always_inline)) inline void tile_vnni(
+    int64_t KB, int64_t ldx, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, const int8_t* xq,
+    const float* dx, const float* sx, float* out) {
+  constexpr int64_t nbytes = QT * QB * BITS / 8;
+  // One row alone has a single chain of 8 dependent vpdpbusd per block: two chains halve it.
+  constexpr int CH = MR <= 2 ? 2 : 1;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* blk = qw + b * nbytes;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 64), _MM_HINT_T0);
+    if constexpr (BITS == 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 192), _MM_HINT_T0);
+    }
+    __m512i isum[MR][CH];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < CH; ++c) isum[r][c] = _mm512_setzero_si512();
+    const int8_t* xb = xq + b * QB;
+    // isum[r][c] += w . (4 inputs of row r from k), c the chain (lambdas would lose the target)
+#define LEANFORMER_DOT(c, w, k)                                                \
+  for (int r = 0; r < MR; ++r) {                                               \
+    int32_t x4;                                                                \
+    std::memcpy(&x4, xb + r * ldx + (k), 4);                                     \
+    isum[r][c] = _mm512_dpbusd_epi32(isum[r][c], (w), _mm512_set1_epi32(x4)); \
+  }
+    if constexpr (BITS == 8) {
+      for (int g = 0; g < 8; ++g) {
+        const __m512i w = _mm512_loadu_si512(blk + 64 * g);
+        LEANFORMER_DOT(g % CH, w, 4 * g)
+      }
+    } else {
+      for (int h = 0; h < 4; ++h) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * h);
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        LEANFORMER_DOT(h % CH, lo, 4 * h)
+        LEANFORMER_DOT((h + 1) % CH, hi, 16 + 4 * h)
+      }
+    }
+#undef LEANFORMER_DOT
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + b * QT)));
+    const __m512 m = mn ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + b * QT)))
+                        : _mm512_mul_ps(s, _mm512_set1_ps(-float(1 << (BITS - 1))));
+    for (int r = 0; r < MR; ++r) {
+      __m512i t = isum[r][0];
+      if constexpr (CH == 2) t = _mm512_add_epi32(t, isum[r][1]);
+      const __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(dx[r * KB + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sd, acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * KB + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out + r * QT, acc[r]);
+}
+
+// ---- AVX2: half a tile (8 outputs) per ymm; maddubs + madd for the integer dot products ----
+
+template <int BITS, int MR>
+LEANFORMER_AVX2_TARGET __attribute__((always_inline)) inline void half_tile_avx2(
+    int half, int64_t KB, int64_t ldx, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, const int8_t* xq,
+    const float* dx, const float* sx, const int32_t* xsum, float* out) {
+  constexpr int64_t nbytes = QT * QB * BITS / 8;
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* blk = qw + b * nbytes + half * 32;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes), _MM_HINT_T0);
+    __m256i isum[MR];
+    for (int r = 0; r < MR; ++r) isum[r] = _mm256_setzero_si256();
+    const int8_t* xb = xq + b * QB;
+    // 4-bit codes (< 16) times int8: maddubs's int16 pair sums cannot saturate (2 * 15 * 127).
+    // 8-bit codes: u - 128 as int8 w, |w| * sign(x, w) (at most 2 * 128 * 127 per pair), and the
+    // 128 * sum(x) taken out added back below. (Macros: lambdas would lose the target.)
+#define LEANFORMER_DOT(wu, ws, k)                                                      \
+  for (int r = 0; r < MR; ++r) {                                                       \
+    int32_t x4;                                                                        \
+    std::memcpy(&x4, xb + r * ldx + (k), 4);                                             \
+    const __m256i xv = _mm256_set1_epi32(x4);                                          \
+    const __m256i p = _mm256_maddubs_epi16((wu), BITS == 8 ? _mm256_sign_epi8(xv, (ws)) : xv); \
+    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones16));                 \
+  }
+    if constexpr (BITS == 8) {
+      for (int g = 0; g < 8; ++g) {
+        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * g)), flip);
+        const __m256i aw = _mm256_abs_epi8(w);
+        LEANFORMER_DOT(aw, w, 4 * g)
+      }
+      for (int r = 0; r < MR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_set1_epi32(128 * xsum[r * KB + b]));
+    } else {
+      for (int h = 0; h < 4; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h));
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        LEANFORMER_DOT(lo, lo, 4 * h)
+        LEANFORMER_DOT(hi, hi, 16 + 4 * h)
+      }
+    }
+#undef LEANFORMER_DOT
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + b * QT + half * 8)));
+    const __m256 m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + b * QT + half * 8)))
+                        : _mm256_mul_ps(s, _mm256_set1_ps(-float(1 << (BITS - 1))));
+    for (int r = 0; r < MR; ++r) {
+      const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(dx[r * KB + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), sd, acc[r]);
+      acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r * KB + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + r * QT + half * 8, acc[r]);
+}
+
+// Rows [r0, r0 + rows) of one tile, in blocks of at most MR rows, each height instantiated.
+template <int BITS, int MR>
+LEANFORMER_VNNI_TARGET void rows_vnni(int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc,
+                                      const c10::Half* mn, const QuantizedRows& q, int64_t r0, int64_t rows,
+                                      float* out) {
+  for (int64_t r = 0; r < rows;) {
+    const int64_t n = std::min<int64_t>(MR, rows - r);
+    const int8_t* xq = q.xq.data() + (r0 + r) * q.ldx;
+    const float* dx = q.dx.data() + (r0 + r) * KB;
+    const float* sx = q.sx.data() + (r0 + r) * KB;
+    float* o = out + r * QT;
+    switch (n) {
+#define LEANFORMER_CASE(R) \
+  case R: tile_vnni<BITS, R>(KB, q.ldx, qw, sc, mn, xq, dx, sx, o); break;
+      LEANFORMER_CASE(1) LEANFORMER_CASE(2) LEANFORMER_CASE(3) LEANFORMER_CASE(4)
+      LEANFORMER_CASE(5) LEANFORMER_CASE(6) LEANFORMER_CASE(7) LEANFORMER_CASE(8)
+#undef LEANFORMER_CASE
+    }
+    r += n;
+  }
+}
+
+template <int BITS, int MR>
+LEANFORMER_AVX2_TARGET void rows_avx2(int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc,
+                                      const c10::Half* mn, const QuantizedRows& q, int64_t r0, int64_t rows,
+                                      float* out) {
+  for (int64_t r = 0; r < rows;) {
+    const int64_t n = std::min<int64_t>(MR, rows - r);
+    const int8_t* xq = q.xq.data() + (r0 + r) * q.ldx;
+    const float* dx = q.dx.data() + (r0 + r) * KB;
+    const float* sx = q.sx.data() + (r0 + r) * KB;
+    const int32_t* xs = q.xsum.data() + (r0 + r) * KB;
+    float* o = out + r * QT;
+    for (int half = 0; half < 2; ++half) {
+      switch (n) {
+#define LEANFORMER_CASE(R) \
+  case R: half_tile_avx2<BITS, R>(half, KB, q.ldx, qw, sc, mn, xq, dx, sx, xs, o); break;
+        LEANFORMER_CASE(1) LEANFORMER_CASE(2) LEANFORMER_CASE(3) LEANFORMER_CASE(4)
+#undef LEANFORMER_CASE
+      }
+    }
+    r += n;
+  }
+}
+
+bool cpu_has_vnni() {
+  static const bool yes = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("LEANFORMER_DISABLE_AVX2");
+  return yes;
+}
+// LEANFORMER_DISABLE_AVX2=1 (tests) runs the portable loops on an AVX2 CPU.
+bool cpu_has_avx2_f16c() {
+  static const bool yes = !std::getenv("LEANFORMER_DISABLE_AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif  // LEANFORMER_QUANT_X86
+
+// Rows of one tile -> out [rows, 16], on the best path this CPU has.
+void run_tile(int bits, int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+              const QuantizedRows& q, int64_t r0, int64_t rows, float* out) {
+#ifdef LEANFORMER_QUANT_X86
+  if (cpu_has_vnni()) {
+    if (bits == 8)
+      rows_vnni<8, 8>(KB, K, qw, sc, mn, q, r0, rows, out);
+    else
+      rows_vnni<4, 8>(KB, K, qw, sc, mn, q, r0, rows, out);
+    return;
+  }
+  if (cpu_has_avx2_f16c()) {
+    if (bits == 8)
+      rows_avx2<8, 4>(KB, K, qw, sc, mn, q, r0, rows, out);
+    else
+      rows_avx2<4, 4>(KB, K, qw, sc, mn, q, r0, rows, out);
+    return;
+  }
+#endif
+  tile_portable(bits, KB, qw, sc, mn, q, r0, rows, K, out);
+}
+
+// Work below which a call stays on the calling thread: waking the pool's workers costs several
+// microseconds, and a descheduled worker on a busy host much more: about 0.1 ms of VNNI work.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 20;
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias,
+                                int64_t bits, int64_t out_features) {
+  check_quantized_linear_inputs(x, qweight, scales, mins, bias, bits, out_features);
+  const int64_t K = x.size(-1), KB = K / QB, N = out_features, T = qweight.size(0);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
+  if (rows == 0 || N == 0) return y.to(x.scalar_type());
+  if (K == 0) {
+    y.zero_();
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous(), qc = qweight.contiguous(), sc = scales.contiguous();
+  const std::optional<at::Tensor> mc = mins.has_value() ? std::optional<at::Tensor>(mins->contiguous()) : std::nullopt;
+  QuantizedRows q;
+  q.ldx = K + 64;
+  q.xq.resize(rows * q.ldx);
+  q.dx.resize(rows * KB);
+  q.sx.resize(rows * KB);
+  q.xsum.resize(rows * KB);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        quantize_row(xp + r * K, K, q.xq.data() + r * q.ldx, q.dx.data() + r * KB, q.sx.data() + r * KB,
+                     q.xsum.data() + r * KB);
+    });
+  });
+  const uint8_t* qw = qc.data_ptr<uint8_t>();
+  const c10::Half* sp = sc.data_ptr<c10::Half>();
+  const c10::Half* mp = mc.has_value() ? mc->data_ptr<c10::Half>() : nullptr;
+  const float* bp = nullptr;
+  at::Tensor bf;
+  if (bias.has_value()) {
+    bf = bias->to(at::kFloat).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  float* yp = y.data_ptr<float>();
+  const int64_t nbytes = quant_tile_bytes(bits);
+  const int64_t tile_macs = rows * K * QT;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelMacs / std::max<int64_t>(tile_macs, 1));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(rows * QT);
+    for (int64_t t = t0; t < t1; ++t) {
+      run_tile(int(bits), KB, K, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, q, 0, rows,
+               buf.data());
+      const int64_t n0 = t * QT, cols = std::min(QT, N - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = yp + r * N + n0;
+        const float* src = buf.data() + r * QT;
+        if (bp)
+          for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] + bp[n0 + j];
+        else
+          std::copy(src, src + cols, dst);
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(leanformer, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
+
+}  // namespace leanformer
