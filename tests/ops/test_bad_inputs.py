@@ -164,6 +164,15 @@ def packed_samples():
     yield Sample("packed_swiglu", [x, pack_swiglu_weight(rand(40, 16), rand(40, 16)), 40], flexible={"x"})
 
 
+def quantized_samples():
+    from leanformer.quant import BlockQuantizedMatrix
+    q = BlockQuantizedMatrix.from_dense(rand(40, 64), bits=4)
+    yield Sample("quantized_linear", [rand(3, 64), q.qweight, q.scales, q.mins, rand(40), 4, 40],
+                 names={n: f"quantized_linear: {n}" for n in ("qweight", "bias")},
+                 dtypes={"qweight": [torch.int8, torch.int32], "scales": [torch.float32, torch.int32],
+                         "mins": [torch.bfloat16, torch.int32]}, flexible={"x"})
+
+
 def tree_attention_samples():
     B, T, Hq, Hkv, D, Dv, L = 2, 3, 4, 2, 8, 6, 10
     mask = ancestor_mask(torch.tensor([-1, 0, 0]))
@@ -203,7 +212,7 @@ def decode_attention_samples():
                                       torch.tensor([3, 9]), rand(P, D), rand(P, D), H])
 
 
-SAMPLES = [*sla_samples(), *norm_samples(), *topk_samples(), *nm_samples(), *packed_samples(),
+SAMPLES = [*sla_samples(), *norm_samples(), *topk_samples(), *nm_samples(), *packed_samples(), *quantized_samples(),
            *tree_attention_samples(), *tree_verify_samples(), *tree_state_samples(), *decode_attention_samples()]
 BY_OP = {s.op: s for s in SAMPLES}
 IN_PLACE = {"compact_kv_cache", "sla_tree_commit"}
@@ -350,6 +359,11 @@ SIZE_CASES = [
     ("nm_sparse_linear", with_args(meta=lambda t: t[:4]), r"^meta must be int32 \[rows, .*\] = \[5, 1\]"),
     ("nm_sparse_linear", with_args(bias=lambda t: t[:4]), r"^bias must have shape \[rows\] = \[5\]"),
     ("nm_sparse_linear_backward", with_args(grad_y=lambda t: t[:, :4]), r"^grad_y must be \[..., rows\]"),
+    ("quantized_linear", with_args(out_features=49), r"^quantized_linear: out_features = 49 does not fit qweight's 3"),
+    ("quantized_linear", with_args(x=lambda t: t[:, :48]), r"^quantized_linear: x.shape\[-1\] = K = 48 must be a "),
+    ("quantized_linear", with_args(bits=8), r"^quantized_linear: qweight must be \[ceil\(N/16\), K/32, 512\]"),
+    ("quantized_linear", with_args(bits=2), r"^quantized_linear: bits must be 4 or 8, got 2"),
+    ("quantized_linear", with_args(mins=lambda t: t[:2]), r"^quantized_linear: mins must be \[ceil\(N/16\), K/32, 16\]"),
     ("packed_linear", with_args(out_features=65),
      r"^packed_linear: out_features = 65 does not fit packed_weight's 2 panels of 32 columns"),
     ("packed_linear", with_args(out_features=32), r"^packed_linear: out_features = 32 does not fit"),

@@ -121,3 +121,16 @@ def test_decode_attention_varying_batch_and_cache():
         calls.append([torch.randn(B, 10 * 8), torch.randn(B, L, 2, 8), torch.randn(B, L, 2, 8),
                       torch.randint(0, L, (B,)), torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)])
     assert_one_graph(f, calls)
+
+
+def test_quantized_linear_varying_tokens_and_width():
+    from leanformer.quant import BlockQuantizedMatrix
+
+    def f(x, qweight, scales, mins):
+        return torch.ops.leanformer.quantized_linear(x, qweight, scales, mins, None, 4, qweight.shape[0] * 16)
+
+    calls = []
+    for T, K in ((3, 64), (5, 96), (7, 128)):
+        q = BlockQuantizedMatrix.from_dense(torch.randn(64, K), bits=4)  # 4 tiles: no size equal to T or K/32
+        calls.append([torch.randn(T, K), q.qweight, q.scales, q.mins])
+    assert_one_graph(f, calls)

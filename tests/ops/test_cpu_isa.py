@@ -82,3 +82,39 @@ def test_avx2_tiles_on_an_avx512_cpu_match_the_references():
     result = run(disable_avx512=True)
     assert result["isa"] == "avx2"
     check(result)
+
+
+# quantized_linear has three paths (AVX-512 VNNI, AVX2, portable; LEANFORMER_DISABLE_AVX2=1 picks
+# the portable loops) that perform the same fp32 operations in the same order: the same bits.
+QUANT_SCRIPT = r"""
+import hashlib, json, torch
+from leanformer.ops import quantized_linear
+from leanformer.quant import FORMATS, BlockQuantizedMatrix
+from leanformer.reference import quantized_linear_reference
+torch.manual_seed(0)
+digest, errors = hashlib.sha256(), {}
+for fmt, (bits, sym) in FORMATS.items():
+    q = BlockQuantizedMatrix.from_dense(torch.randn(45, 160), bits=bits, symmetric=sym)
+    for rows in (1, 3, 13):
+        x, b = torch.randn(rows, 160), torch.randn(45)
+        y = quantized_linear(x, q, b)
+        digest.update(y.numpy().tobytes())
+        ref = quantized_linear_reference(x, q.qweight, q.scales, q.mins, b, bits, 45)
+        errors[f"{fmt} {rows}"] = ((y - ref).abs().max() / ref.abs().max()).item()
+print(json.dumps({"digest": digest.hexdigest(), "errors": errors}))
+"""
+
+
+def run_quant(**env_flags) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LEANFORMER_DISABLE_AVX512", "LEANFORMER_DISABLE_AVX2")}
+    env.update(env_flags)
+    out = subprocess.run([sys.executable, "-c", QUANT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_quantized_linear_paths_give_the_same_bits():
+    results = [run_quant(), run_quant(LEANFORMER_DISABLE_AVX512="1"), run_quant(LEANFORMER_DISABLE_AVX2="1")]
+    for r in results:
+        assert max(r["errors"].values()) < 1e-5, r["errors"]
+    assert len({r["digest"] for r in results}) == 1

@@ -15,6 +15,7 @@ from leanformer.ops.linear_attention import simplified_linear_attention, simplif
 from leanformer.ops.nm_sparse_linear import dense_min_tokens, nm_sparse_linear
 from leanformer.ops.packed_linear import (pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu,
                                           unpack_linear_weight)
+from leanformer.ops.quantized_linear import quantized_linear
 from leanformer.ops.rep_batchnorm import (progressive_norm, rep_batchnorm, sync_progressive_norm,
                                           sync_rep_batchnorm)
 from leanformer.ops.topk_mlp import predicted_sparse_mlp, sparse_down_projection, topk_activation, topk_mlp
@@ -39,4 +40,6 @@ __all__ = [
     "sla_tree_commit", "tree_dwconv",
     # decode_attention
     "decode_attention",
+    # quantized_linear
+    "quantized_linear",
 ]

@@ -15,6 +15,7 @@ format    bits  minimum m        GGUF type read as it is     bits / weight
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -150,7 +151,12 @@ class BlockQuantizedMatrix:
             raise ValueError(f"from_gguf: GGUF type {type_name} is not a block format read here "
                              f"({', '.join(_GGUF)} are)")
         N, K = (int(d) for d in shape)
-        raw = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+        if isinstance(data, np.ndarray):
+            with warnings.catch_warnings():  # a read-only memory map: only read here (copied below)
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(np.ascontiguousarray(data))
+        else:
+            raw = data
         nb = _GGUF_BYTES[type_name]
         if K % BLOCK or raw.numel() != N * K // BLOCK * nb:
             raise ValueError(f"from_gguf: {raw.numel()} bytes of {type_name} do not hold a {(N, K)} tensor")

@@ -5,6 +5,7 @@ from leanformer.reference.linear_attention import (sla_causal_chunked_reference,
                                                    sla_noncausal_reference, sla_step_reference)
 from leanformer.reference.nm_sparse_linear import nm_sparse_linear as nm_sparse_linear_reference
 from leanformer.reference.packed_linear import packed_linear_reference, packed_swiglu_reference
+from leanformer.reference.quantized_linear import dequantize_reference, quantized_linear_reference
 from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
 from leanformer.reference.topk_mlp import (dense_mlp_reference, predicted_sparse_mlp_reference,
                                            sparse_down_projection_reference, topk_activation_reference,

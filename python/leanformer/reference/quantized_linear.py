@@ -93,7 +93,8 @@ def quantize_activations_reference(x: Tensor):
     xb = x.float().reshape(M, K // BLOCK, BLOCK)
     a = xb.abs().amax(-1)
     dx = a / 127.0
-    inv = torch.where(a > 0, 127.0 / a, torch.zeros_like(a))
+    # a true division (127.0 / a would be torch's reciprocal(a) * 127, off by an ulp at times)
+    inv = torch.where(a > 0, torch.full_like(a, 127.0) / a, torch.zeros_like(a))
     xq = torch.round(xb * inv[..., None]).clamp_(-127, 127).to(torch.int32)
     return xq.view(M, K), dx, xq.sum(-1, dtype=torch.int64)
 
