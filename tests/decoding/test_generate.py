@@ -221,6 +221,29 @@ def test_greedy_tree_decoding_equals_plain_greedy_without_packed_linears(drafter
     assert ("leanformer::packed_swiglu" in ran) == name.startswith("llama")  # LlamaLM's MLP, fused
 
 
+@pytest.mark.parametrize("drafter", ["llama-medusa", "llama-ht"])
+def test_greedy_tree_decoding_of_a_quantized_model_equals_its_plain_greedy(drafter, drafters, prompts):
+    """Every Linear of the model, lm_head too, 4-bit (compress.quantize), q/k/v and gate/up
+    stacked: tree verification computes each node as a one-token step would, bit for bit (the
+    quantized product's rows are independent), so the drafts change nothing but the speed."""
+    from leanformer.compress import quantize
+    from leanformer.nn import QuantizedLinear
+    d = copy.deepcopy(drafters[drafter])  # its model too
+    model = d.model
+    quantize(model, 4, modules=lambda name, lin: True)
+    model.fuse_projections()
+    assert type(model.lm_head) is QuantizedLinear and type(model.layers[0].mlp.down) is QuantizedLinear
+    plain = leanformer.generate(model, prompts, max_new_tokens=40)
+    out = leanformer.generate(model, prompts, max_new_tokens=40, drafter=d, tree=STATIC)
+    for a, b in zip(out.sequences, plain.sequences):
+        assert a.tolist() == b.tolist()
+    assert out.tokens_per_forward > 1.2
+    with torch.profiler.profile() as prof:  # the stacked projections run as one op each
+        leanformer.generate(model, prompts[:1], max_new_tokens=2)
+    calls = {e.key: e.count for e in prof.key_averages()}  # prefill and two steps: 3 forwards of
+    assert calls["leanformer::quantized_linear"] == 3 * (4 * len(model.layers) + 1)  # qkv, o, gate/up, down; head
+
+
 @pytest.mark.parametrize("family", ["llama", "slab"])
 def test_hidden_transfer_drafts_in_decoding_equal_its_training_forward(family, request, drafters, prompts):
     """The pseudo tokens of every anchor (the main chain and, at branch_depth 1, the root's other

@@ -29,8 +29,8 @@ def select_linears(model: nn.Module, modules: Modules = None, *, multiple_of: in
             if any(w in name.lower() for w in EXCLUDED_WORDS):
                 continue
             if mod.in_features % multiple_of:
-                logger.warning("skipping %s: in_features=%d is not a multiple of m=%d", name, mod.in_features,
-                               multiple_of)
+                logger.warning("skipping %s: in_features=%d is not a multiple of %d (it stays dense)", name,
+                               mod.in_features, multiple_of)
                 continue
             chosen.append((name, mod))
     elif callable(modules):
@@ -45,7 +45,7 @@ def select_linears(model: nn.Module, modules: Modules = None, *, multiple_of: in
             chosen.append((name, by_name[name]))
     for name, mod in chosen:
         if mod.in_features % multiple_of:
-            raise ValueError(f"modules: {name} has in_features={mod.in_features}, not a multiple of m={multiple_of}")
+            raise ValueError(f"modules: {name} has in_features={mod.in_features}, not a multiple of {multiple_of}")
     if not chosen:
         raise ValueError("no nn.Linear layer to compress was selected")
     return chosen

@@ -31,7 +31,7 @@ class MedusaHeads(nn.Module):
         super().__init__()
         if num_future < 1:
             raise ValueError(f"num_future must be >= 1, got {num_future}")
-        dim = model.lm_head.weight.shape[1]
+        dim = model.lm_head.in_features
         self.num_future = num_future
         self.__dict__["model"] = model
         self.heads = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_future))

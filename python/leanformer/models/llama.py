@@ -16,6 +16,7 @@ from torch.nn.modules import module as _module
 from leanformer.models.pretrained import load_llama
 from leanformer.models.protocol import CausalLM, real_block
 from leanformer.nn.packed_linear_layers import _PackedForward, _PackedSwiGLU
+from leanformer.nn.quantized_linear import QuantizedLinear
 from leanformer.ops import compact_kv_cache, decode_attention, tree_attention
 
 logger = logging.getLogger(__name__)
@@ -185,10 +186,74 @@ def fused_weight(module: nn.Module, names: tuple, x: Tensor) -> Optional[tuple]:
     return cached[1]
 
 
+_QUANT_BUFFERS = ("qweight", "scales", "mins")
+
+
+def _plain_quantized(lin: nn.Module) -> bool:
+    """A :class:`QuantizedLinear` without hooks whose forward is its own."""
+    return type(lin) is QuantizedLinear and not (lin._forward_hooks or lin._forward_pre_hooks
+                                                 or "forward" in lin.__dict__)
+
+
+def fused_quantized(module: nn.Module, names: tuple, x: Tensor):
+    """The :class:`QuantizedLinear` layers ``module.<names>`` as one: a function of ``x`` computing
+    their outputs side by side with one ``quantized_linear`` over their stacked tiles (which
+    computes what each does, bit for bit: rows of the packed weight are independent), where
+    their buffers (and biases) are views back to back in one storage (see
+    :meth:`LlamaLM.fuse_projections`), no hooks intervene and no gradient is needed. None
+    otherwise."""
+    mods = module._modules
+    lins = [mods[n] for n in names]
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks \
+            or not all(_plain_quantized(lin) for lin in lins):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(lin.bias is not None and lin.bias.requires_grad
+                                                           for lin in lins)):
+        return None
+    key = tuple(lin.qweight.data_ptr() for lin in lins)
+    cached = module.__dict__.get("_fused_quantized")
+    if cached is None or cached[0] != key:
+        cached = (key, None)
+        bits, sym = lins[0].bits, lins[0].mins is None
+        if all(lin.bits == bits and (lin.mins is None) == sym and lin.out_features % 16 == 0 for lin in lins):
+            parts = [_row_block([getattr(lin, b) for lin in lins]) for b in _QUANT_BUFFERS[:2 if sym else 3]]
+            biases = [lin.bias for lin in lins]
+            bias = None if all(b is None for b in biases) else _row_block(biases)
+            if all(p is not None for p in parts) and (bias is not None or all(b is None for b in biases)):
+                qweight, scales, mins = parts[0], parts[1], None if sym else parts[2]
+                n = sum(lin.out_features for lin in lins)
+                op = torch.ops.leanformer.quantized_linear
+                cached = (key, lambda x: op(x, qweight, scales, mins, bias, bits, n))
+        module.__dict__["_fused_quantized"] = cached
+    return cached[1]
+
+
+def _share_quantized_rows(lins: list) -> None:
+    """The buffers (and biases) of the QuantizedLinear layers ``lins`` as views of one storage."""
+    if not all(type(lin) is QuantizedLinear and lin.out_features % 16 == 0 for lin in lins) \
+            or len({(lin.bits, lin.mins is None, lin.bias is None) for lin in lins}) != 1:
+        return
+    for attr in _QUANT_BUFFERS + ("bias",):
+        ts = [getattr(lin, attr) for lin in lins]
+        if ts[0] is None or any(t.is_meta for t in ts) or _row_block(ts) is not None:
+            continue
+        stacked = torch.cat([t.detach() for t in ts])
+        start = 0
+        for lin, t in zip(lins, ts):
+            part = stacked[start:start + t.shape[0]]
+            if attr == "bias":
+                part = nn.Parameter(part, requires_grad=t.requires_grad)
+            setattr(lin, attr, part)
+            start += t.shape[0]
+
+
 def _share_rows(module: nn.Module, names: tuple) -> None:
     """Makes the weights (and biases) of the linears ``module.<names>`` views of one storage,
-    back to back, values unchanged (see :meth:`LlamaLM.fuse_projections`)."""
+    back to back, values unchanged (see :meth:`LlamaLM.fuse_projections`); the same for the
+    buffers of :class:`QuantizedLinear` layers."""
     lins = [getattr(module, n) for n in names]
+    module.__dict__.pop("_fused_quantized", None)
+    _share_quantized_rows(lins)
     if not all(type(lin) is nn.Linear for lin in lins):
         return
     for attr in ("weight", "bias"):
@@ -300,6 +365,10 @@ class SwiGLU(nn.Module):
         if gate_up is not None:  # gate and up as one GEMM over their rows (see LlamaLM.fuse_projections)
             g, u = F.linear(x, gate_up[0], gate_up[1]).split(self.gate.out_features, dim=-1)
             return self.down(F.silu(g) * u)
+        gate_up = fused_quantized(self, ("gate", "up"), x)
+        if gate_up is not None:  # quantized: one quantized_linear over the stacked tiles
+            g, u = gate_up(x).split(self.gate.out_features, dim=-1)
+            return self.down(F.silu(g) * u)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
     def swiglu_linears(self):
@@ -328,9 +397,15 @@ class LlamaAttention(nn.Module):
         """``x [B, T, C]`` at ``positions [B, T]`` -> rotated ``q [B, T, H, D]``, rotated
         ``k [B, T, Hkv, D]`` and ``v [B, T, Hkv, D]``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        stacked = fused_quantized(self, ("q_proj", "k_proj", "v_proj"), x)
+        if stacked is not None:  # quantized and stacked: one op
+            H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            q, k, v = stacked(x).split([H * D, Hkv * D, Hkv * D], -1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        else:
+            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         return rotary_at(q, positions, self.rope_base), rotary_at(k, positions, self.rope_base), v
 
     @staticmethod
@@ -383,7 +458,8 @@ class LlamaAttention(nn.Module):
             return None
         fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
         if fused is None:
-            h = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+            stacked = fused_quantized(self, ("q_proj", "k_proj", "v_proj"), x)
+            h = stacked(x) if stacked is not None else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
             return self.o_proj(self.step_attention(x, k_cache, v_cache, step, projected=h))
         return self.o_proj(self.step_attention(x, k_cache, v_cache, step, *fused))
 
@@ -570,7 +646,7 @@ class LlamaLM(CausalLM):
             nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32) -> "LlamaLM":
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, quantized: bool = False) -> "LlamaLM":
         """A pretrained Llama-family model (eval mode, on the CPU, in ``dtype``) from a Hugging
         Face folder (``config.json`` and ``*.safetensors``, sharded or not: Llama, SmolLM,
         Mistral without a sliding window, Qwen2) or a ``.gguf`` file (architecture ``llama``;
@@ -581,12 +657,17 @@ class LlamaLM(CausalLM):
         the field; a missing or mis-shaped tensor raises ValueError naming the tensor. Needs
         the optional dependencies: ``pip install "leanformer[hf]"``.
 
+        ``quantized=True`` (GGUF only) keeps the Q8_0 / Q4_0 / Q4_1 weights of the Linear layers
+        as they are, in :class:`leanformer.nn.QuantizedLinear` layers (a tied ``lm_head`` reads
+        the embedding's blocks; the embedding table itself is dequantized for lookups); other
+        Linear tensors stay dense, logged.
+
         Example::
 
             model = LlamaLM.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
             tokenizer = leanformer.models.load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
         """
-        return load_llama(path, cls, LlamaConfig, dtype=dtype).fuse_projections()
+        return load_llama(path, cls, LlamaConfig, dtype=dtype, quantized=quantized).fuse_projections()
 
     def fuse_projections(self) -> "LlamaLM":
         """Lays each block's query, key and value weights (and biases), and its MLP's gate and up

@@ -1,6 +1,6 @@
 """Loading pretrained Llama-family checkpoints into :class:`~leanformer.models.LlamaLM`: Hugging
 Face folders (``config.json`` + ``*.safetensors``) and GGUF files (llama.cpp's format, with its
-quantized tensors dequantized here). :meth:`LlamaLM.from_pretrained` is the entry point; this
+quantized tensors dequantized here, or kept as they are: ``quantized=True``). :meth:`LlamaLM.from_pretrained` is the entry point; this
 module reads the files and maps their configs to :class:`~leanformer.models.LlamaConfig`'s
 fields (it does not import the model: the model imports it)."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import os
 from typing import Callable, Dict, Optional, Type
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from leanformer.models.gguf_file import read_gguf
 
 HF_EXTRA = 'pip install "leanformer[hf]"'
+logger = logging.getLogger(__name__)
 
 
 def require(module: str, what: str):
@@ -206,12 +208,66 @@ def gguf_name(name: str) -> str:
             "lm_head.weight": "output.weight"}[name]
 
 
-def _load_gguf(path: str, make: Callable[[dict], nn.Module], dtype: torch.dtype) -> nn.Module:
+def _rope_rows(gname: str, config, rows: int) -> Optional[Tensor]:
+    """The row order that undoes llama.cpp's q/k permutation of tensor ``gname`` (None: none)."""
+    if not gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+        return None
+    heads = config.num_heads if ".attn_q." in gname else config.num_kv_heads
+    if rows % (2 * heads):
+        return None  # the shape check names it
+    return unpermute_rope(torch.arange(rows), heads)
+
+
+def _keep_quantized(model: nn.Module, infos: dict, permuted: bool, taken: set) -> None:
+    """Replaces each nn.Linear of ``model`` (on meta) whose GGUF weight is Q8_0 / Q4_0 / Q4_1 by a
+    :class:`~leanformer.nn.QuantizedLinear` holding those blocks as they are (rows of q and k
+    reordered, codes not touched); a tied ``lm_head`` reads ``token_embd``'s blocks. A Linear
+    stored otherwise (F32, F16, ...) stays dense, logged."""
+    from leanformer.compress.selection import replace_module
+    from leanformer.nn.quantized_linear import QuantizedLinear
+    from leanformer.quant import BlockQuantizedMatrix
+    from leanformer.quant.block_quantized import GGUF_TYPES
+
+    config = model.config
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear:
+            continue
+        gname = gguf_name(f"{name}.weight")
+        tied = name == "lm_head" and gname not in infos and config.tie_embeddings
+        t = infos.get("token_embd.weight" if tied else gname)
+        if t is None:
+            continue  # load_into names the missing tensor
+        if t.type_name not in GGUF_TYPES or tuple(t.shape) != (mod.out_features, mod.in_features):
+            logger.warning("%s (%s %s) stays dense: only %s blocks of this Linear's shape are kept quantized",
+                           gname, t.type_name, tuple(t.shape), "/".join(GGUF_TYPES))
+            continue
+        q = BlockQuantizedMatrix.from_gguf(t)
+        order = _rope_rows(gname, config, q.shape[0]) if permuted else None
+        if order is not None:
+            q = q.select_rows(order)
+        bias = None
+        if mod.bias is not None:
+            bname = gguf_name(f"{name}.bias")
+            if bname not in infos:
+                raise ValueError(f"missing tensor {bname!r} (LlamaLM's {name}.bias)")
+            bias = infos[bname].dequantize()
+            order = _rope_rows(bname, config, bias.shape[0]) if permuted else None
+            bias = bias if order is None else bias[order]
+            taken.add(bname)
+        replace_module(model, name, QuantizedLinear.from_matrix(q, bias))
+        if not tied:
+            taken.add(gname)
+
+
+def _load_gguf(path: str, make: Callable[[dict], nn.Module], dtype: torch.dtype,
+               quantized: bool = False) -> nn.Module:
     meta, infos = read_gguf(path)
     model = make(config_from_gguf(meta, {n: t.shape for n, t in infos.items()}, path))
     config = model.config
     permuted = GGUF_ARCHS[meta["general.architecture"]]
     taken = set()
+    if quantized:
+        _keep_quantized(model, infos, permuted, taken)
 
     def fetch(name: str) -> Optional[Tensor]:
         gname = gguf_name(name)
@@ -254,7 +310,7 @@ def load_into(model: nn.Module, fetch: Callable[[str], Optional[Tensor]], name_o
                          (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") +
                          " (a structure it does not represent)")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and type(model.lm_head) is nn.Linear:
         model.lm_head.weight = model.embed.weight
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
@@ -277,7 +333,7 @@ def smollm2_path() -> str:
 
 
 def load_llama(path: str, model_cls: Type[nn.Module], config_cls: type, *,
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+               dtype: torch.dtype = torch.float32, quantized: bool = False) -> nn.Module:
     """See :meth:`LlamaLM.from_pretrained` (``model_cls`` LlamaLM, ``config_cls`` LlamaConfig)."""
     def make(fields: dict) -> nn.Module:
         with torch.device("meta"):  # no initialization: every parameter comes from the checkpoint
@@ -285,11 +341,14 @@ def load_llama(path: str, model_cls: Type[nn.Module], config_cls: type, *,
 
     path = os.fspath(path)
     if os.path.isdir(path):
+        if quantized:
+            raise ValueError(f"{path}: quantized=True keeps a GGUF file's blocks; a Hugging Face folder holds none "
+                             "(load it dense, then leanformer.compress.quantize(model, bits=4))")
         return _load_hf(path, make, dtype)
     if os.path.isfile(path):
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            return _load_gguf(path, make, dtype)
+            return _load_gguf(path, make, dtype, quantized)
         raise ValueError(f"{path}: not a GGUF file (magic {magic!r}) nor a Hugging Face model folder")
     raise FileNotFoundError(f"{path}: no such file or folder")

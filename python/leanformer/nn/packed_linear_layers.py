@@ -148,8 +148,9 @@ def release_packed(*modules: nn.Module) -> int:
     return n
 
 
-def _eligible(m: nn.Linear) -> bool:
-    return m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and "forward" not in m.__dict__
+def _eligible(m: nn.Module) -> bool:
+    """A plain fp32 nn.Linear on the CPU (not, e.g., a QuantizedLinear of a SwiGLU)."""
+    return isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and "forward" not in m.__dict__
 
 
 @contextlib.contextmanager

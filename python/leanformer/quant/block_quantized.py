@@ -28,6 +28,8 @@ from leanformer.reference.quantized_linear import (BLOCK, TILE, dequantize_refer
 #: format name -> (bits, symmetric)
 FORMATS = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True), "q8_1": (8, False)}
 _GGUF = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+#: the GGUF tensor types read as they are
+GGUF_TYPES = tuple(_GGUF)
 _GGUF_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 #: the clipping ratios quantize_blocks tries per block (BCT-style: each block's scale chosen by error)
 CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.7)
@@ -173,6 +175,11 @@ class BlockQuantizedMatrix:
     @classmethod
     def from_state_dict(cls, sd: dict) -> "BlockQuantizedMatrix":
         return cls(sd["qweight"], sd["scales"], sd.get("mins"), int(sd["bits"]), tuple(sd["shape"]))
+
+    def select_rows(self, index: Tensor) -> "BlockQuantizedMatrix":
+        """The matrix of rows ``index`` (int64 ``[n]``), codes and scales moved, not requantized."""
+        mins = None if self.mins is None else unpack_params(self.mins, self.shape[0])[index]
+        return BlockQuantizedMatrix.from_codes(self.codes()[index], self.block_scales()[index], mins, self.bits)
 
     # ---- views ----
 
