@@ -94,6 +94,20 @@ def test_strided_and_non_contiguous_x(device):
 
 
 @pytest.mark.parametrize("device", GPU_DEVICES)
+def test_qweight_off_word_alignment(device):
+    """Codes whose data starts at an odd byte (a view into a larger buffer) are read right: the
+    launcher copies them (4-byte loads; a misaligned load faults on a GPU, not in the emulation)."""
+    N, K, bits = 20, 64, 8
+    qw, sc, mn = weight(N, K, bits, symmetric=True, seed=8)
+    x = torch.randn(3, K)
+    buf = torch.cat([torch.zeros(1, dtype=torch.uint8), qw.flatten()]).to(device)
+    qd = buf[1:].view(qw.shape)
+    assert qd.data_ptr() % 4 == 1
+    got = torch.ops.leanformer.quantized_linear(x.to(device), qd, sc.to(device), None, None, bits, N).cpu()
+    assert_same_bits(got, torch.ops.leanformer.quantized_linear(x, qw, sc, None, None, bits, N), "offset qweight")
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
 def test_empty_and_edge_sizes(device):
     g = torch.Generator().manual_seed(4)
     for N, K, lead, bits in [(0, 64, (3,), 4), (16, 64, (0,), 8), (5, 0, (3,), 4), (16, 32, (2, 3), 8),
