@@ -32,7 +32,7 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
   // Rows with unit stride along K (a row stride of their own is fine).
   at::Tensor x2 = x.reshape({M, K});
   if (K > 0 && x2.stride(1) != 1) x2 = x2.contiguous();
-  // The codes are read as 4-byte words: a base off that alignment (a sliced storage) is copied.
+  // The codes are read as 4-byte words: a base off 16-byte alignment (a view at an offset) is copied.
   at::Tensor qc = qweight.contiguous();
   if (reinterpret_cast<uintptr_t>(qc.const_data_ptr()) % 16 != 0) qc = qc.clone();
   const at::Tensor sc = scales.contiguous();
