@@ -25,6 +25,7 @@
 //     assert at the next synchronization.
 //   * Dynamic shared memory (LF_DYNAMIC_SHARED), filled with 0xFF bytes (NaN, -1) when a block
 //     starts, so that a read before any write shows up.
+//   * __dp4a, __float2int_rn and the _rn float operations (__fmul_rn, __fmaf_rn, ...).
 //   * POD vector types (uint4, float4, ...) and __ldg: HIP-CPU's vector types are classes that
 //     cannot be union members.
 // HIP-CPU's flatten / simd attributes (on __global__, __device__ and its launch internals)
@@ -105,6 +106,7 @@ inline void stack_free(void* stack) {
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <csetjmp>
 #include <cstdint>
 #include <cstdio>
@@ -384,6 +386,31 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 inline int __ffs(unsigned x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
 inline int __ffs(int x) { return __ffs(static_cast<unsigned>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// The integer and rounding intrinsics HIP-CPU lacks. __dp4a: the sum of the four byte products
+// plus c (signed or unsigned bytes). The IEEE round-to-nearest forms: the host's fp32
+// operations (uncontracted: this build targets baseline x86-64, which has no FMA instruction
+// for GCC to contract a * b + c into; std::fma is exact).
+inline int __dp4a(int a, int b, int c) {
+  for (int e = 0; e < 4; ++e) c += int(std::int8_t(a >> (8 * e))) * int(std::int8_t(b >> (8 * e)));
+  return c;
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  for (int e = 0; e < 4; ++e) c += unsigned(std::uint8_t(a >> (8 * e))) * unsigned(std::uint8_t(b >> (8 * e)));
+  return c;
+}
+// Round half to even (the default rounding mode), saturating, NaN -> 0: CUDA's cvt.rni.s32.f32.
+inline int __float2int_rn(float x) {
+  if (std::isnan(x)) return 0;
+  const float r = std::nearbyint(x);
+  if (r >= 2147483648.f) return 2147483647;
+  if (r < -2147483648.f) return -2147483647 - 1;
+  return static_cast<int>(r);
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // POD vector types (the kernels reinterpret memory as them and put them in unions).
 struct alignas(16) uint4 { unsigned x, y, z, w; };
