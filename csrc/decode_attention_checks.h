@@ -99,12 +99,44 @@ void dispatch_decode_attention_dtype(at::ScalarType dtype, F&& run) {
   }
 }
 
+// decode_attention_tree: qkv [B, T, (H + 2 Hkv) * D] (the T nodes of each sequence's token tree,
+// the last dimension contiguous or not), parents int64 [T] (one tree for the batch) or [B, T]; the
+// rest as decode_attention. Node i's key and value go to cache row lens[b] + i.
+inline DecodeAttentionSymShape check_decode_attention_tree_inputs(const at::Tensor& qkv, const at::Tensor& k_cache,
+                                                                  const at::Tensor& v_cache, const at::Tensor& lens,
+                                                                  const at::Tensor& cos, const at::Tensor& sin,
+                                                                  int64_t num_heads, const at::Tensor& parents) {
+  TORCH_CHECK(qkv.dim() == 3, "decode_attention_tree: qkv must be [B, T, (H + 2 Hkv) * D], got shape ",
+              qkv.sym_sizes());
+  // The node dimension aside, decode_attention's rules (its messages name it).
+  const DecodeAttentionSymShape s =
+      check_decode_attention_inputs_sym(at::empty_symint({qkv.sym_size(0), qkv.sym_size(2)}, qkv.options()),
+                                        k_cache, v_cache, lens, cos, sin, num_heads);  // (T may be 0)
+  const c10::SymInt T = qkv.sym_size(1);
+  check_int64_on(parents, "decode_attention_tree: parents", qkv, "qkv");
+  const c10::SymInt shared[1] = {T}, batched[2] = {s.B, T};
+  TORCH_SYM_CHECK(sym_sizes_eq(parents.sym_sizes(), parents.dim() == 1 ? c10::SymIntArrayRef(shared)
+                                                                       : c10::SymIntArrayRef(batched)),
+                  "decode_attention_tree: parents must be [T] = [", T, "] or [B, T] = [", s.B, ", ", T,
+                  "] (T = qkv.shape[1]), got ", parents.sym_sizes());
+  return s;
+}
+
 // lens[b]: the cache holds it and one more token, and the RoPE tables have its row.
 inline void check_decode_len(int64_t len, int64_t b, int64_t L, int64_t P) {
   TORCH_CHECK(len >= 0 && len < L, "decode_attention: lens[", b, "] = ", len,
               " leaves no room for the new token: it must be in [0, L - 1] = [0, ", L - 1, "]");
   TORCH_CHECK(len < P, "decode_attention: lens[", b, "] = ", len, " has no row in cos and sin (P = ", P,
               " positions)");
+}
+
+// A tree of T nodes at lens[b]: rows lens[b] .. lens[b] + T - 1 of the cache, and positions up to
+// lens[b] + max_depth of the RoPE tables.
+inline void check_decode_tree_len(int64_t len, int64_t b, int64_t T, int64_t max_depth, int64_t L, int64_t P) {
+  TORCH_CHECK(len >= 0 && len + T <= L, "decode_attention_tree: lens[", b, "] = ", len, " leaves no room for the ", T,
+              " tree nodes: it must be in [0, L - T] = [0, ", L - T, "]");
+  TORCH_CHECK(len + max_depth < P, "decode_attention_tree: lens[", b, "] + the tree's depth = ", len + max_depth,
+              " has no row in cos and sin (P = ", P, " positions)");
 }
 
 }  // namespace leanformer

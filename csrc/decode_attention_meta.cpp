@@ -19,8 +19,19 @@ at::Tensor decode_attention_meta(const at::Tensor& qkv, const at::Tensor& k_cach
   return at::empty_symint({s.B, s.H * s.D}, qkv.options());
 }
 
+at::Tensor decode_attention_tree_meta(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin,
+                                      int64_t num_heads, const at::Tensor& parents) {
+  const DecodeAttentionSymShape s =
+      check_decode_attention_tree_inputs(qkv, k_cache, v_cache, lens, cos, sin, num_heads, parents);
+  return at::empty_symint({s.B, qkv.sym_size(1), s.H * s.D}, qkv.options());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(leanformer, Meta, m) { m.impl("decode_attention", &decode_attention_meta); }
+TORCH_LIBRARY_IMPL(leanformer, Meta, m) {
+  m.impl("decode_attention", &decode_attention_meta);
+  m.impl("decode_attention_tree", &decode_attention_tree_meta);
+}
 
 }  // namespace leanformer

@@ -216,4 +216,12 @@ TORCH_LIBRARY(leanformer, m) {
   m.def(
       "decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lens, Tensor cos, "
       "Tensor sin, int num_heads) -> Tensor");
+  // The same for a token tree of T nodes per sequence (CPU): qkv [B, T, (H + 2 Hkv) * D], parents int64
+  // [T] or [B, T] (parents[0] = -1, parents[i] < i). Node i is the token at position lens[b] +
+  // depth(i); its rotated key and value go to cache row lens[b] + i; it attends rows 0..lens[b]-1,
+  // then its ancestors' rows and its own, root first -> [B, T, H * D]. Bit for bit what
+  // decode_attention computes for that token once its ancestors sit at rows lens[b], lens[b] + 1, ...
+  m.def(
+      "decode_attention_tree(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lens, Tensor cos, "
+      "Tensor sin, int num_heads, Tensor parents) -> Tensor");
 }

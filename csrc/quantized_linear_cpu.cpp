@@ -349,7 +349,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   float* yp = y.data_ptr<float>();
   const int64_t nbytes = quant_tile_bytes(bits);
   const int64_t tile_macs = rows * K * QT;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelMacs / std::max<int64_t>(tile_macs, 1));
+  static const int64_t min_macs = std::getenv("LEANFORMER_QUANT_MIN_MACS") ? std::atoll(std::getenv("LEANFORMER_QUANT_MIN_MACS")) : kMinParallelMacs;
+  const int64_t grain = std::max<int64_t>(1, min_macs / std::max<int64_t>(tile_macs, 1));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * QT);
     for (int64_t t = t0; t < t1; ++t) {

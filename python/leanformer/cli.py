@@ -97,6 +97,7 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "elastic-minilm": ("leanformer.lab.experiments.elastic_minilm", "main"),
     "dsformer-minilm": ("leanformer.lab.experiments.dsformer_minilm", "main"),
     "real-llm": ("leanformer.lab.experiments.real_llm", "main"),
+    "quantize-smollm2": ("leanformer.lab.experiments.quantize_llm", "main"),
 }
 LAYERS: Dict[str, Tuple[str, str]] = {
     "soft": ("leanformer.lab.experiments.layers_soft", "main"),

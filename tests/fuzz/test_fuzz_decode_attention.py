@@ -43,3 +43,36 @@ def test_decode_attention(case):
     case.close(out, want, dtype, "out", absolute=True)
     case.close(k_cache, k_ref, dtype, "k_cache")
     assert torch.equal(v_cache, v_ref), "v_cache"
+
+
+@fuzz("decode_attention_tree", weight=0.5)
+def test_decode_attention_tree(case):
+    """Random trees (shared or per sequence) over random prefixes: every node equals, bit for bit,
+    plain decode_attention steps along its path."""
+    from leanformer.ops import decode_attention_tree
+    dtype = case.pick("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    B, Hkv, G = case.size("B", 3, lo=1), case.size("Hkv", 3, lo=1), case.size("G", 3, lo=1)
+    D, T = 2 * case.size("D/2", 24, lo=1, special=(4, 8, 16)), case.size("T", 9, lo=1)
+    H, L = Hkv * G, T + case.size("L - T", 40)
+    shared = case.coin("one tree for the batch")
+    parents = torch.stack([torch.tensor([-1] + [int(case.randint(0, i, ())) for i in range(1, T)])
+                           for _ in range(1 if shared else B)])
+    parents = parents[0] if shared else parents
+    lens = case.randint(0, L - T + 1, (B,))
+    qkv = case.layout("qkv", case.randn(B, T, (H + 2 * Hkv) * D, dtype=dtype), keep_last_dim=True)
+    k_cache, v_cache = case.randn(B, L, Hkv, D, dtype=dtype), case.randn(B, L, Hkv, D, dtype=dtype)
+    angles = case.rand(L + 2, D // 2) * 6.0
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+    out = decode_attention_tree(qkv, k_cache.clone(), v_cache.clone(), lens, cos, sin, H, parents)
+    for b in range(B):
+        par = parents if shared else parents[b]
+        for i in range(T):
+            path, n = [], i
+            while n >= 0:
+                path.append(n)
+                n = int(par[n])
+            k2, v2, l2 = k_cache[b:b + 1].clone(), v_cache[b:b + 1].clone(), lens[b:b + 1].clone()
+            for node in path[::-1]:
+                o = decode_attention(qkv[b:b + 1, node], k2, v2, l2, cos, sin, H)
+                l2 += 1
+            assert torch.equal(out[b, i], o[0]), f"sequence {b}, node {i}"

@@ -210,6 +210,9 @@ def decode_attention_samples():
     B, H, Hkv, D, L, P = 2, 4, 2, 8, 10, 12
     yield Sample("decode_attention", [rand(B, (H + 2 * Hkv) * D), rand(B, L, Hkv, D), rand(B, L, Hkv, D),
                                       torch.tensor([3, 9]), rand(P, D), rand(P, D), H])
+    yield Sample("decode_attention_tree", [rand(B, 3, (H + 2 * Hkv) * D), rand(B, L, Hkv, D), rand(B, L, Hkv, D),
+                                           torch.tensor([3, 7]), rand(P, D), rand(P, D), H, torch.tensor([-1, 0, 0])],
+                 free_rank={"parents"})
 
 
 SAMPLES = [*sla_samples(), *norm_samples(), *topk_samples(), *nm_samples(), *packed_samples(), *quantized_samples(),

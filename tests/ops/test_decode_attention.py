@@ -133,3 +133,93 @@ def test_bad_inputs_name_the_argument():
     odd = decode_case(1, 2, 1, 3, 4, [0], torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="D = 3 .* must be even"):
         decode_attention(*odd, 2)
+
+
+# ---- decode_attention_tree: a token tree's nodes, each bit for bit a decode_attention step ----
+
+def tree_case(B, H, Hkv, D, L, parents, dtype, lens, g):
+    P = L + 4
+    angles = torch.rand(P, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+    T = parents.shape[-1]
+    kc, vc = (torch.randn(B, L, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    return qkv, kc, vc, torch.tensor(lens), cos, sin
+
+
+def sequential_steps(qkv, kc, vc, lens, cos, sin, H, parents):
+    """Each node by plain decode_attention steps along its path (root first) on a copy of the
+    cache: its output, and the cache rows its path leaves."""
+    from leanformer.ops import decode_attention as step
+    B, T = qkv.shape[:2]
+    outs = torch.empty(B, T, H * kc.shape[-1], dtype=qkv.dtype)
+    rows = []
+    for b in range(B):
+        par = parents if parents.dim() == 1 else parents[b]
+        for i in range(T):
+            path, n = [], i
+            while n >= 0:
+                path.append(n)
+                n = int(par[n])
+            k2, v2, l2 = kc[b:b + 1].clone(), vc[b:b + 1].clone(), lens[b:b + 1].clone()
+            for node in path[::-1]:
+                o = step(qkv[b:b + 1, node], k2, v2, l2, cos, sin, H)
+                l2 += 1
+            outs[b, i] = o[0]
+            rows.append((b, i, k2[0, l2[0] - 1], v2[0, l2[0] - 1]))
+    return outs, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("parents", [[-1], [-1, 0, 0, 1, 1, 3, 2, 6], [-1, 0, 1, 2, 3]], ids=["root", "tree", "chain"])
+def test_tree_nodes_equal_plain_steps_bit_for_bit(dtype, parents):
+    from leanformer.ops import decode_attention_tree
+    g = torch.Generator().manual_seed(len(parents))
+    parents = torch.tensor(parents)
+    H, Hkv, D, L = 6, 2, 40, 48  # D = 40: a partial vector of 16 lanes
+    qkv, kc, vc, lens, cos, sin = tree_case(3, H, Hkv, D, L, parents, dtype, [0, 17, L - len(parents)], g)
+    want, rows = sequential_steps(qkv, kc, vc, lens, cos, sin, H, parents)
+    out = decode_attention_tree(qkv, kc, vc, lens, cos, sin, H, parents)
+    assert out.shape == (3, len(parents), H * D) and out.dtype == dtype
+    assert torch.equal(out, want)
+    for b, i, k, v in rows:  # node i's own rotated key and value at row lens[b] + i
+        assert torch.equal(kc[b, lens[b] + i], k) and torch.equal(vc[b, lens[b] + i], v)
+
+
+def test_tree_per_sequence_parents_strided_qkv_and_empty():
+    from leanformer.ops import decode_attention_tree
+    g = torch.Generator().manual_seed(0)
+    parents = torch.tensor([[-1, 0, 0, 2], [-1, 0, 1, 1]])
+    qkv, kc, vc, lens, cos, sin = tree_case(2, 4, 4, 16, 20, parents, torch.float32, [5, 9], g)
+    wide = torch.cat([qkv, torch.randn_like(qkv)], -1)[..., :qkv.shape[-1]]  # rows strided, last dim contiguous
+    want, _ = sequential_steps(qkv, kc, vc, lens, cos, sin, 4, parents)
+    assert torch.equal(decode_attention_tree(wide, kc, vc, lens, cos, sin, 4, parents), want)
+    empty = decode_attention_tree(qkv[:, :0], kc, vc, lens, cos, sin, 4, parents[:, :0])
+    assert empty.shape == (2, 0, 64)
+
+
+def test_tree_refuses_bad_trees_and_lengths():
+    from leanformer.ops import decode_attention_tree
+    g = torch.Generator().manual_seed(0)
+    parents = torch.tensor([-1, 0, 0])
+    qkv, kc, vc, lens, cos, sin = tree_case(1, 2, 1, 8, 10, parents, torch.float32, [7], g)
+    with pytest.raises(RuntimeError, match=r"parents\[0, 2\] = 2: must be in \[0, i\)"):
+        decode_attention_tree(qkv, kc, vc, lens, cos, sin, 2, torch.tensor([-1, 0, 2]))
+    with pytest.raises(RuntimeError, match=r"lens\[0\] = 8 leaves no room for the 3 tree nodes"):
+        decode_attention_tree(qkv, kc, vc, torch.tensor([8]), cos, sin, 2, parents)
+    with pytest.raises(RuntimeError, match=r"parents must be \[T\] = \[3\] or \[B, T\]"):
+        decode_attention_tree(qkv, kc, vc, lens, cos, sin, 2, parents[:2])
+    with pytest.raises(RuntimeError, match=r"qkv must be \[B, T, \(H \+ 2 Hkv\) \* D\]"):
+        decode_attention_tree(qkv[0], kc, vc, lens, cos, sin, 2, parents)
+
+
+def test_tree_opcheck_and_compile():
+    from leanformer.ops import decode_attention_tree
+    g = torch.Generator().manual_seed(0)
+    parents = torch.tensor([-1, 0, 0, 1])
+    qkv, kc, vc, lens, cos, sin = tree_case(2, 4, 2, 8, 16, parents, torch.float32, [3, 6], g)
+    torch.library.opcheck(torch.ops.leanformer.decode_attention_tree.default, (qkv, kc, vc, lens, cos, sin, 4, parents))
+    f = lambda qkv, kc, vc: decode_attention_tree(qkv, kc, vc, lens, cos, sin, 4, parents)  # noqa: E731
+    k2, v2 = kc.clone(), vc.clone()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(qkv, kc, vc), f(qkv, k2, v2),
+                               rtol=0, atol=0)

@@ -18,6 +18,7 @@ from leanformer.models.protocol import CausalLM, real_block
 from leanformer.nn.packed_linear_layers import _PackedForward, _PackedSwiGLU
 from leanformer.nn.quantized_linear import QuantizedLinear
 from leanformer.ops import compact_kv_cache, decode_attention, tree_attention
+from leanformer.ops.decode_attention import decode_attention_tree
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,17 @@ SERIAL_ATTENTION_WORK = 1 << 21
 _OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+@dataclass
+class TreeStep:
+    """What every layer of a token tree's verifying forward over a cache shares (made by
+    :meth:`LlamaLM.tree_context`): the tree's ``parents`` ([T] or [B, T]) and the model's RoPE
+    tables, for ``leanformer.ops.decode_attention_tree``."""
+
+    parents: Tensor
+    cos_table: Tensor
+    sin_table: Tensor
+
+
 def rope_tables(n: int, D: int, base: float, device) -> tuple:
     """``(cos, sin)`` ``[n, D]`` float32 for positions ``0..n-1``: cos of every angle twice
     (both halves), sin with the first half negated, the angles as :func:`rotary_at` makes them
@@ -424,10 +436,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, k_cache: Optional[Tensor] = None,
                 v_cache: Optional[Tensor] = None, lens: Optional[Tensor] = None,
-                tree_mask: Optional[Tensor] = None, step: Optional[DecodeStep] = None) -> Tensor:
+                tree_mask: Optional[Tensor] = None, step: Optional[DecodeStep] = None,
+                tree: Optional["TreeStep"] = None) -> Tensor:
         B, T, _ = x.shape
         if step is not None:
             out = self.decode_step(x, k_cache, v_cache, step)
+            if out is not None:
+                return out
+        if tree is not None and tree_mask is not None and k_cache is not None:
+            out = self.tree_step(x, k_cache, v_cache, lens, tree)
             if out is not None:
                 return out
         q, k, v = self.qkv(x, positions)
@@ -462,6 +479,34 @@ class LlamaAttention(nn.Module):
             h = stacked(x) if stacked is not None else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
             return self.o_proj(self.step_attention(x, k_cache, v_cache, step, projected=h))
         return self.o_proj(self.step_attention(x, k_cache, v_cache, step, *fused))
+
+    def tree_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, tree: "TreeStep") -> Optional[Tensor]:
+        """A token tree's nodes (``x [B, T, C]``) over the cache through
+        ``leanformer.ops.decode_attention_tree``: each node's attention the operations a
+        one-token step performs, bit for bit (what keeps tree verification exact where
+        quantized layers round their activations), its K/V written at ``lens[b] + i`` as
+        :func:`tree_attention`'s path writes them; then ``o_proj``. None (the caller takes the
+        ``tree_attention`` path) where the op does not apply: the reasons of
+        :func:`_unfused_reason`, logged once each."""
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return None
+        stacked = fused_quantized(self, ("q_proj", "k_proj", "v_proj"), x)
+        if stacked is not None:
+            h = stacked(x)
+        else:
+            fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
+            h = F.linear(x, *fused) if fused is not None else torch.cat([self.q_proj(x), self.k_proj(x),
+                                                                          self.v_proj(x)], -1)
+        why = _unfused_reason(h, k_cache, v_cache) or (None if _has_kernel("decode_attention_tree", h.device.type)
+                                                       else f"no decode_attention_tree kernel on {h.device.type}")
+        if why is not None:
+            if why not in _LOGGED_UNFUSED:
+                _LOGGED_UNFUSED.add(why)
+                logger.info("LlamaAttention tree step: tree_attention path (%s)", why)
+            return None
+        o = decode_attention_tree(h, k_cache, v_cache, lens, tree.cos_table, tree.sin_table, self.num_heads,
+                                  tree.parents)
+        return self.o_proj(o)
 
     def step_attention(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep,
                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -510,9 +555,13 @@ _LOGGED_UNFUSED: set = set()
 
 
 @functools.lru_cache(maxsize=None)
-def _has_decode_kernel(device_type: str) -> bool:
+def _has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("leanformer::decode_attention", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"leanformer::{op}", key)
+
+
+def _has_decode_kernel(device_type: str) -> bool:
+    return _has_kernel("decode_attention", device_type)
 
 
 def _unfused_reason(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Optional[str]:
@@ -554,16 +603,18 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(c.dim, c.hidden)
 
     def forward(self, x: Tensor, positions: Tensor, k_cache=None, v_cache=None, lens=None, tree_mask=None,
-                step: Optional[DecodeStep] = None) -> Tensor:
+                step: Optional[DecodeStep] = None, tree: Optional[TreeStep] = None) -> Tensor:
         if step is not None:
             out = self.decode_step(x, k_cache, v_cache, step)
             if out is not None:
                 return out
         if self.attn is not None:  # None: dropped by leanformer.layers.drop_modules
-            if step is None:
-                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
-            else:  # a one-token decoding step (LlamaLM.call_context)
+            if step is not None:  # a one-token decoding step (LlamaLM.call_context)
                 x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask, step=step)
+            elif tree is not None:  # a token tree's verification (LlamaLM.tree_context)
+                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask, tree=tree)
+            else:
+                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
@@ -751,13 +802,18 @@ class LlamaLM(CausalLM):
         if Lk > L:
             raise ValueError(f"the KV cache holds {L} positions; {Lk - 1} cached + 1 new do not fit (make it with "
                              "a larger max_len)")
+        tables = self.rope_tables_for(L, lens.device)
+        return DecodeStep(lens, tables[0], tables[1], Lk, L)
+
+    def rope_tables_for(self, L: int, device) -> tuple:
+        """The RoPE tables of positions up to ``max(L, max_seq_len)``, kept on the model."""
         c = self.config
         tables = self.__dict__.get("_rope_tables")
-        if tables is None or tables[0].shape[0] < L or tables[0].device != lens.device:
+        if tables is None or tables[0].shape[0] < L or tables[0].device != device:
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
-                tables = rope_tables(max(L, c.max_seq_len), c.head_dim, c.rope_base, lens.device)
+                tables = rope_tables(max(L, c.max_seq_len), c.head_dim, c.rope_base, device)
             self.__dict__["_rope_tables"] = tables
-        return DecodeStep(lens, tables[0], tables[1], Lk, L)
+        return tables
 
     def _slots(self, cache: Optional[KVCache], B: int) -> List[Optional[int]]:
         slots = self.attention_slots()
@@ -777,6 +833,9 @@ class LlamaLM(CausalLM):
         step = ctx.get("step")
         if step is not None:
             return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, None, step=step)
+        tree = ctx.get("tree")
+        if tree is not None and type(self.layers[i]) is LlamaBlock:
+            return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"], tree=tree)
         return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"])
 
     def fill_block_cache(self, i: int, x: Tensor, cache: Optional[KVCache], ctx: dict) -> None:
@@ -807,5 +866,9 @@ class LlamaLM(CausalLM):
         B = depths.shape[0] if depths.dim() == 2 else mask.shape[0] if mask.dim() == 3 else (
             1 if cache is None else cache.lens.shape[0])
         slots = self._slots(cache, B)
+        tree = None
+        if cache is not None and self.fast_decode_step:
+            cos, sin = self.rope_tables_for(cache.max_len, cache.lens.device)
+            tree = TreeStep(parents.to(cache.lens.device), cos, sin)
         return {"positions": self.positions(B, depths.shape[-1], cache, depths), "slots": slots, "tree_mask": mask,
-                "lengths": None}
+                "lengths": None, "tree": tree}

