@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
+#include "grain.h"
 #include "nm_sparse_linear_checks.h"
 #include "small_gemm.h"
 
@@ -90,7 +91,7 @@ void check_meta_indices(const NMLayout& L, const at::Tensor& meta) {
   if (L.m != 8) return;
   const int32_t* p = meta.data_ptr<int32_t>();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, meta.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+  parallel_for(0, meta.numel(), parallel_grain(work_ns(0, sizeof(int32_t))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       if (static_cast<uint32_t>(p[i]) & 0x88888888u) {
         int64_t seen = first_bad.load();
@@ -375,8 +376,7 @@ template <typename scalar_t>
 std::vector<int64_t> nonfinite_rows(const scalar_t* p, int64_t N, int64_t C) {
   using B = ExponentBits<scalar_t>;
   std::vector<char> bad(N, 0);
-  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1)),
-                   [&](int64_t t0, int64_t t1) {
+  parallel_for(0, N, parallel_grain(work_ns(0, double(C) * sizeof(scalar_t))), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const auto* row = reinterpret_cast<const typename B::U*>(p + t * C);
       bool any = false;
@@ -415,7 +415,8 @@ void fix_nonfinite_tokens(const scalar_t* x, int64_t N, const int32_t* meta, con
     std::vector<int64_t> bad_cols;
     for (int64_t c = 0; c < L.K; ++c)
       if (is_nonfinite(x[t * L.K + c])) bad_cols.push_back(c);
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    const double row_ns = work_ns(0, 0, double(bad_cols.size()) * L.n);
+    parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (const int64_t c : bad_cols)
           if (!keeps_column(L, meta, r, c)) {
@@ -462,7 +463,7 @@ at::Tensor transpose_padded(const scalar_t* src, int64_t N, int64_t C, int64_t N
                             at::ScalarType acc_dtype) {
   at::Tensor dst = at::empty({C, Np}, at::TensorOptions().dtype(acc_dtype));
   acc_t* d = dst.data_ptr<acc_t>();
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, C, parallel_grain(work_ns(0, 0, double(Np))), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t t = 0; t < N; ++t) d[c * Np + t] = static_cast<acc_t>(src[t * C + c]);
       for (int64_t t = N; t < Np; ++t) d[c * Np + t] = acc_t(0);
@@ -489,7 +490,8 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
     if (N == 1 && L.m == 4 && (L.n == 1 || L.n == 2)) {
       std::vector<float> xf(K);
       for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-      at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {
+      const double row_ns = work_ns(V, V * sizeof(scalar_t) + L.W * sizeof(int32_t));
+      parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
         gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
       });
       fix_nonfinite_tokens(xp, N, mp, L, rows, yp);
@@ -502,7 +504,8 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
   const acc_t* xTp = xT.data_ptr<acc_t>();
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   // Tile-major tasks: a thread's consecutive tasks share a tile of x^T in cache.
-  at::parallel_for(0, tiles * blocks, 1, [&](int64_t begin, int64_t end) {
+  const double task_ns = work_ns(double(kRowBlock) * V * T, kRowBlock * (V * sizeof(scalar_t) + L.W * 4));
+  parallel_for(0, tiles * blocks, parallel_grain(task_ns), [&](int64_t begin, int64_t end) {
     std::vector<int32_t> cols(4 * V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task / blocks, b = task % blocks, t0 = tile * T;
@@ -530,20 +533,22 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
     const at::Tensor xT = transpose_padded<acc_t>(x.data_ptr<scalar_t>(), N, K, Np, acc_dtype);
     const acc_t* xTp = xT.data_ptr<acc_t>();
     scalar_t* gvp = grad_values->data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, rows, parallel_grain(work_ns(double(V) * Np, 0, V)), [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> cols(V);
       value_grads(r0, r1, gyTp, xTp, Np, mp, L, cols.data(), gvp);
     });
   }
   if (grad_x) {
-    // Row splits per tile, so that a single tile (decode) still uses every thread.
-    const int64_t threads = at::get_num_threads();
+    // Row splits per tile, so that a single tile (decode) still uses every thread, where the
+    // work is worth a parallel region at all.
+    const double row_ns = work_ns(double(V) * T, V * sizeof(scalar_t), V);
+    const int64_t threads = planned_threads(row_ns * rows * tiles);
     const int64_t splits = std::clamp<int64_t>((threads + tiles - 1) / tiles, 1,
                                                std::max<int64_t>(1, rows / 16));
     const int64_t split_rows = (rows + splits - 1) / splits;
     at::Tensor parts = at::zeros({tiles, splits, K, T}, at::TensorOptions().dtype(acc_dtype));
     acc_t* pp = parts.data_ptr<acc_t>();
-    at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, tiles * splits, parallel_grain(row_ns * split_rows), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> cols(V);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t tile = task / splits, s = task % splits;
@@ -552,7 +557,7 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
       }
     });
     scalar_t* gxp = grad_x->data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, N, parallel_grain(work_ns(0, 0, double(K) * splits)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const acc_t* part = pp + (t / T) * splits * K * T + t % T;
         for (int64_t k = 0; k < K; ++k) {
@@ -581,7 +586,7 @@ int64_t dense_min_tokens(int64_t n, int64_t m) { return 16 * m * m / (n * n); }
 template <typename scalar_t>
 void unpack_rows(const scalar_t* values, const int32_t* meta, const NMLayout& L, int64_t rows,
                  scalar_t* dense) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, rows, parallel_grain(work_ns(0, L.K * sizeof(scalar_t), L.V)), [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> cols(L.V);
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* d = dense + r * L.K;
@@ -608,7 +613,7 @@ at::Tensor gather_values(const at::Tensor& grad_dense, const at::Tensor& meta, c
     const scalar_t* g = grad_dense.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int32_t* mp = meta.data_ptr<int32_t>();
-    at::parallel_for(0, out.size(0), 16, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, out.size(0), parallel_grain(work_ns(0, 0, L.V)), [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> cols(L.V);
       for (int64_t r = r0; r < r1; ++r) {
         decode_row(L, mp, r, cols.data());
