@@ -6,8 +6,8 @@
 // for bf16 / fp16) for the G dot products, the scores of all slots kept, then the softmax
 // (max-subtracted, vector exp) and O += p V with each value row read once. At SmolLM2-135M's
 // decoding sizes (9 heads of 64 over a few hundred keys) a task is a few microseconds: the
-// tasks run on the calling thread unless the step's work is large (kParallelWork), as waking
-// an OpenMP worker costs more than that and stalls for milliseconds on a busy host.
+// tasks run on the calling thread unless the step's work is large (grain.h), as waking an
+// OpenMP worker costs more than that and stalls for milliseconds on a busy host.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "cpu_vec.h"
 #include "decode_attention_checks.h"
 #include "small_gemm.h"
@@ -26,10 +27,6 @@
 
 namespace leanformer {
 namespace {
-
-// B * H * (keys) * D multiply-adds below which a step runs on one thread (as the model's
-// decoding step ran SDPA: a second thread did not pay off up to this size).
-constexpr int64_t kParallelWork = int64_t(1) << 21;
 
 typedef float v16f __attribute__((vector_size(64)));
 
@@ -241,9 +238,9 @@ void run_decode(const at::Tensor& qkv, int64_t node_stride, const at::Tensor& k_
   const int64_t W = avx512 ? 16 : 8, G = sh.H / sh.Hkv;
   const int64_t Dp = (sh.D + W - 1) / W * W, np = (max_key + W - 1) / W * W;
   const int64_t buf_size = 2 * T * G * Dp + 2 * Dp + T * G * np + T * G;
-  // Tasks of at least kParallelWork each: one thread (no OpenMP region) at decoding sizes.
-  const int64_t task_work = T * G * max_key * sh.D;
-  const int64_t grain = std::max<int64_t>(1, (kParallelWork + task_work - 1) / task_work);
+  // A task: T G scores and T G outputs per key (2 T G D multiply-adds), its K and V rows read.
+  const double task_ns = work_ns(2.0 * T * G * max_key * sh.D, 2.0 * max_key * sh.D * qkv.element_size());
+  const int64_t grain = parallel_grain(task_ns);
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const DecodeArgs<scalar_t> a{qkv.const_data_ptr<scalar_t>(), qkv.stride(0), node_stride,
@@ -251,7 +248,7 @@ void run_decode(const at::Tensor& qkv, int64_t node_stride, const at::Tensor& k_
                                  cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.data_ptr<scalar_t>(),
                                  sh.H, sh.Hkv, sh.D, sh.L,
                                  static_cast<float>(1.0 / std::sqrt(static_cast<double>(sh.D))), T, depth, path};
-    at::parallel_for(0, sh.B * sh.Hkv, grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, sh.B * sh.Hkv, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(buf_size);
       if (avx512)
         decode_tasks_avx512(a, begin, end, buf.data(), np);

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "linear_attention_checks.h"
 #include "small_gemm.h"
 
@@ -328,13 +329,16 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // all its heads. In [B, T, H, D] one head's rows lie H * D apart; walking one head at a
 // time through the whole sequence defeats the prefetchers (measured 1.6x slower in the
 // backward at H = 8, D = 64), while a chunk of all the task's heads is one contiguous block.
+// A head's forward: per token its chunk's scores and outputs (2 kChunk (Dk + Dv) multiply-adds)
+// and its share of the state update and read (2 Dk Dv); the backward does about twice that.
 template <typename F>
 void for_each_head_group(const SlaShape& s, const F& fn) {
   if (s.B * s.H == 0) return;
-  const int64_t threads = at::get_num_threads();
+  const double head_ns = work_ns(double(s.T) * (2 * kChunk * (s.Dk + s.Dv) + 2 * s.Dk * s.Dv), 0);
+  const int64_t threads = planned_threads(head_ns * s.B * s.H);
   const int64_t groups = std::min<int64_t>(s.H, std::max<int64_t>(1, (threads + s.B - 1) / std::max<int64_t>(s.B, 1)));
   const int64_t per_group = (s.H + groups - 1) / groups;
-  at::parallel_for(0, s.B * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.B * groups, parallel_grain(head_ns * per_group), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / groups, h0 = (task % groups) * per_group;
       const int64_t h1 = std::min(s.H, h0 + per_group);
@@ -468,8 +472,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sla_step_cpu(const at::Tensor& q,
   const auto zc = z.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sla_step_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.Dk * s.Dv));
-    at::parallel_for(0, s.B * s.H, grain, [&](int64_t begin, int64_t end) {
+    // per head: the state read, updated and written (2 Dk Dv multiply-adds)
+    const double head_ns = work_ns(2.0 * s.Dk * s.Dv, 2.0 * s.Dk * s.Dv * sizeof(acc_t));
+    parallel_for(0, s.B * s.H, parallel_grain(head_ns), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> qf(s.Dk), kf(s.Dk), vf(s.Dv), num(s.Dv);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / s.H, h = bh % s.H;

@@ -5,8 +5,10 @@
 //  * one token (decode, the memory-bound case the format is for): a GEMV per output row,
 //    parallel over rows. 2:4 and 1:4 turn half a meta word into the in-group indices of 8
 //    values with one vector shift and mask, permute x's columns into value order (vpermps
-//    in the AVX2 clone) and do one 8-wide FMA per 8 values; other patterns take the tile
-//    kernel below with one token.
+//    in the AVX2 clone) and do one 8-wide FMA per 8 values; with AVX-512 a whole meta word
+//    (16 values) takes one shift, one vpternlogd and one vpermt2ps (two and a blend for 1:4)
+//    per 16-wide FMA, 4 rows at a time. Other patterns take the tile kernel below with one
+//    token.
 //  * several tokens: x is transposed to x^T [K, Np] (tokens padded to whole tiles), so the
 //    T tokens of a tile at one column are one contiguous run of NV vectors. A task is
 //    (token tile, block of rows); each weight row is decoded once per tile into its columns,
@@ -38,7 +40,12 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_vec.h"
+#include "grain.h"
 #include "nm_sparse_linear_checks.h"
 #include "small_gemm.h"
 
@@ -90,7 +97,7 @@ void check_meta_indices(const NMLayout& L, const at::Tensor& meta) {
   if (L.m != 8) return;
   const int32_t* p = meta.data_ptr<int32_t>();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, meta.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+  parallel_for(0, meta.numel(), parallel_grain(work_ns(0, sizeof(int32_t))), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       if (static_cast<uint32_t>(p[i]) & 0x88888888u) {
         int64_t seen = first_bad.load();
@@ -352,6 +359,102 @@ LEANFORMER_NM_GEMV_KERNEL(c10::BFloat16)
 LEANFORMER_NM_GEMV_KERNEL(c10::Half)
 #undef LEANFORMER_NM_GEMV_KERNEL
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// ---- one token on AVX-512: 16 values per meta word in one zmm ----
+//
+// A meta word's 16 two-bit fields, shifted into the 16 lanes (vpsrlvd) and or-ed onto each
+// lane's group offset (vpternlogd), index the 32 (2:4) or 64 (1:4) columns of x the word
+// covers: one vpermt2ps picks the 2:4 values' columns from two zmm of x; 1:4 takes two (the
+// index's low 5 bits serve both halves) and a blend. Then one 16-wide FMA. RB rows run at
+// once: their FMA chains overlap, and x's vectors are loaded once for all of them.
+// (Intrinsics: GCC inlines target-specific intrinsics only into functions of the same target.)
+
+LEANFORMER_AVX512 __attribute__((always_inline)) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+LEANFORMER_AVX512 __attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));  // bf16 is fp32's top half
+}
+LEANFORMER_AVX512 __attribute__((always_inline)) inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int NUM, int RB, typename scalar_t>
+LEANFORMER_AVX512 __attribute__((always_inline)) inline void gemv_block_avx512(
+    int64_t r, const float* x, const scalar_t* values, const int32_t* meta, const NMLayout& L,
+    const scalar_t* bias, scalar_t* y) {
+  const int64_t V = L.V, W = L.W;
+  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  // value l's first column within the word's span: its group's, (l / 2) * 4 (2:4) or l * 4 (1:4)
+  const __m512i base = NUM == 2 ? _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28)
+                                : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+  const __m512i three = _mm512_set1_epi32(3);
+  const scalar_t* v[RB];
+  const int32_t* mw[RB];
+  __m512 acc[RB];
+  for (int i = 0; i < RB; ++i) {
+    v[i] = values + (r + i) * V;
+    mw[i] = meta + (r + i) * W;
+    acc[i] = _mm512_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 16 <= V; j += 16) {
+    const float* xc = x + j * (4 / NUM);  // 32 (2:4) or 64 (1:4) columns
+    const __m512 x0 = _mm512_loadu_ps(xc), x1 = _mm512_loadu_ps(xc + 16);
+    __m512 x2, x3;
+    if constexpr (NUM == 1) {
+      x2 = _mm512_loadu_ps(xc + 32);
+      x3 = _mm512_loadu_ps(xc + 48);
+    }
+    for (int i = 0; i < RB; ++i) {
+      const __m512i fields = _mm512_srlv_epi32(_mm512_set1_epi32(mw[i][j >> 4]), shift);
+      const __m512i idx = _mm512_ternarylogic_epi32(fields, three, base, 0xEA);  // (f & 3) | base
+      __m512 g = _mm512_permutex2var_ps(x0, idx, x1);
+      if constexpr (NUM == 1) g = _mm512_mask_blend_ps(0xFF00, g, _mm512_permutex2var_ps(x2, idx, x3));
+      acc[i] = _mm512_fmadd_ps(load16(v[i] + j), g, acc[i]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    float s = _mm512_reduce_add_ps(acc[i]);
+    for (int64_t t = j; t < V; ++t)
+      s += float(v[i][t]) * x[t / NUM * 4 + ((static_cast<uint32_t>(mw[i][t >> 4]) >> ((t & 15) * 2)) & 3)];
+    y[r + i] = static_cast<scalar_t>(bias ? s + float(bias[r + i]) : s);
+  }
+}
+
+template <int NUM, typename scalar_t>
+LEANFORMER_AVX512 __attribute__((always_inline)) inline void gemv_rows_avx512_impl(
+    int64_t r0, int64_t r1, const float* x, const scalar_t* values, const int32_t* meta,
+    const NMLayout& L, const scalar_t* bias, scalar_t* y) {
+  constexpr int RB = 4;
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) gemv_block_avx512<NUM, RB>(r, x, values, meta, L, bias, y);
+  for (; r < r1; ++r) gemv_block_avx512<NUM, 1>(r, x, values, meta, L, bias, y);
+}
+
+#define LEANFORMER_NM_GEMV_AVX512_KERNEL(scalar_t)                                               \
+  LEANFORMER_AVX512 void gemv_rows_avx512(int64_t r0, int64_t r1, const float* x,                 \
+                                          const scalar_t* values, const int32_t* meta,            \
+                                          const NMLayout& L, const scalar_t* bias, scalar_t* y) { \
+    if (L.n == 2)                                                                                 \
+      gemv_rows_avx512_impl<2>(r0, r1, x, values, meta, L, bias, y);                              \
+    else                                                                                          \
+      gemv_rows_avx512_impl<1>(r0, r1, x, values, meta, L, bias, y);                              \
+  }
+LEANFORMER_NM_GEMV_AVX512_KERNEL(float)
+LEANFORMER_NM_GEMV_AVX512_KERNEL(c10::BFloat16)
+LEANFORMER_NM_GEMV_AVX512_KERNEL(c10::Half)
+#undef LEANFORMER_NM_GEMV_AVX512_KERNEL
+#else
+// Without GCC on x86-64 cpu_has_avx512() is false and this is never called.
+template <typename scalar_t>
+void gemv_rows_avx512(int64_t r0, int64_t r1, const float* x, const scalar_t* values,
+                      const int32_t* meta, const NMLayout& L, const scalar_t* bias, scalar_t* y) {
+  gemv_rows(r0, r1, x, values, meta, L, bias, y);
+}
+#endif
+
 // ---- non-finite inputs: the dense reference's NaN where a pruned zero meets inf or NaN ----
 
 // The exponent bits of a storage type: all ones means inf or NaN. An integer test on the raw
@@ -375,8 +478,7 @@ template <typename scalar_t>
 std::vector<int64_t> nonfinite_rows(const scalar_t* p, int64_t N, int64_t C) {
   using B = ExponentBits<scalar_t>;
   std::vector<char> bad(N, 0);
-  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1)),
-                   [&](int64_t t0, int64_t t1) {
+  parallel_for(0, N, parallel_grain(work_ns(0, double(C) * sizeof(scalar_t))), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const auto* row = reinterpret_cast<const typename B::U*>(p + t * C);
       bool any = false;
@@ -415,7 +517,8 @@ void fix_nonfinite_tokens(const scalar_t* x, int64_t N, const int32_t* meta, con
     std::vector<int64_t> bad_cols;
     for (int64_t c = 0; c < L.K; ++c)
       if (is_nonfinite(x[t * L.K + c])) bad_cols.push_back(c);
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    const double row_ns = work_ns(0, 0, double(bad_cols.size()) * L.n);
+    parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (const int64_t c : bad_cols)
           if (!keeps_column(L, meta, r, c)) {
@@ -462,7 +565,7 @@ at::Tensor transpose_padded(const scalar_t* src, int64_t N, int64_t C, int64_t N
                             at::ScalarType acc_dtype) {
   at::Tensor dst = at::empty({C, Np}, at::TensorOptions().dtype(acc_dtype));
   acc_t* d = dst.data_ptr<acc_t>();
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, C, parallel_grain(work_ns(0, 0, double(Np))), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t t = 0; t < N; ++t) d[c * Np + t] = static_cast<acc_t>(src[t * C + c]);
       for (int64_t t = N; t < Np; ++t) d[c * Np + t] = acc_t(0);
@@ -489,8 +592,13 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
     if (N == 1 && L.m == 4 && (L.n == 1 || L.n == 2)) {
       std::vector<float> xf(K);
       for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-      at::parallel_for(0, rows, kRowBlock / 2, [&](int64_t r0, int64_t r1) {
-        gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
+      const double row_ns = work_ns(V, V * sizeof(scalar_t) + L.W * sizeof(int32_t));
+      const bool avx512 = cpu_has_avx512();
+      parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
+        if (avx512)
+          gemv_rows_avx512(r0, r1, xf.data(), vp, mp, L, bias, yp);
+        else
+          gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
       });
       fix_nonfinite_tokens(xp, N, mp, L, rows, yp);
       return;
@@ -502,7 +610,8 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
   const acc_t* xTp = xT.data_ptr<acc_t>();
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   // Tile-major tasks: a thread's consecutive tasks share a tile of x^T in cache.
-  at::parallel_for(0, tiles * blocks, 1, [&](int64_t begin, int64_t end) {
+  const double task_ns = work_ns(double(kRowBlock) * V * T, kRowBlock * (V * sizeof(scalar_t) + L.W * 4));
+  parallel_for(0, tiles * blocks, parallel_grain(task_ns), [&](int64_t begin, int64_t end) {
     std::vector<int32_t> cols(4 * V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task / blocks, b = task % blocks, t0 = tile * T;
@@ -530,20 +639,22 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
     const at::Tensor xT = transpose_padded<acc_t>(x.data_ptr<scalar_t>(), N, K, Np, acc_dtype);
     const acc_t* xTp = xT.data_ptr<acc_t>();
     scalar_t* gvp = grad_values->data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, rows, parallel_grain(work_ns(double(V) * Np, 0, V)), [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> cols(V);
       value_grads(r0, r1, gyTp, xTp, Np, mp, L, cols.data(), gvp);
     });
   }
   if (grad_x) {
-    // Row splits per tile, so that a single tile (decode) still uses every thread.
-    const int64_t threads = at::get_num_threads();
+    // Row splits per tile, so that a single tile (decode) still uses every thread, where the
+    // work is worth a parallel region at all.
+    const double row_ns = work_ns(double(V) * T, V * sizeof(scalar_t), V);
+    const int64_t threads = planned_threads(row_ns * rows * tiles);
     const int64_t splits = std::clamp<int64_t>((threads + tiles - 1) / tiles, 1,
                                                std::max<int64_t>(1, rows / 16));
     const int64_t split_rows = (rows + splits - 1) / splits;
     at::Tensor parts = at::zeros({tiles, splits, K, T}, at::TensorOptions().dtype(acc_dtype));
     acc_t* pp = parts.data_ptr<acc_t>();
-    at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, tiles * splits, parallel_grain(row_ns * split_rows), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> cols(V);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t tile = task / splits, s = task % splits;
@@ -552,7 +663,7 @@ void backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& v
       }
     });
     scalar_t* gxp = grad_x->data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, N, parallel_grain(work_ns(0, 0, double(K) * splits)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const acc_t* part = pp + (t / T) * splits * K * T + t % T;
         for (int64_t k = 0; k < K; ++k) {
@@ -581,7 +692,7 @@ int64_t dense_min_tokens(int64_t n, int64_t m) { return 16 * m * m / (n * n); }
 template <typename scalar_t>
 void unpack_rows(const scalar_t* values, const int32_t* meta, const NMLayout& L, int64_t rows,
                  scalar_t* dense) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, rows, parallel_grain(work_ns(0, L.K * sizeof(scalar_t), L.V)), [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> cols(L.V);
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* d = dense + r * L.K;
@@ -608,7 +719,7 @@ at::Tensor gather_values(const at::Tensor& grad_dense, const at::Tensor& meta, c
     const scalar_t* g = grad_dense.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int32_t* mp = meta.data_ptr<int32_t>();
-    at::parallel_for(0, out.size(0), 16, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, out.size(0), parallel_grain(work_ns(0, 0, L.V)), [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> cols(L.V);
       for (int64_t r = r0; r < r1; ++r) {
         decode_row(L, mp, r, cols.data());

@@ -9,20 +9,29 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "grain.h"
 #include "small_gemm.h"
 
 // An importable Python module, so `import leanformer._C` loads the schemas and kernels without
-// pulling pybind11 into every translation unit. Its one function names the vector tiles the
-// CPU kernels run with here (the ISA is picked at load time, so users and tests can see it).
+// pulling pybind11 into every translation unit. Its functions name the vector tiles the CPU
+// kernels run with here (the ISA is picked at load time, so users and tests can see it) and
+// count the chunks the CPU kernels ran inside parallel regions (tests check that
+// decoding-sized calls open none, grain.h).
 extern "C" {
 static PyObject* cpu_vector_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(leanformer::cpu_vector_isa());
+}
+
+static PyObject* parallel_chunks(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(leanformer::parallel_chunk_count().load());
 }
 
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_vector_isa", cpu_vector_isa, METH_NOARGS,
        "'avx512', 'avx2' or 'portable': the vector tiles leanformer's CPU kernels use here."},
+      {"parallel_chunks", parallel_chunks, METH_NOARGS,
+       "The chunks of work leanformer's CPU kernels ran inside a parallel region since loading."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

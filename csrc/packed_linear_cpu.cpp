@@ -14,6 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "grain.h"
 #include "packed_linear_checks.h"
 #include "small_gemm.h"
 #include "vector_exp.h"
@@ -207,9 +208,8 @@ LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M
     panels<false, v4d, double, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
 }
 
-// y [..., N] from x [..., K] over the packed panels, split over threads by panel. A chunk carries
-// at least ~64K multiply-adds (the SwiGLU's two products: ~32K panels' worth): below that the
-// parallel region's wake-up costs more than it saves (M = 1, 256 x 256 stays serial).
+// y [..., N] from x [..., K] over the packed panels, split over threads by panel where the work
+// is worth a parallel region (grain.h): decoding rows (M = 1) of the LMs' layers stay serial.
 at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t N,
                       bool gated) {
   const int64_t K = x.size(-1), NP = packed.size(0);
@@ -221,15 +221,15 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::
   if (rows == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
   const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const int64_t grain =
-      std::max<int64_t>(1, (int64_t(1) << (gated ? 15 : 16)) / std::max<int64_t>(rows * K * kPanel, 1));
+  const double panel_macs = double(gated ? 2 : 1) * rows * K * kPanel;
+  const int64_t grain = parallel_grain(work_ns(panel_macs, panel_macs / rows * x.element_size()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packed_panels", [&] {
     const scalar_t* A = xc.data_ptr<scalar_t>();
     const scalar_t* Wp = wc.data_ptr<scalar_t>();
     const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
     scalar_t* C = y.data_ptr<scalar_t>();
     const bool avx512 = cpu_has_avx512();
-    at::parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
+    parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
       if (avx512)
         panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, C);
       else

@@ -28,6 +28,7 @@
 #define LEANFORMER_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #endif
 
+#include "grain.h"
 #include "quantized_linear_checks.h"
 #include "small_gemm.h"
 
@@ -300,10 +301,6 @@ void run_tile(int bits, int64_t KB, int64_t K, const uint8_t* qw, const c10::Hal
   tile_portable(bits, KB, qw, sc, mn, q, r0, rows, K, out);
 }
 
-// Work below which a call stays on the calling thread: waking the pool's workers costs several
-// microseconds, and a descheduled worker on a busy host much more: about 0.1 ms of VNNI work.
-constexpr int64_t kMinParallelMacs = int64_t(1) << 20;
-
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias,
                                 int64_t bits, int64_t out_features) {
@@ -330,8 +327,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   q.xsum.resize(rows * KB);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, rows, parallel_grain(work_ns(0, K * xc.element_size(), K)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         quantize_row(xp + r * K, K, q.xq.data() + r * q.ldx, q.dx.data() + r * KB, q.sx.data() + r * KB,
                      q.xsum.data() + r * KB);
@@ -348,10 +344,11 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   }
   float* yp = y.data_ptr<float>();
   const int64_t nbytes = quant_tile_bytes(bits);
-  const int64_t tile_macs = rows * K * QT;
-  static const int64_t min_macs = std::getenv("LEANFORMER_QUANT_MIN_MACS") ? std::atoll(std::getenv("LEANFORMER_QUANT_MIN_MACS")) : kMinParallelMacs;
-  const int64_t grain = std::max<int64_t>(1, min_macs / std::max<int64_t>(tile_macs, 1));
-  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+  // A tile: its codes and scales streamed once, rows x K x 16 int8 multiply-adds (VNNI does 64 in
+  // an instruction: counted as a quarter of an fp32 one); a parallel region only for ~2 ms of it
+  // (grain.h): one token through SmolLM2's layers, and its 49152-row head, stay on one thread.
+  const double tile_ns = work_ns(0.25 * rows * K * QT, KB * (nbytes + (mp ? 64 : 32)));
+  parallel_for(0, T, parallel_grain(tile_ns), [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * QT);
     for (int64_t t = t0; t < t1; ++t) {
       run_tile(int(bits), KB, K, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, q, 0, rows,

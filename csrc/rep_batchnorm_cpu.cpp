@@ -13,13 +13,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "rep_batchnorm_ops.h"
 #include "small_gemm.h"  // LEANFORMER_CLONES
 
 namespace leanformer {
 namespace {
-
-constexpr int64_t kRowGrain = 256;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -35,7 +34,9 @@ int64_t reduce_rows(int64_t N, int64_t C, const bool* mask, std::vector<double> 
   const int threads = at::get_num_threads();
   std::vector<std::vector<double>> partial(threads, std::vector<double>(K * C, 0.0));
   std::vector<int64_t> counts(threads, 0);
-  at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+  // K sums of a converted element per element of the row
+  const int64_t grain = parallel_grain(work_ns(double(K) * C, double(C) * sizeof(acc_t)));
+  parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     double* acc = partial[at::get_thread_num()].data();
     int64_t& count = counts[at::get_thread_num()];
     std::vector<acc_t> block(K * C);
@@ -292,7 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const NormArgs& args
       }
     }
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    // a few multiply-adds per element (twice that with the LayerNorm), a row read and written
+    const double row_ns = work_ns((with_ln ? 8.0 : 4.0) * C, 2.0 * C * sizeof(scalar_t));
+    parallel_for(0, N, parallel_grain(row_ns), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* row = xp + n * C;
         scalar_t* out = yp + n * C;
@@ -395,7 +398,9 @@ at::Tensor backward_dx(const at::Tensor& grad_y, const at::Tensor& x, const Norm
       k3[c] = static_cast<acc_t>((1 - g) * -wi * mdy);
     }
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+    // the forward's work again on x and dy, with the LayerNorm's two reductions
+    const double row_ns = work_ns(16.0 * C, 3.0 * C * sizeof(scalar_t));
+    parallel_for(0, N, parallel_grain(row_ns), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* row = xp + n * C;
         const scalar_t* grow = gp + n * C;

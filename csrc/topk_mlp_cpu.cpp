@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
+#include "grain.h"
 #include "small_gemm.h"
 #include "topk_mlp_checks.h"
 #include "topk_mlp_ops.h"
@@ -86,8 +87,8 @@ void select_rows(const at::Tensor& h, int64_t k, Activation act, at::Tensor& val
   scalar_t* vp = values.data_ptr<scalar_t>();
   int64_t* ip = indices.data_ptr<int64_t>();
   scalar_t* pp = pre.defined() ? pre.data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d_ff, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  // a rank, a histogram count and a compare per element
+  parallel_for(0, N, parallel_grain(work_ns(0, 0, 3.0 * d_ff)), [&](int64_t begin, int64_t end) {
     std::vector<rank_t> ranks(k < d_ff ? d_ff : 0);
     std::vector<uint32_t> hist;
     for (int64_t n = begin; n < end; ++n) {
@@ -286,7 +287,8 @@ struct CpuKernels {
     float* hp = h.data_ptr<float>();
     const at::Tensor b = b_up.has_value() ? b_up->contiguous() : at::Tensor();  // a sliced or expanded bias
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    at::parallel_for(0, d_ff, 64, [&](int64_t i0, int64_t i1) {
+    const double row_ns = work_ns(double(N) * d_model, d_model * sizeof(float));
+    parallel_for(0, d_ff, parallel_grain(row_ns), [&](int64_t i0, int64_t i1) {
       dense_dot(N, xp, i0, i1, wp, d_model, hp, d_ff);
       if (bp)
         for (int64_t n = 0; n < N; ++n)
@@ -304,7 +306,8 @@ struct CpuKernels {
   static void gather_rows(const at::Tensor& v, const at::Tensor& indices, const at::Tensor& table,
                           const at::Tensor& bias, at::Tensor& out) {
     const int64_t N = v.size(0), k = v.size(1), d_ff = table.size(0), C = table.size(1);
-    const int64_t threads = at::get_num_threads();
+    const double mac_ns = work_ns(1, table.element_size());  // a row element read and added
+    const int64_t threads = planned_threads(mac_ns * N * k * C);
     // Few rows: split the columns over the threads. Many: blocks of rows share a slice.
     const int64_t rows_per_task = N >= 2 * threads ? 8 : 1;
     const int64_t cw = N >= 2 * threads ? std::min<int64_t>(C, 256) : column_block(C, threads);
@@ -317,7 +320,8 @@ struct CpuKernels {
       const scalar_t* tp = table.data_ptr<scalar_t>();
       const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t grain = parallel_grain(mac_ns * rows_per_task * k * cw);
+      parallel_for(0, row_blocks * col_blocks, grain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(cw);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t c0 = (t % col_blocks) * cw, n_cols = std::min(cw, C - c0);
@@ -336,14 +340,14 @@ struct CpuKernels {
   static void gather_dot(const at::Tensor& g, const at::Tensor& indices, const at::Tensor& table,
                          at::Tensor& out) {
     const int64_t N = g.size(0), k = indices.size(1), d_ff = table.size(0), C = table.size(1);
-    constexpr int64_t kPairGrain = 16;  // (row, neuron) dot products per task at the least
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "gather_dot", [&] {
       using acc_t = acc_type<scalar_t>;
       const acc_t* gp = g.data_ptr<acc_t>();
       const int64_t* ip = indices.data_ptr<int64_t>();
       const scalar_t* tp = table.data_ptr<scalar_t>();
       acc_t* op = out.data_ptr<acc_t>();
-      at::parallel_for(0, N * k, kPairGrain, [&](int64_t begin, int64_t end) {
+      const double pair_ns = work_ns(C, C * sizeof(scalar_t));
+      parallel_for(0, N * k, parallel_grain(pair_ns), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end;) {  // runs of pairs within one row
           const int64_t n = p / k, stop = std::min(end, (n + 1) * k);
           check_row_indices(ip + p, stop - p, d_ff);
@@ -381,7 +385,8 @@ struct CpuKernels {
       scalar_t* pp = pre.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       std::vector<acc_t> partial(splits > 1 ? N * splits * C : 0);
-      at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
+      const double task_ns = work_ns(2.0 * chunk * C, 2.0 * chunk * C * sizeof(scalar_t));
+      parallel_for(0, N * splits, parallel_grain(task_ns), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> a(chunk), row(splits > 1 ? 0 : C);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t n = t / splits, j0 = (t % splits) * chunk;
@@ -418,14 +423,15 @@ struct CpuKernels {
     // Tasks own column blocks of every output row: no two write the same element, and the
     // sum order is fixed (deterministic).
     const int64_t N = v.size(0), k = v.size(1), d_ff = out.size(0), C = out.size(1);
-    const int64_t cw = column_block(C, 4 * at::get_num_threads());
+    const double mac_ns = work_ns(1, 2 * out.element_size());  // an output element read and written
+    const int64_t cw = column_block(C, 4 * planned_threads(mac_ns * N * k * C));
     const int64_t col_blocks = (C + cw - 1) / cw;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "scatter_rows", [&] {
       const scalar_t* vp = v.data_ptr<scalar_t>();
       const int64_t* ip = indices.data_ptr<int64_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(0, col_blocks, parallel_grain(mac_ns * N * k * cw), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t c0 = b * cw, n_cols = std::min(cw, C - c0);
           for (int64_t n = 0; n < N; ++n) {

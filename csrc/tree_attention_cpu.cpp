@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "small_gemm.h"
 #include "tree_attention_checks.h"
 #include "vector_exp.h"
@@ -280,7 +281,11 @@ at::Tensor tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_
                    v_tree = last_dim_contiguous(v_tree_in);
   const at::Tensor cache_lens = cache_lens_in.contiguous(), tree_mask = tree_mask_in.contiguous();
   const int64_t* lens = cache_lens.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.B; ++b) check_cache_len(lens[b], b, s.L_max);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    check_cache_len(lens[b], b, s.L_max);
+    max_len = std::max(max_len, lens[b]);
+  }
   const bool shared_mask = tree_mask.dim() == 2;
   const bool* mask = tree_mask.const_data_ptr<bool>();
   for (int64_t b = 0; b < (shared_mask ? 1 : s.B); ++b)
@@ -290,9 +295,11 @@ at::Tensor tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_
   if (out.numel() == 0) return out;
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
   const int64_t G = s.Hq / s.Hkv;
-  // Enough blocks of tree nodes to occupy every thread, and few enough query columns per
-  // block for the tiles to stay in cache; each block reads its head's prefix once.
-  const int64_t threads = at::get_num_threads();
+  // Enough blocks of tree nodes to occupy every thread (where the work is worth a parallel
+  // region), and few enough query columns per block for the tiles to stay in cache; each block
+  // reads its head's prefix once. A query column costs (keys) (D + Dv) multiply-adds.
+  const double column_ns = work_ns(double(max_len + s.T) * (s.D + s.Dv), 0);
+  const int64_t threads = planned_threads(column_ns * s.B * s.T * s.Hq);
   int64_t blocks = std::max<int64_t>((threads + s.B * s.Hkv - 1) / (s.B * s.Hkv),
                                      (s.T * G + kMaxQueryColumns - 1) / kMaxQueryColumns);
   blocks = std::min(blocks, s.T);
@@ -301,7 +308,9 @@ at::Tensor tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    at::parallel_for(0, s.B * s.Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    const double prefix_ns = work_ns(0, double(max_len) * (s.D + s.Dv) * q.element_size());
+    const int64_t grain = parallel_grain(column_ns * per_block * G + prefix_ns);
+    parallel_for(0, s.B * s.Hkv * blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / (s.Hkv * blocks), g = task / blocks % s.Hkv, blk = task % blocks;
         const Block block{b, g, blk * per_block, std::min(s.T, (blk + 1) * per_block)};

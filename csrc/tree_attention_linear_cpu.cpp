@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "small_gemm.h"
 #include "tree_attention_checks.h"
 
@@ -86,7 +87,9 @@ at::Tensor tree_linear_attention_cpu(const at::Tensor& q, const at::Tensor& k, c
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* S_ptr = S.const_data_ptr<acc_t>();
     const acc_t* z_ptr = z.const_data_ptr<acc_t>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    // per (sequence, head): the tree's scores and outputs (T^2 (Dk + Dv)) and the state read (T Dk Dv)
+    const double head_ns = work_ns(double(s.T) * (s.T * (s.Dk + s.Dv) + 2 * s.Dk * s.Dv), 0);
+    parallel_for(0, s.B * s.H, parallel_grain(head_ns), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / s.H, h = task % s.H;
         tree_linear_head<scalar_t, acc_t>(s, b, h, q, k, v, S_ptr + task * s.Dk * s.Dv, z_ptr + task * s.Dk,

@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "grain.h"
 #include "tree_state_checks.h"
 
 namespace leanformer {
@@ -76,7 +77,12 @@ void sla_tree_commit_cpu(at::TensorList S, at::TensorList z, at::TensorList conv
   const int64_t* p = path.const_data_ptr<int64_t>();
   const int64_t* num = num_accepted.const_data_ptr<int64_t>();
   const int64_t ps = path.size(1);
-  at::parallel_for(0, L * B * H, 4, [&](int64_t begin, int64_t end) {
+  // per (layer, sequence, head): each accepted node's k v^T added to the state (Dk Dv), and the
+  // dispatch of two small kernels
+  int64_t accepted = 0;
+  for (int64_t b = 0; b < B; ++b) accepted += num[b];
+  const double item_ns = work_ns(double(accepted) / std::max<int64_t>(B, 1) * S[0].size(2) * S[0].size(3), 0, 100);
+  parallel_for(0, L * B * H, parallel_grain(item_ns), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t l = i / (B * H), b = i / H % B, h = i % H;
       at::Tensor Sl = S[l], zl = z[l];

@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "grain.h"
 #include "tree_state_checks.h"
 
 namespace leanformer {
@@ -67,12 +68,12 @@ at::Tensor tree_dwconv_cpu(const at::Tensor& v, const at::Tensor& conv_tail, con
   const std::optional<at::Tensor> bias =
       bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t ps = parents.dim() == 2 ? T : 0;
-  // a chunk of at least ~16K multiply-adds: a SLAB LM tree (19 nodes x 256 channels x 4 taps)
-  // stays on one thread, where waking the other costs more than it saves
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(H * D * K, 1));
+  // a node's row: H D K multiply-adds (scalar, through the parents' rows); a SLAB LM tree
+  // (19 nodes x 256 channels x 4 taps) stays on one thread
+  const int64_t grain = parallel_grain(work_ns(0, 0, double(H) * D * K));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "tree_dwconv", [&] {
     const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
       dwconv_rows<scalar_t>(r0, r1, v, conv_tail, parents.const_data_ptr<int64_t>(), ps,
                             weight.const_data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>());
     });

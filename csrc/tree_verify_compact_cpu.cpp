@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
+#include "grain.h"
 #include "tree_verify_checks.h"
 
 namespace leanformer {
@@ -48,7 +50,12 @@ void compact_kv_cache_cpu(const at::Tensor& k_cache_in, const at::Tensor& v_cach
     check_cache_len(len, b, L_max);
     check_accepted_path(acc + b * T, num[b], T, b, len, L_max);
   }
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // per sequence on average: its accepted slots (beyond the root) read and written, in both caches
+  int64_t moved = 0;
+  for (int64_t b = 0; b < B; ++b) moved += std::max<int64_t>(num[b] - 1, 0);
+  const double slot_bytes = 2.0 * 2 * k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
+  const double seq_ns = work_ns(0, slot_bytes * moved / std::max<int64_t>(B, 1));
+  parallel_for(0, B, parallel_grain(seq_ns), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lens[b * lens_stride];
       for (int64_t j = 1; j < num[b]; ++j) {

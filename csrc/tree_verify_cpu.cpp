@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "grain.h"
 #include "tree_verify_checks.h"
 
 namespace leanformer {
@@ -55,7 +56,8 @@ Verification verify_each(const TreeVerifyShape& s, const at::Tensor& tree_tokens
       check_tree_token(tok[b * s.T + i], b, i, s.V);
     }
   }
-  at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+  // a sequence scans at least its root's V logits (deeper accepted paths scan more)
+  parallel_for(0, s.B, parallel_grain(work_ns(0, 0, double(s.V))), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* tok_b = tok + b * s.T;
       const Children kids(par + (s.batched_parents ? b * s.T : 0), tok_b, s.T);

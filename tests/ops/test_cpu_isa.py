@@ -1,7 +1,7 @@
 """The CPU kernels pick their vector tiles (AVX-512, AVX2, portable) when the library loads;
 LEANFORMER_DISABLE_AVX512=1 forces the AVX2 tiles, so both paths of the shared small GEMM and
-the softmax (and packed_linear's tiles, decode_attention's vectors) are checked against the
-references on one AVX-512 machine."""
+the softmax (and packed_linear's tiles, decode_attention's vectors, nm_sparse_linear's GEMV) are
+checked against the references on one AVX-512 machine."""
 import json
 import os
 import subprocess
@@ -51,6 +51,22 @@ cs = (torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()]
 lens = torch.tensor([299, 37])
 want = decode_attention_reference(qkv, kc.clone(), vc.clone(), lens, *cs, 6)
 errors["decode_attention float32"] = (decode_attention(qkv, kc, vc, lens, *cs, 6) - want).abs().max().item()
+# nm_sparse_linear's one-token GEMV: 16 values per meta word (AVX-512) or 8 (AVX2), 4 rows at a
+# time: 13 rows (a partial row block), 6 or 3 whole meta words and a tail of values; 3 tokens take
+# the tile kernel. Relative to the largest output, as bf16 / fp16 outputs are rounded.
+from leanformer.ops import nm_sparse_linear
+from leanformer.sparse import NMSparseMatrix
+for n in (2, 1):
+    s = NMSparseMatrix.prune(torch.randn(13, 200), n, 4)
+    bias = torch.randn(13)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for tokens in (1, 3):
+            x = torch.randn(tokens, 200).to(dtype)
+            values, b = s.values.to(dtype), bias.to(dtype)
+            want = x.float() @ s.to_dense().to(dtype).float().T + b.float()
+            got = nm_sparse_linear(x, values, s.meta, b, n=n, m=4).float()
+            errors[f"nm_sparse_linear {n}:4 N={tokens} {str(dtype)[6:]}"] = (
+                (got - want).abs().max() / want.abs().max()).item()
 print(json.dumps({"isa": _C.cpu_vector_isa(), "errors": errors}))
 """
 
@@ -65,9 +81,13 @@ def run(disable_avx512: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+
+
 def check(result: dict) -> None:
     for what, err in result["errors"].items():
-        assert err <= (1e-4 if "float32" in what else 1e-10), f"{result['isa']} {what}: max error {err:.3g}"
+        tol = TOLERANCES[what.split()[-1].removeprefix("torch.")]
+        assert err <= tol, f"{result['isa']} {what}: max error {err:.3g}"
 
 
 def test_default_tiles_match_the_references():
