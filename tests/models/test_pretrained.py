@@ -271,6 +271,39 @@ def test_quantized_gguf_matches_transformers(tmp_path, tie):
     assert cos > 0.95
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_kept_quantized(tmp_path, tie, caplog):
+    """quantized=True: each Q8_0 / Q4_0 / Q4_1 Linear weight becomes a QuantizedLinear holding the
+    file's blocks (dequantized, bit for bit the dense load's weight, q/k rows unpermuted), F32 /
+    F16 ones stay dense with a warning; a tied head reads token_embd's blocks."""
+    import logging
+    from leanformer.nn import QuantizedLinear
+    ref = hf_model(tie=tie)
+    write_gguf(tmp_path / "m.gguf", ref, QTYPES)
+    dense = LlamaLM.from_pretrained(tmp_path / "m.gguf")
+    with caplog.at_level(logging.WARNING, logger="leanformer.models.pretrained"):
+        model = LlamaLM.from_pretrained(tmp_path / "m.gguf", quantized=True)
+    _, tensors = read_gguf(tmp_path / "m.gguf")
+    kept = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantizedLinear, torch.nn.Linear)):
+            gname = {"lm_head": "token_embd" if tie else "output"}.get(name)
+            want = dict(dense.named_modules())[name].weight
+            if isinstance(mod, QuantizedLinear):
+                kept += 1
+                assert torch.equal(mod.dequantized_weight(), want), name
+            else:
+                assert torch.equal(mod.weight, want), name
+    assert kept and "stays dense" in caplog.text
+    assert isinstance(model.lm_head, QuantizedLinear) == (tensors["token_embd.weight" if tie else "output.weight"]
+                                                          .type_name in ("Q8_0", "Q4_0", "Q4_1"))
+    ids = IDS[:, :9]
+    cos = torch.nn.functional.cosine_similarity(ours_logits(model, ids).flatten(), ours_logits(dense, ids).flatten(), 0)
+    assert cos > 0.99  # the int8 rounding of activations apart, the same model
+    with pytest.raises(ValueError, match="quantized=True keeps a GGUF file's blocks"):
+        LlamaLM.from_pretrained(tmp_path, quantized=True)
+
+
 def test_qwen2_gguf_with_biases(tmp_path):
     ref = hf_model("qwen2")
     write_gguf(tmp_path / "m.gguf", ref, ["F32"], arch="qwen2")

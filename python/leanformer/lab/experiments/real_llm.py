@@ -301,7 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{row['same_as_plain_greedy']}/{row['outputs']}" + acc)
     for n, why in report["skipped"].items():
         print(f"skipped: {n}: {why}")
-    out = write_json(stem(args.out, "experiment-real-llm"), report)
+    name = "experiment-real-llm" + ("" if args.weights == "fp32" else f"-{args.weights}")  # one file per weights
+    out = write_json(stem(args.out, name), report)
     print(f"results: {out}")
     return 0
 
