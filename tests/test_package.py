@@ -31,8 +31,8 @@ ROOT = "leanformer"
 # Bottom to top. A module's layer is that of its first name under leanformer (``leanformer.ops.x``
 # is in ``ops``'s). The root package is the facade over all of them and has no layer.
 LAYERS: List[Tuple[str, Set[str]]] = [
-    ("bottom (kernels, ops, references, N:M format, training loop)",
-     {"_C", "_extension", "ops", "reference", "sparse", "training"}),
+    ("bottom (kernels, ops, references, N:M and block-quantized formats, training loop)",
+     {"_C", "_extension", "ops", "reference", "sparse", "quant", "training"}),
     ("nn", {"nn"}),
     ("models (and the transforms of a built model)", {"models", "fold", "convert", "analysis"}),
     ("drivers of a model (decoding, layers, compress)", {"decoding", "layers", "compress"}),

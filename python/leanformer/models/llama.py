@@ -620,9 +620,10 @@ class LlamaBlock(nn.Module):
     def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
         """The block on one new token per sequence without a module call per sub-layer: norms,
         the stacked q/k/v GEMV, :meth:`LlamaAttention.step_attention`, ``o_proj``, the stacked
-        gate/up GEMV and ``down``, each computing what the module would. None (the caller runs
-        the modules) unless every sub-module is the plain kind (no hooks, no replaced forward,
-        no packed kernel for these rows, the projections fused) and the cache contiguous."""
+        gate/up GEMV and ``down``, each computing what the module would (nn.Linear layers, or
+        :class:`QuantizedLinear` ones with stacked tiles). None (the caller runs the modules)
+        unless every sub-module is the plain kind (no hooks, no replaced forward, no packed kernel
+        for these rows, the projections fused) and the cache contiguous."""
         m = self._modules
         n1, attn, n2, mlp = m["attn_norm"], m["attn"], m["mlp_norm"], m["mlp"]
         if type(n1) is not RMSNorm or type(n2) is not RMSNorm or type(attn) is not LlamaAttention \
@@ -634,8 +635,18 @@ class LlamaBlock(nn.Module):
         if f is not None and not (type(f) is _PackedSwiGLU and not f.settings.min_rows <= rows <= f.settings.max_rows):
             return None
         o, down = attn._modules["o_proj"], mlp._modules["down"]
-        if not (_plain_linear(o, rows) and _plain_linear(down, rows) and k_cache.is_contiguous()
-                and v_cache.is_contiguous()):
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return None
+        if _plain_quantized(o) and _plain_quantized(down) and f is None:  # quantized layers, stacked
+            qkv = fused_quantized(attn, ("q_proj", "k_proj", "v_proj"), x)
+            gate_up = fused_quantized(mlp, ("gate", "up"), x) if qkv is not None else None
+            if gate_up is None:
+                return None
+            h = attn.step_attention(x, k_cache, v_cache, step, projected=qkv(RMSNorm.forward(n1, x)))
+            x = x + QuantizedLinear.forward(o, h)
+            g, u = gate_up(RMSNorm.forward(n2, x)).split(mlp._modules["gate"].out_features, dim=-1)
+            return x + QuantizedLinear.forward(down, F.silu(g) * u)
+        if not (_plain_linear(o, rows) and _plain_linear(down, rows)):
             return None
         qkv = fused_weight(attn, ("q_proj", "k_proj", "v_proj"), x)
         gate_up = fused_weight(mlp, ("gate", "up"), x) if qkv is not None else None

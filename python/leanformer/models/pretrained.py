@@ -16,6 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from leanformer.models.gguf_file import read_gguf
+from leanformer.nn.quantized_linear import QuantizedLinear
+from leanformer.quant import BlockQuantizedMatrix
+from leanformer.quant.block_quantized import GGUF_TYPES
 
 HF_EXTRA = 'pip install "leanformer[hf]"'
 logger = logging.getLogger(__name__)
@@ -223,11 +226,6 @@ def _keep_quantized(model: nn.Module, infos: dict, permuted: bool, taken: set) -
     :class:`~leanformer.nn.QuantizedLinear` holding those blocks as they are (rows of q and k
     reordered, codes not touched); a tied ``lm_head`` reads ``token_embd``'s blocks. A Linear
     stored otherwise (F32, F16, ...) stays dense, logged."""
-    from leanformer.compress.selection import replace_module
-    from leanformer.nn.quantized_linear import QuantizedLinear
-    from leanformer.quant import BlockQuantizedMatrix
-    from leanformer.quant.block_quantized import GGUF_TYPES
-
     config = model.config
     for name, mod in list(model.named_modules()):
         if type(mod) is not nn.Linear:
@@ -254,7 +252,8 @@ def _keep_quantized(model: nn.Module, infos: dict, permuted: bool, taken: set) -
             order = _rope_rows(bname, config, bias.shape[0]) if permuted else None
             bias = bias if order is None else bias[order]
             taken.add(bname)
-        replace_module(model, name, QuantizedLinear.from_matrix(q, bias))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear.from_matrix(q, bias))
         if not tied:
             taken.add(gname)
 

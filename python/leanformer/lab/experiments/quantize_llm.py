@@ -25,6 +25,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from leanformer.lab.data import pydoc_text
 from leanformer.lab.results import FOLDER, stem, write_json
 from leanformer.lab.train.smollm2_drafters import WEIGHTS, load_smollm2
 from leanformer.nn import QuantizedLinear
@@ -32,7 +33,6 @@ from leanformer.nn import QuantizedLinear
 
 def held_out_windows(tokenizer, n: int, length: int) -> torch.Tensor:
     """``n`` windows of ``length + 1`` tokens, evenly spaced over the held-out pydoc topics."""
-    from leanformer.lab.data import pydoc_text
     _, val = pydoc_text()
     text = bytes(val.tolist()).decode("utf-8", errors="replace")
     ids = torch.tensor(tokenizer.encode(text))

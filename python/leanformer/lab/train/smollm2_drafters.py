@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from leanformer.compress import quantize
 from leanformer.decoding import HiddenTransfer, MedusaHeads, generate
 from leanformer.decoding.distill import rank_accuracy
 from leanformer.lab.data import prompt_ids, pydoc_prompts
@@ -61,7 +62,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32, weights: str = "fp32"):
     path = smollm2_path()
     model = LlamaLM.from_pretrained(path, dtype=dtype, quantized=weights == "gguf")
     if weights not in ("fp32", "gguf"):
-        from leanformer.compress import quantize
         fmt, _, rtn = weights.partition("-")
         bits, sym = int(fmt[1]), fmt.endswith("_0")
         grid = {"clip_grid": (1.0,)} if rtn else {}
