@@ -108,6 +108,20 @@ void tile_portable(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc,
 
 #ifdef LEANFORMER_QUANT_X86
 
+// Every cache line of the block kPrefetch blocks ahead (and its scales and minima): a decoding
+// step's weights stream from DRAM, and one core keeps more lines in flight this way than with the
+// hardware prefetcher alone.
+// (SmolLM2-135M Q4_1, one-token step: 13.9 ms with 2 of the 4 lines 4 blocks ahead, 11.2-11.8 ms
+// with all of them 4 or 8 ahead, 10.1-12.9 at 16, 12.0-13.0 at 32.)
+constexpr int64_t kPrefetch = 8;
+__attribute__((always_inline)) inline void prefetch_block(const uint8_t* blk, const c10::Half* sc, const c10::Half* mn,
+                                                          int64_t nbytes) {
+  const char* p = reinterpret_cast<const char*>(blk + kPrefetch * nbytes);
+  for (int64_t off = 0; off < nbytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetch * QT), _MM_HINT_T0);
+  if (mn) _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetch * QT), _MM_HINT_T0);
+}
+
 // ---- AVX-512 VNNI: 16 outputs in one zmm of int32 sums, MR rows at once ----
 
 template <int BITS, int MR>
@@ -122,12 +136,7 @@ LEANFORMER_VNNI_TARGET __attribute__((always_inline)) inline void tile_vnni(
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* blk = qw + b * nbytes;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 64), _MM_HINT_T0);
-    if constexpr (BITS == 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 128), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes + 192), _MM_HINT_T0);
-    }
+    prefetch_block(blk, sc + b * QT, mn ? mn + b * QT : nullptr, nbytes);
     __m512i isum[MR][CH];
     for (int r = 0; r < MR; ++r)
       for (int c = 0; c < CH; ++c) isum[r][c] = _mm512_setzero_si512();
@@ -179,7 +188,7 @@ LEANFORMER_AVX2_TARGET __attribute__((always_inline)) inline void half_tile_avx2
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* blk = qw + b * nbytes + half * 32;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 4 * nbytes), _MM_HINT_T0);
+    if (half == 0) prefetch_block(blk, sc + b * QT, mn ? mn + b * QT : nullptr, nbytes);
     __m256i isum[MR];
     for (int r = 0; r < MR; ++r) isum[r] = _mm256_setzero_si256();
     const int8_t* xb = xq + b * QB;

@@ -211,9 +211,10 @@ def fused_quantized(module: nn.Module, names: tuple, x: Tensor):
     if torch.is_grad_enabled() and (x.requires_grad or any(lin.bias is not None and lin.bias.requires_grad
                                                            for lin in lins)):
         return None
-    key = tuple(lin.qweight.data_ptr() for lin in lins)
+    # keyed by the buffer objects (a decoding step asks ~60 times: no data_ptr() or __getattr__ calls)
+    key = tuple(lin._buffers["qweight"] for lin in lins)
     cached = module.__dict__.get("_fused_quantized")
-    if cached is None or cached[0] != key:
+    if cached is None or len(cached[0]) != len(key) or any(a is not b for a, b in zip(cached[0], key)):
         cached = (key, None)
         bits, sym = lins[0].bits, lins[0].mins is None
         if all(lin.bits == bits and (lin.mins is None) == sym and lin.out_features % 16 == 0 for lin in lins):
