@@ -13,18 +13,12 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from bench.case import Case, bench_cases, time_case
+from bench.case import Case, bench_cases, run_all, time_case
 from leanformer.ops import pack_linear_weight, packed_linear
 
 SHAPES = ((256, 768), (256, 1024), (1024, 256))  # (in, out)
 ROWS = (1, 19, 76)
 WEIGHTS = 8
-
-
-def _run_all(fn, xs_ws):
-    with torch.inference_mode():
-        for args in xs_ws:
-            fn(*args)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
@@ -42,8 +36,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
             base = [(x, w, b) for w, b in zip(ws, bs)]
             out.append(Case(
                 "packed_linear", f"[{M}, {K}] -> {N}, {len(ws)} weights", "fwd",
-                lambda a=ours: _run_all(packed_linear, a),
-                {"F.linear": lambda a=base: _run_all(F.linear, a)}))
+                lambda a=ours: run_all(packed_linear, a),
+                {"F.linear": lambda a=base: run_all(F.linear, a)}))
     return out
 
 

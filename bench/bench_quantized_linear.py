@@ -18,7 +18,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from bench.case import Case, bench_cases, time_case
+from bench.case import Case, bench_cases, run_all, time_case
 from leanformer.ops import quantized_linear
 from leanformer.quant import FORMATS, BlockQuantizedMatrix
 
@@ -28,12 +28,6 @@ TARGETS = {"q4_0": 5.0, "q4_1": 5.0, "q8_0": 3.0}
 # copies of each weight: q4 is ~10 MB, q8 ~17 MB, dense 64 MB: 8, 4 and 2 copies exceed 2x the L3
 COPIES = {"q4_0": 8, "q4_1": 8, "q8_0": 4, "dense": 2}
 QUICK = {"size": 256, "rows": (1, 8)}
-
-
-def _run_all(fn, args_list):
-    with torch.inference_mode():
-        for args in args_list:
-            fn(*args)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
@@ -58,8 +52,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False) -> List[Case]:
             base = [(x, dense[i % len(dense)]) for i in range(n)]
             out.append(Case(
                 "quantized_linear", f"{fmt} [{M}, {size}] -> {size}, {n} weights", "fwd",
-                lambda a=ours: _run_all(quantized_linear, a),
-                {"F.linear": lambda a=base: _run_all(F.linear, a)},
+                lambda a=ours: run_all(quantized_linear, a),
+                {"F.linear": lambda a=base: run_all(F.linear, a)},
                 {} if quick else {"F.linear": TARGETS[fmt]}))
     return out
 

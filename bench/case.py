@@ -11,6 +11,7 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
+import torch
 
 LEANFORMER = "leanformer"
 
@@ -73,3 +74,11 @@ def time_case(benchmark, case: Case, impl: str, bench_round: int) -> None:
 
 def label(shape) -> str:
     return "x".join(map(str, shape))
+
+
+def run_all(fn: Callable[..., object], args_list: Sequence[tuple]) -> None:
+    """``fn(*args)`` for each args of ``args_list`` under inference mode, as ``generate`` runs
+    decoding: a case that cycles through several weights (each larger than the caches, or together)."""
+    with torch.inference_mode():
+        for args in args_list:
+            fn(*args)

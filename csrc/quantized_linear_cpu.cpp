@@ -74,10 +74,10 @@ void quantize_row(const T* x, int64_t K, int8_t* xq, float* dx, float* sx, int32
 // ---- portable: one output at a time, the same fp32 operations in the same order ----
 
 void tile_portable(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
-                   const QuantizedRows& q, int64_t r0, int64_t rows, int64_t K, float* out /* [rows, 16] */) {
+                   const QuantizedRows& q, int64_t rows, float* out /* [rows, 16] */) {
   const int64_t nbytes = quant_tile_bytes(bits);
   for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* xr = q.xq.data() + (r0 + r) * q.ldx;
+    const int8_t* xr = q.xq.data() + r * q.ldx;
     for (int j = 0; j < QT; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < KB; ++b) {
@@ -97,7 +97,7 @@ void tile_portable(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc,
         }
         const float s = static_cast<float>(sc[b * QT + j]);
         const float m = mn ? static_cast<float>(mn[b * QT + j]) : s * -float(1 << (bits - 1));
-        const float dxb = q.dx[(r0 + r) * KB + b], sxb = q.sx[(r0 + r) * KB + b];
+        const float dxb = q.dx[r * KB + b], sxb = q.sx[r * KB + b];
         acc = std::fma(static_cast<float>(isum), s * dxb, acc);
         acc = std::fma(m, sxb, acc);
       }
@@ -231,16 +231,16 @@ LEANFORMER_AVX2_TARGET __attribute__((always_inline)) inline void half_tile_avx2
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + r * QT + half * 8, acc[r]);
 }
 
-// Rows [r0, r0 + rows) of one tile, in blocks of at most MR rows, each height instantiated.
+// The rows of one tile, in blocks of at most MR rows, each height instantiated.
+// (Two functions, not one template over a lambda: a lambda would lose the target attribute.)
 template <int BITS, int MR>
-LEANFORMER_VNNI_TARGET void rows_vnni(int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc,
-                                      const c10::Half* mn, const QuantizedRows& q, int64_t r0, int64_t rows,
-                                      float* out) {
+LEANFORMER_VNNI_TARGET void rows_vnni(int64_t KB, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+                                      const QuantizedRows& q, int64_t rows, float* out) {
   for (int64_t r = 0; r < rows;) {
     const int64_t n = std::min<int64_t>(MR, rows - r);
-    const int8_t* xq = q.xq.data() + (r0 + r) * q.ldx;
-    const float* dx = q.dx.data() + (r0 + r) * KB;
-    const float* sx = q.sx.data() + (r0 + r) * KB;
+    const int8_t* xq = q.xq.data() + r * q.ldx;
+    const float* dx = q.dx.data() + r * KB;
+    const float* sx = q.sx.data() + r * KB;
     float* o = out + r * QT;
     switch (n) {
 #define LEANFORMER_CASE(R) \
@@ -254,15 +254,14 @@ LEANFORMER_VNNI_TARGET void rows_vnni(int64_t KB, int64_t K, const uint8_t* qw, 
 }
 
 template <int BITS, int MR>
-LEANFORMER_AVX2_TARGET void rows_avx2(int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc,
-                                      const c10::Half* mn, const QuantizedRows& q, int64_t r0, int64_t rows,
-                                      float* out) {
+LEANFORMER_AVX2_TARGET void rows_avx2(int64_t KB, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+                                      const QuantizedRows& q, int64_t rows, float* out) {
   for (int64_t r = 0; r < rows;) {
     const int64_t n = std::min<int64_t>(MR, rows - r);
-    const int8_t* xq = q.xq.data() + (r0 + r) * q.ldx;
-    const float* dx = q.dx.data() + (r0 + r) * KB;
-    const float* sx = q.sx.data() + (r0 + r) * KB;
-    const int32_t* xs = q.xsum.data() + (r0 + r) * KB;
+    const int8_t* xq = q.xq.data() + r * q.ldx;
+    const float* dx = q.dx.data() + r * KB;
+    const float* sx = q.sx.data() + r * KB;
+    const int32_t* xs = q.xsum.data() + r * KB;
     float* o = out + r * QT;
     for (int half = 0; half < 2; ++half) {
       switch (n) {
@@ -277,37 +276,38 @@ LEANFORMER_AVX2_TARGET void rows_avx2(int64_t KB, int64_t K, const uint8_t* qw, 
 }
 
 bool cpu_has_vnni() {
-  static const bool yes = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("LEANFORMER_DISABLE_AVX2");
+  static const bool yes =
+      cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("LEANFORMER_DISABLE_AVX2");
   return yes;
 }
 // LEANFORMER_DISABLE_AVX2=1 (tests) runs the portable loops on an AVX2 CPU.
 bool cpu_has_avx2_f16c() {
-  static const bool yes = !std::getenv("LEANFORMER_DISABLE_AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool yes = !std::getenv("LEANFORMER_DISABLE_AVX2") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif  // LEANFORMER_QUANT_X86
 
 // Rows of one tile -> out [rows, 16], on the best path this CPU has.
-void run_tile(int bits, int64_t KB, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
-              const QuantizedRows& q, int64_t r0, int64_t rows, float* out) {
+void run_tile(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+              const QuantizedRows& q, int64_t rows, float* out) {
 #ifdef LEANFORMER_QUANT_X86
   if (cpu_has_vnni()) {
     if (bits == 8)
-      rows_vnni<8, 8>(KB, K, qw, sc, mn, q, r0, rows, out);
+      rows_vnni<8, 8>(KB, qw, sc, mn, q, rows, out);
     else
-      rows_vnni<4, 8>(KB, K, qw, sc, mn, q, r0, rows, out);
+      rows_vnni<4, 8>(KB, qw, sc, mn, q, rows, out);
     return;
   }
   if (cpu_has_avx2_f16c()) {
     if (bits == 8)
-      rows_avx2<8, 4>(KB, K, qw, sc, mn, q, r0, rows, out);
+      rows_avx2<8, 4>(KB, qw, sc, mn, q, rows, out);
     else
-      rows_avx2<4, 4>(KB, K, qw, sc, mn, q, r0, rows, out);
+      rows_avx2<4, 4>(KB, qw, sc, mn, q, rows, out);
     return;
   }
 #endif
-  tile_portable(bits, KB, qw, sc, mn, q, r0, rows, K, out);
+  tile_portable(bits, KB, qw, sc, mn, q, rows, out);
 }
 
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -360,7 +360,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   parallel_for(0, T, parallel_grain(tile_ns), [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * QT);
     for (int64_t t = t0; t < t1; ++t) {
-      run_tile(int(bits), KB, K, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, q, 0, rows,
+      run_tile(int(bits), KB, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, q, rows,
                buf.data());
       const int64_t n0 = t * QT, cols = std::min(QT, N - n0);
       for (int64_t r = 0; r < rows; ++r) {

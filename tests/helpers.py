@@ -189,3 +189,27 @@ def trained_like(out_f, in_f, decay=0.9, dtype=torch.float32, device="cpu"):
     k = min(out_f, in_f)
     s = decay ** torch.arange(k, dtype=torch.float32)
     return ((u[:, :k] * s) @ v[:, :k].T).to(device=device, dtype=dtype)
+
+
+def sequential_decode_steps(qkv, kc, vc, lens, cos, sin, H, parents):
+    """Each node by plain decode_attention steps along its path (root first) on a copy of the
+    cache: its output, and the cache rows its path leaves (what decode_attention_tree must equal,
+    bit for bit; parents [T] or [B, T])."""
+    from leanformer.ops import decode_attention as step
+    B, T = qkv.shape[:2]
+    outs = torch.empty(B, T, H * kc.shape[-1], dtype=qkv.dtype)
+    rows = []
+    for b in range(B):
+        par = parents if parents.dim() == 1 else parents[b]
+        for i in range(T):
+            path, n = [], i
+            while n >= 0:
+                path.append(n)
+                n = int(par[n])
+            k2, v2, l2 = kc[b:b + 1].clone(), vc[b:b + 1].clone(), lens[b:b + 1].clone()
+            for node in path[::-1]:
+                o = step(qkv[b:b + 1, node], k2, v2, l2, cos, sin, H)
+                l2 += 1
+            outs[b, i] = o[0]
+            rows.append((b, i, k2[0, l2[0] - 1], v2[0, l2[0] - 1]))
+    return outs, rows

@@ -8,6 +8,7 @@ import torch
 from leanformer.ops import decode_attention
 from leanformer.reference import decode_attention_reference
 from tests.fuzz.fuzzing import fuzz
+from tests.helpers import sequential_decode_steps
 
 
 @fuzz("decode_attention")
@@ -64,15 +65,5 @@ def test_decode_attention_tree(case):
     angles = case.rand(L + 2, D // 2) * 6.0
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
     out = decode_attention_tree(qkv, k_cache.clone(), v_cache.clone(), lens, cos, sin, H, parents)
-    for b in range(B):
-        par = parents if shared else parents[b]
-        for i in range(T):
-            path, n = [], i
-            while n >= 0:
-                path.append(n)
-                n = int(par[n])
-            k2, v2, l2 = k_cache[b:b + 1].clone(), v_cache[b:b + 1].clone(), lens[b:b + 1].clone()
-            for node in path[::-1]:
-                o = decode_attention(qkv[b:b + 1, node], k2, v2, l2, cos, sin, H)
-                l2 += 1
-            assert torch.equal(out[b, i], o[0]), f"sequence {b}, node {i}"
+    want, _ = sequential_decode_steps(qkv, k_cache, v_cache, lens, cos, sin, H, parents)
+    assert torch.equal(out, want), "every node bit for bit its plain decode_attention steps"

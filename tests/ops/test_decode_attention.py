@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from leanformer.models.llama import rope_tables
 from leanformer.ops import decode_attention
 from leanformer.reference import decode_attention_reference
-from tests.helpers import DEVICES, assert_close, is_gpu, skip_on_emu
+from tests.helpers import DEVICES, assert_close, is_gpu, sequential_decode_steps, skip_on_emu
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -147,29 +147,6 @@ def tree_case(B, H, Hkv, D, L, parents, dtype, lens, g):
     return qkv, kc, vc, torch.tensor(lens), cos, sin
 
 
-def sequential_steps(qkv, kc, vc, lens, cos, sin, H, parents):
-    """Each node by plain decode_attention steps along its path (root first) on a copy of the
-    cache: its output, and the cache rows its path leaves."""
-    from leanformer.ops import decode_attention as step
-    B, T = qkv.shape[:2]
-    outs = torch.empty(B, T, H * kc.shape[-1], dtype=qkv.dtype)
-    rows = []
-    for b in range(B):
-        par = parents if parents.dim() == 1 else parents[b]
-        for i in range(T):
-            path, n = [], i
-            while n >= 0:
-                path.append(n)
-                n = int(par[n])
-            k2, v2, l2 = kc[b:b + 1].clone(), vc[b:b + 1].clone(), lens[b:b + 1].clone()
-            for node in path[::-1]:
-                o = step(qkv[b:b + 1, node], k2, v2, l2, cos, sin, H)
-                l2 += 1
-            outs[b, i] = o[0]
-            rows.append((b, i, k2[0, l2[0] - 1], v2[0, l2[0] - 1]))
-    return outs, rows
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("parents", [[-1], [-1, 0, 0, 1, 1, 3, 2, 6], [-1, 0, 1, 2, 3]], ids=["root", "tree", "chain"])
 def test_tree_nodes_equal_plain_steps_bit_for_bit(dtype, parents):
@@ -178,7 +155,7 @@ def test_tree_nodes_equal_plain_steps_bit_for_bit(dtype, parents):
     parents = torch.tensor(parents)
     H, Hkv, D, L = 6, 2, 40, 48  # D = 40: a partial vector of 16 lanes
     qkv, kc, vc, lens, cos, sin = tree_case(3, H, Hkv, D, L, parents, dtype, [0, 17, L - len(parents)], g)
-    want, rows = sequential_steps(qkv, kc, vc, lens, cos, sin, H, parents)
+    want, rows = sequential_decode_steps(qkv, kc, vc, lens, cos, sin, H, parents)
     out = decode_attention_tree(qkv, kc, vc, lens, cos, sin, H, parents)
     assert out.shape == (3, len(parents), H * D) and out.dtype == dtype
     assert torch.equal(out, want)
@@ -192,7 +169,7 @@ def test_tree_per_sequence_parents_strided_qkv_and_empty():
     parents = torch.tensor([[-1, 0, 0, 2], [-1, 0, 1, 1]])
     qkv, kc, vc, lens, cos, sin = tree_case(2, 4, 4, 16, 20, parents, torch.float32, [5, 9], g)
     wide = torch.cat([qkv, torch.randn_like(qkv)], -1)[..., :qkv.shape[-1]]  # rows strided, last dim contiguous
-    want, _ = sequential_steps(qkv, kc, vc, lens, cos, sin, 4, parents)
+    want, _ = sequential_decode_steps(qkv, kc, vc, lens, cos, sin, 4, parents)
     assert torch.equal(decode_attention_tree(wide, kc, vc, lens, cos, sin, 4, parents), want)
     empty = decode_attention_tree(qkv[:, :0], kc, vc, lens, cos, sin, 4, parents[:, :0])
     assert empty.shape == (2, 0, 64)

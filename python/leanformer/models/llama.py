@@ -491,6 +491,18 @@ class LlamaAttention(nn.Module):
         :func:`_unfused_reason`, logged once each."""
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             return None
+        # Decided on x before projecting (the projections have x's dtype and device), so the
+        # caller's fallback does not project twice.
+        why = _unfused_reason(x, k_cache, v_cache) or (
+            None if _has_kernel("decode_attention_tree", x.device.type)
+            else f"no decode_attention_tree kernel on {x.device.type}") or (
+            "gradients needed" if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            else None)
+        if why is not None:
+            if why not in _LOGGED_UNFUSED:
+                _LOGGED_UNFUSED.add(why)
+                logger.info("LlamaAttention tree step: tree_attention path (%s)", why)
+            return None
         stacked = fused_quantized(self, ("q_proj", "k_proj", "v_proj"), x)
         if stacked is not None:
             h = stacked(x)
@@ -498,13 +510,6 @@ class LlamaAttention(nn.Module):
             fused = fused_weight(self, ("q_proj", "k_proj", "v_proj"), x)
             h = F.linear(x, *fused) if fused is not None else torch.cat([self.q_proj(x), self.k_proj(x),
                                                                           self.v_proj(x)], -1)
-        why = _unfused_reason(h, k_cache, v_cache) or (None if _has_kernel("decode_attention_tree", h.device.type)
-                                                       else f"no decode_attention_tree kernel on {h.device.type}")
-        if why is not None:
-            if why not in _LOGGED_UNFUSED:
-                _LOGGED_UNFUSED.add(why)
-                logger.info("LlamaAttention tree step: tree_attention path (%s)", why)
-            return None
         o = decode_attention_tree(h, k_cache, v_cache, lens, tree.cos_table, tree.sin_table, self.num_heads,
                                   tree.parents)
         return self.o_proj(o)
