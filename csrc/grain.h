@@ -16,6 +16,8 @@
 // thread, which a loaded host slows only by its share of the CPU. Decoding-sized calls (one token
 // through a layer's matrices, a 4096 x 4096 N:M GEMV) stay on one thread; prefill, training and
 // larger GEMVs still use every thread, where a stall costs a fraction of the call.
+// quantized_linear does not open OpenMP regions at all: its tiles run on split_run's spinning
+// helpers, which a busy host cannot stall either (split_pool.h).
 //
 // Each call site estimates its cost per item from the multiply-adds and the bytes it streams
 // (work_ns: whichever bounds it, compute or memory, plus scalar steps). The rates are this

@@ -11,12 +11,13 @@
 
 #include "grain.h"
 #include "small_gemm.h"
+#include "split_pool.h"
 
 // An importable Python module, so `import leanformer._C` loads the schemas and kernels without
 // pulling pybind11 into every translation unit. Its functions name the vector tiles the CPU
 // kernels run with here (the ISA is picked at load time, so users and tests can see it) and
 // count the chunks the CPU kernels ran inside parallel regions (tests check that
-// decoding-sized calls open none, grain.h).
+// decoding-sized calls open none, grain.h) and the work of split_run's helpers (split_pool.h).
 extern "C" {
 static PyObject* cpu_vector_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(leanformer::cpu_vector_isa());
@@ -26,12 +27,33 @@ static PyObject* parallel_chunks(PyObject*, PyObject*) {
   return PyLong_FromLongLong(leanformer::parallel_chunk_count().load());
 }
 
+static PyObject* split_stats(PyObject*, PyObject*) {
+  const leanformer::SplitStats s = leanformer::split_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:i}", "jobs", (long long)s.jobs, "helper_chunks", (long long)s.helper_chunks,
+                       "taken_back", (long long)s.taken_back, "helpers", leanformer::split_helpers());
+}
+
+static PyObject* split_selftest(PyObject*, PyObject* args) {
+  long long chunks, chunk_us, delay_us;
+  if (!PyArg_ParseTuple(args, "LLL", &chunks, &chunk_us, &delay_us)) return nullptr;
+  double seconds = 0;
+  bool ok;
+  Py_BEGIN_ALLOW_THREADS ok = leanformer::split_selftest(chunks, chunk_us, delay_us, &seconds);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(Od)", ok ? Py_True : Py_False, seconds);
+}
+
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_vector_isa", cpu_vector_isa, METH_NOARGS,
        "'avx512', 'avx2' or 'portable': the vector tiles leanformer's CPU kernels use here."},
       {"parallel_chunks", parallel_chunks, METH_NOARGS,
        "The chunks of work leanformer's CPU kernels ran inside a parallel region since loading."},
+      {"split_stats", split_stats, METH_NOARGS,
+       "split_run's counters since loading (jobs, chunks its helpers delivered, chunks the caller took "
+       "back from a late helper) and the helpers a call would use now (csrc/split_pool.h)."},
+      {"split_selftest", split_selftest, METH_VARARGS,
+       "split_selftest(chunks, chunk_us, delay_us) -> (outputs right, seconds): a job of chunks of chunk_us "
+       "whose helpers sleep delay_us more in each, a descheduled helper's stand-in (tests)."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

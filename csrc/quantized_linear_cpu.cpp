@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -31,6 +32,7 @@
 #include "grain.h"
 #include "quantized_linear_checks.h"
 #include "small_gemm.h"
+#include "split_pool.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside its own AVX-512 headers
@@ -328,7 +330,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   }
   const at::Tensor xc = x.contiguous(), qc = qweight.contiguous(), sc = scales.contiguous();
   const std::optional<at::Tensor> mc = mins.has_value() ? std::optional<at::Tensor>(mins->contiguous()) : std::nullopt;
-  QuantizedRows q;
+  auto qrows = std::make_shared<QuantizedRows>();
+  QuantizedRows& q = *qrows;
   q.ldx = K + 64;
   q.xq.resize(rows * q.ldx);
   q.dx.resize(rows * KB);
@@ -351,28 +354,38 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
     bf = bias->to(at::kFloat).contiguous();
     bp = bf.data_ptr<float>();
   }
-  float* yp = y.data_ptr<float>();
   const int64_t nbytes = quant_tile_bytes(bits);
-  // A tile: its codes and scales streamed once, rows x K x 16 int8 multiply-adds (VNNI does 64 in
-  // an instruction: counted as a quarter of an fp32 one); a parallel region only for ~2 ms of it
-  // (grain.h): one token through SmolLM2's layers, and its 49152-row head, stay on one thread.
-  const double tile_ns = work_ns(0.25 * rows * K * QT, KB * (nbytes + (mp ? 64 : 32)));
-  parallel_for(0, T, parallel_grain(tile_ns), [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(rows * QT);
-    for (int64_t t = t0; t < t1; ++t) {
-      run_tile(int(bits), KB, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, q, rows,
-               buf.data());
-      const int64_t n0 = t * QT, cols = std::min(QT, N - n0);
+  // The tiles in chunks, on the calling thread and split_run's helpers (split_pool.h): about 8
+  // chunks a thread, so that a late helper's chunk is a small part of the call.
+  const int64_t threads = 1 + split_helpers();
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, (T + 8 * threads - 1) / (8 * threads));
+  auto job = std::make_shared<SplitJob>();
+  job->rows = rows;
+  job->cols = N;
+  job->chunk_cols = tiles_per_chunk * QT;
+  job->out = y.data_ptr<float>();
+  job->ld = N;
+  // By value: a helper may still run a chunk the caller took back after this call returned.
+  job->run = [qrows, qc, sc, mc, bf, qw, sp, mp, bp, bits, KB, N, T, nbytes, tiles_per_chunk, rows](
+                 int64_t c, float* dst, int64_t ld, bool) {
+    thread_local std::vector<float> buf;
+    buf.resize(size_t(rows * QT));
+    const int64_t t_end = std::min(T, (c + 1) * tiles_per_chunk);
+    for (int64_t t = c * tiles_per_chunk; t < t_end; ++t) {
+      run_tile(int(bits), KB, qw + t * KB * nbytes, sp + t * KB * QT, mp ? mp + t * KB * QT : nullptr, *qrows,
+               rows, buf.data());
+      const int64_t n0 = t * QT, cols = std::min(QT, N - n0), d0 = n0 - c * tiles_per_chunk * QT;
       for (int64_t r = 0; r < rows; ++r) {
-        float* dst = yp + r * N + n0;
+        float* o = dst + r * ld + d0;
         const float* src = buf.data() + r * QT;
         if (bp)
-          for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] + bp[n0 + j];
+          for (int64_t j = 0; j < cols; ++j) o[j] = src[j] + bp[n0 + j];
         else
-          std::copy(src, src + cols, dst);
+          std::copy(src, src + cols, o);
       }
     }
-  });
+  };
+  split_run(job);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

@@ -213,3 +213,14 @@ def sequential_decode_steps(qkv, kc, vc, lens, cos, sin, H, parents):
             outs[b, i] = o[0]
             rows.append((b, i, k2[0, l2[0] - 1], v2[0, l2[0] - 1]))
     return outs, rows
+
+
+@pytest.fixture
+def two_threads():
+    """torch's thread count set to 2 for the test (then restored): the threading tests count
+    parallel chunks and helper work the same way on any machine. Use it with
+    ``pytestmark = pytest.mark.usefixtures("two_threads")`` after importing it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

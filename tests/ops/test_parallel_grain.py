@@ -13,14 +13,10 @@ from leanformer import _C
 from leanformer.ops import (decode_attention, nm_sparse_linear, pack_linear_weight, pack_swiglu_weight,
                             packed_linear, packed_swiglu, sparse_down_projection, topk_activation, topk_mlp)
 from leanformer.sparse import NMSparseMatrix
+from tests.helpers import two_threads  # noqa: F401  (the fixture)
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def parallel_chunks(fn) -> int:

@@ -1,0 +1,92 @@
+"""split_run (csrc/split_pool.h): a decoding step's GEMVs on the calling thread and helper threads
+that spin between calls, where the caller takes back the chunks of a helper that is late (a
+descheduled one) instead of waiting for it. Exercised through leanformer._C.split_selftest (a job
+of spinning chunks whose helpers can be made to sleep) and quantized_linear, with two threads so
+that the result does not depend on the machine."""
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from leanformer import _C
+from leanformer.ops import quantized_linear
+from leanformer.quant import BlockQuantizedMatrix
+from tests.helpers import two_threads  # noqa: F401  (the fixture)
+
+
+pytestmark = pytest.mark.usefixtures("two_threads")
+
+
+def counted(fn):
+    """fn()'s result and how split_stats() moved while it ran."""
+    before = _C.split_stats()
+    out = fn()
+    after = _C.split_stats()
+    return out, {k: after[k] - before[k] for k in ("jobs", "helper_chunks", "taken_back")}
+
+
+def test_helpers_share_the_work():
+    assert _C.split_stats()["helpers"] == 1
+    delivered, start = 0, time.monotonic()
+    # a helper the host does not schedule in time (or whose core an OpenMP worker still spins on,
+    # for ~2 ms after a parallel region) delivers nothing: try for up to 5 s
+    while not delivered and time.monotonic() - start < 5:
+        (ok, seconds), moved = counted(lambda: _C.split_selftest(32, 50, 0))
+        assert ok and moved["jobs"] == 1
+        delivered += moved["helper_chunks"]
+    assert delivered > 0
+
+
+def test_a_late_helper_is_not_waited_for():
+    # a helper sleeping 300 ms in each chunk (a descheduled one's stand-in): the caller takes its
+    # chunk back and returns after about its own work (16 x 50 us), the outputs right
+    taken = 0
+    for _ in range(10):
+        (ok, seconds), moved = counted(lambda: _C.split_selftest(16, 50, 300_000))
+        assert ok
+        assert seconds < 0.15, seconds
+        taken += moved["taken_back"]
+        if taken:
+            break
+        time.sleep(0.35)  # let a helper still asleep in an earlier job come back
+    assert taken > 0
+    time.sleep(0.35)
+
+
+def test_one_thread_runs_on_the_caller():
+    torch.set_num_threads(1)
+    assert _C.split_stats()["helpers"] == 0
+    (ok, _), moved = counted(lambda: _C.split_selftest(16, 20, 0))
+    assert ok and moved["helper_chunks"] == 0 and moved["taken_back"] == 0
+
+
+def _child(x, q, conn):
+    torch.set_num_threads(2)
+    conn.send(quantized_linear(x, q).tolist())  # a list: tensors would go through shared memory
+
+
+def test_a_forked_child_runs_the_op():
+    # helper threads do not survive fork(): the child starts its own pool
+    q = BlockQuantizedMatrix.from_dense(torch.randn(512, 256), bits=4)
+    x = torch.randn(3, 256)
+    want = quantized_linear(x, q)  # the parent's pool is up
+    ctx = multiprocessing.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_child, args=(x, q, b))
+    p.start()
+    got = a.recv() if a.poll(60) else None
+    p.join(60)
+    assert p.exitcode == 0 and got == want.tolist()
+
+
+def test_quantized_linear_runs_on_the_helpers():
+    q = BlockQuantizedMatrix.from_dense(torch.randn(4096, 576), bits=4)  # 256 tiles, SmolLM2's width
+    x = torch.randn(1, 576)
+    want = quantized_linear(x, q)
+    delivered, start = 0, time.monotonic()
+    while not delivered and time.monotonic() - start < 5:  # as in test_helpers_share_the_work
+        y, moved = counted(lambda: quantized_linear(x, q))
+        assert torch.equal(y, want) and moved["jobs"] == 1
+        delivered += moved["helper_chunks"]
+    assert delivered > 0
