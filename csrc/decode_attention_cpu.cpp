@@ -77,6 +77,14 @@ __attribute__((always_inline)) inline const float* row_as_float(const scalar_t* 
   return dst;
 }
 
+// The cache lines of a row of D elements (a hint: never faults, also past the cache's end).
+constexpr int64_t kAhead = 8;
+template <typename scalar_t>
+__attribute__((always_inline)) inline void prefetch_row(const scalar_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64) __builtin_prefetch(p + off);
+}
+
 template <typename V>
 __attribute__((always_inline)) inline float hsum(V v) {
   constexpr int W = sizeof(V) / sizeof(float);
@@ -163,8 +171,15 @@ __attribute__((always_inline)) inline void decode_tasks(const DecodeArgs<scalar_
         a.v_cache[slot + d] = vx[d];
       }
     }
-    // Scores: the prefix rows once for every node, then each node's path.
+    // Scores: the prefix rows once for every node, then each node's path. A decoding step's
+    // cache comes from DRAM (the weights streamed since the layer's last step evicted it), its
+    // rows row_stride apart: the key and the value row kAhead ahead are prefetched, so the value
+    // pass below finds its rows in the cache. (SmolLM2-135M Q4_1, 9 heads x 64, ~100 keys: 48 us
+    // a call in a decoding step against 15 us with the cache warm, before.)
+    for (int64_t t = 0; t < std::min(len, kAhead); ++t) prefetch_row(kbase + t * row_stride, D);
     for (int64_t t = 0; t < len; ++t) {
+      prefetch_row(kbase + (t + kAhead) * row_stride, D);
+      prefetch_row(vbase + (t + kAhead) * row_stride, D);
       const float* k = row_as_float(kbase + t * row_stride, D, Dp, krow);
       for (int64_t i = 0; i < T; ++i) scores(k, i, t);
     }
