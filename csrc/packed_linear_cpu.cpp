@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 #include "grain.h"
 #include "packed_linear_checks.h"
 #include "small_gemm.h"
+#include "split_pool.h"
 #include "vector_exp.h"
 
 namespace leanformer {
@@ -135,9 +137,11 @@ __attribute__((always_inline)) inline void tail_tile(int64_t rows, int64_t K, co
 // stripe, every row block over a stripe while it is in L1; a partial last panel (N % 32) runs
 // block by block through a scratch tile, its bias zero-padded, so nothing is read or written
 // past row ends.
+// Output column n of row i goes to C[i ldc + n - col0] (the output, or a split_run helper's scratch).
 template <bool Gated, typename V, typename T, int NV, int MR>
 __attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                                  const T* A, const T* Wp, const T* bias, T* C) {
+                                                  const T* A, const T* Wp, const T* bias, T* C, int64_t ldc,
+                                                  int64_t col0) {
   constexpr int64_t kStripe = NV * sizeof(V) / sizeof(T);
   alignas(64) T scratch[MR * kPanel];
   alignas(64) T bias_pad[kPanel];
@@ -155,7 +159,8 @@ __attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_
         for (int64_t blk = 0; blk < blocks; ++blk) {
           int64_t i;
           const int64_t rows = block_rows(blk, i);
-          tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B + s, b ? b + s : nullptr, C + i * N + n0 + s, N);
+          tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B + s, b ? b + s : nullptr,
+                                         C + i * ldc + n0 - col0 + s, ldc);
         }
       continue;
     }
@@ -169,7 +174,8 @@ __attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_
       const int64_t rows = block_rows(blk, i);
       for (int64_t s = 0; s < cols; s += kStripe)
         tail_tile<Gated, V, T, NV, MR>(rows, K, A + i * K, K, B + s, b ? b + s : nullptr, scratch + s, kPanel);
-      for (int64_t r = 0; r < rows; ++r) std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * N + n0);
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy(scratch + r * kPanel, scratch + r * kPanel + cols, C + (i + r) * ldc + n0 - col0);
     }
   }
 }
@@ -177,39 +183,45 @@ __attribute__((always_inline)) inline void panels(int64_t p0, int64_t p1, int64_
 // AVX-512: the linear's 12 rows x 2 zmm (fp32) keep 24 of the 32 registers accumulating, fp64
 // 6 x 4; the SwiGLU's 6 rows x (2 gate + 2 up) zmm, fp64 3 x (4 + 4).
 LEANFORMER_AVX512 void panels_avx512(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                     const float* A, const float* Wp, const float* bias, float* C) {
+                                     const float* A, const float* Wp, const float* bias, float* C, int64_t ldc,
+                                     int64_t col0) {
   if (gated)
-    panels<true, v16f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v16f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
   else
-    panels<false, v16f, float, 2, 12>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v16f, float, 2, 12>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
 }
 LEANFORMER_AVX512 void panels_avx512(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                     const double* A, const double* Wp, const double* bias, double* C) {
+                                     const double* A, const double* Wp, const double* bias, double* C, int64_t ldc,
+                                     int64_t col0) {
   if (gated)
-    panels<true, v8d, double, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v8d, double, 4, 3>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
   else
-    panels<false, v8d, double, 4, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v8d, double, 4, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
 }
 // AVX2 (16 registers): the linear's 6 rows x 2 ymm (16 columns, half a panel), 12 accumulators
 // + 2 panel vectors + the broadcast, as small_gemm's tile; the SwiGLU's 6 rows x (1 gate + 1 up)
 // ymm. fp64 (gradcheck) alike, on half the columns.
 LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                   const float* A, const float* Wp, const float* bias, float* C) {
+                                   const float* A, const float* Wp, const float* bias, float* C, int64_t ldc,
+                                   int64_t col0) {
   if (gated)
-    panels<true, v8f, float, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v8f, float, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
   else
-    panels<false, v8f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v8f, float, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
 }
 LEANFORMER_CLONES void panels_avx2(bool gated, int64_t p0, int64_t p1, int64_t M, int64_t N, int64_t K,
-                                   const double* A, const double* Wp, const double* bias, double* C) {
+                                   const double* A, const double* Wp, const double* bias, double* C, int64_t ldc,
+                                   int64_t col0) {
   if (gated)
-    panels<true, v4d, double, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<true, v4d, double, 1, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
   else
-    panels<false, v4d, double, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C);
+    panels<false, v4d, double, 2, 6>(p0, p1, M, N, K, A, Wp, bias, C, ldc, col0);
 }
 
-// y [..., N] from x [..., K] over the packed panels, split over threads by panel where the work
-// is worth a parallel region (grain.h): decoding rows (M = 1) of the LMs' layers stay serial.
+// y [..., N] from x [..., K] over the packed panels. float32: in chunks of panels on the calling
+// thread and split_run's spinning helpers (split_pool.h), which a busy host cannot stall, so
+// that a decoding step's GEMVs (M = 1, the weights streamed from memory) use every core. float64
+// (gradcheck): split over threads by panel where the work is worth a parallel region (grain.h).
 at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t N,
                       bool gated) {
   const int64_t K = x.size(-1), NP = packed.size(0);
@@ -221,20 +233,43 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::
   if (rows == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
   const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const bool avx512 = cpu_has_avx512();
+  if (x.scalar_type() == at::kFloat) {
+    const float* A = xc.data_ptr<float>();
+    const float* Wp = wc.data_ptr<float>();
+    const float* b = bc.has_value() ? bc->data_ptr<float>() : nullptr;
+    const int64_t threads = 1 + split_helpers();
+    const int64_t per_chunk = std::max<int64_t>(1, (NP + 8 * threads - 1) / (8 * threads));  // ~8 chunks a thread
+    auto job = std::make_shared<SplitJob>();
+    job->rows = rows;
+    job->cols = N;
+    job->chunk_cols = per_chunk * kPanel;
+    job->out = y.data_ptr<float>();
+    job->ld = N;
+    // By value: a helper may still run a chunk the caller took back after this call returned.
+    job->run = [xc, wc, bc, A, Wp, b, avx512, gated, per_chunk, NP, rows, N, K](int64_t c, float* dst, int64_t ld,
+                                                                              bool) {
+      const int64_t p0 = c * per_chunk, p1 = std::min(NP, p0 + per_chunk);
+      if (avx512)
+        panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, dst, ld, p0 * kPanel);
+      else
+        panels_avx2(gated, p0, p1, rows, N, K, A, Wp, b, dst, ld, p0 * kPanel);
+    };
+    split_run(job);
+    return y;
+  }
   const double panel_macs = double(gated ? 2 : 1) * rows * K * kPanel;
   const int64_t grain = parallel_grain(work_ns(panel_macs, panel_macs / rows * x.element_size()));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "packed_panels", [&] {
-    const scalar_t* A = xc.data_ptr<scalar_t>();
-    const scalar_t* Wp = wc.data_ptr<scalar_t>();
-    const scalar_t* b = bc.has_value() ? bc->data_ptr<scalar_t>() : nullptr;
-    scalar_t* C = y.data_ptr<scalar_t>();
-    const bool avx512 = cpu_has_avx512();
-    parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
-      if (avx512)
-        panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, C);
-      else
-        panels_avx2(gated, p0, p1, rows, N, K, A, Wp, b, C);
-    });
+  // float64 (the checks allow float32 and float64 only)
+  const double* A = xc.data_ptr<double>();
+  const double* Wp = wc.data_ptr<double>();
+  const double* b = bc.has_value() ? bc->data_ptr<double>() : nullptr;
+  double* C = y.data_ptr<double>();
+  parallel_for(0, NP, grain, [&](int64_t p0, int64_t p1) {
+    if (avx512)
+      panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, C, N, 0);
+    else
+      panels_avx2(gated, p0, p1, rows, N, K, A, Wp, b, C, N, 0);
   });
   return y;
 }

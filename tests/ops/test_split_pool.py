@@ -1,7 +1,8 @@
 """split_run (csrc/split_pool.h): a decoding step's GEMVs on the calling thread and helper threads
 that spin between calls, where the caller takes back the chunks of a helper that is late (a
 descheduled one) instead of waiting for it. Exercised through leanformer._C.split_selftest (a job
-of spinning chunks whose helpers can be made to sleep) and quantized_linear, with two threads so
+of spinning chunks whose helpers can be made to sleep), quantized_linear and float32
+packed_linear / packed_swiglu, with two threads so
 that the result does not depend on the machine."""
 import multiprocessing
 import time
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from leanformer import _C
-from leanformer.ops import quantized_linear
+from leanformer.ops import pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu, quantized_linear
 from leanformer.quant import BlockQuantizedMatrix
 from tests.helpers import two_threads  # noqa: F401  (the fixture)
 
@@ -80,13 +81,32 @@ def test_a_forked_child_runs_the_op():
     assert p.exitcode == 0 and got == want.tolist()
 
 
+def runs_on_the_helpers(fn):
+    """fn() gives the same bits every time, once with chunks from a helper (within 5 s, as in
+    test_helpers_share_the_work)."""
+    want = fn()
+    delivered, start = 0, time.monotonic()
+    while not delivered and time.monotonic() - start < 5:
+        y, moved = counted(fn)
+        assert torch.equal(y, want) and moved["jobs"] == 1
+        delivered += moved["helper_chunks"]
+    return delivered > 0
+
+
 def test_quantized_linear_runs_on_the_helpers():
     q = BlockQuantizedMatrix.from_dense(torch.randn(4096, 576), bits=4)  # 256 tiles, SmolLM2's width
     x = torch.randn(1, 576)
-    want = quantized_linear(x, q)
-    delivered, start = 0, time.monotonic()
-    while not delivered and time.monotonic() - start < 5:  # as in test_helpers_share_the_work
-        y, moved = counted(lambda: quantized_linear(x, q))
-        assert torch.equal(y, want) and moved["jobs"] == 1
-        delivered += moved["helper_chunks"]
-    assert delivered > 0
+    assert runs_on_the_helpers(lambda: quantized_linear(x, q))
+
+
+@pytest.mark.parametrize("rows", [1, 19])
+def test_packed_linear_and_swiglu_run_on_the_helpers(rows):
+    # float32 panels in chunks (a partial last panel: N = 1000); the same bits as on one thread
+    w, b, x = torch.randn(1000, 576), torch.randn(1000), torch.randn(rows, 576)
+    pw, psw = pack_linear_weight(w), pack_swiglu_weight(torch.randn(1000, 576), torch.randn(1000, 576))
+    torch.set_num_threads(1)
+    one = packed_linear(x, pw, b, 1000), packed_swiglu(x, psw, 1000)
+    torch.set_num_threads(2)
+    assert runs_on_the_helpers(lambda: packed_linear(x, pw, b, 1000))
+    assert runs_on_the_helpers(lambda: packed_swiglu(x, psw, 1000))
+    assert torch.equal(packed_linear(x, pw, b, 1000), one[0]) and torch.equal(packed_swiglu(x, psw, 1000), one[1])
