@@ -238,24 +238,17 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::
     const float* A = xc.data_ptr<float>();
     const float* Wp = wc.data_ptr<float>();
     const float* b = bc.has_value() ? bc->data_ptr<float>() : nullptr;
-    const int64_t threads = 1 + split_helpers();
-    const int64_t per_chunk = std::max<int64_t>(1, (NP + 8 * threads - 1) / (8 * threads));  // ~8 chunks a thread
-    auto job = std::make_shared<SplitJob>();
-    job->rows = rows;
-    job->cols = N;
-    job->chunk_cols = per_chunk * kPanel;
-    job->out = y.data_ptr<float>();
-    job->ld = N;
+    const int64_t per_chunk = split_units_per_chunk(NP);
     // By value: a helper may still run a chunk the caller took back after this call returned.
-    job->run = [xc, wc, bc, A, Wp, b, avx512, gated, per_chunk, NP, rows, N, K](int64_t c, float* dst, int64_t ld,
-                                                                              bool) {
+    split_run(make_split_job(rows, N, per_chunk, kPanel, y.data_ptr<float>(),
+                             [xc, wc, bc, A, Wp, b, avx512, gated, per_chunk, NP, rows, N, K](int64_t c, float* dst,
+                                                                                             int64_t ld, bool) {
       const int64_t p0 = c * per_chunk, p1 = std::min(NP, p0 + per_chunk);
       if (avx512)
         panels_avx512(gated, p0, p1, rows, N, K, A, Wp, b, dst, ld, p0 * kPanel);
       else
         panels_avx2(gated, p0, p1, rows, N, K, A, Wp, b, dst, ld, p0 * kPanel);
-    };
-    split_run(job);
+    }));
     return y;
   }
   const double panel_macs = double(gated ? 2 : 1) * rows * K * kPanel;

@@ -355,18 +355,10 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
     bp = bf.data_ptr<float>();
   }
   const int64_t nbytes = quant_tile_bytes(bits);
-  // The tiles in chunks, on the calling thread and split_run's helpers (split_pool.h): about 8
-  // chunks a thread, so that a late helper's chunk is a small part of the call.
-  const int64_t threads = 1 + split_helpers();
-  const int64_t tiles_per_chunk = std::max<int64_t>(1, (T + 8 * threads - 1) / (8 * threads));
-  auto job = std::make_shared<SplitJob>();
-  job->rows = rows;
-  job->cols = N;
-  job->chunk_cols = tiles_per_chunk * QT;
-  job->out = y.data_ptr<float>();
-  job->ld = N;
+  // The tiles in chunks, on the calling thread and split_run's helpers (split_pool.h).
+  const int64_t tiles_per_chunk = split_units_per_chunk(T);
   // By value: a helper may still run a chunk the caller took back after this call returned.
-  job->run = [qrows, qc, sc, mc, bf, qw, sp, mp, bp, bits, KB, N, T, nbytes, tiles_per_chunk, rows](
+  auto run = [qrows, qc, sc, mc, bf, qw, sp, mp, bp, bits, KB, N, T, nbytes, tiles_per_chunk, rows](
                  int64_t c, float* dst, int64_t ld, bool) {
     thread_local std::vector<float> buf;
     buf.resize(size_t(rows * QT));
@@ -385,7 +377,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
       }
     }
   };
-  split_run(job);
+  split_run(make_split_job(rows, N, tiles_per_chunk, QT, y.data_ptr<float>(), std::move(run)));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

@@ -173,6 +173,23 @@ int split_helpers() {
   return std::max(0, std::min(at::get_num_threads(), hw) - 1);
 }
 
+int64_t split_units_per_chunk(int64_t units) {
+  const int64_t chunks = 8 * (1 + int64_t(split_helpers()));
+  return std::max<int64_t>(1, (units + chunks - 1) / chunks);
+}
+
+std::shared_ptr<SplitJob> make_split_job(int64_t rows, int64_t cols, int64_t units_per_chunk, int64_t unit_cols,
+                                         float* out, std::function<void(int64_t, float*, int64_t, bool)> run) {
+  auto job = std::make_shared<SplitJob>();
+  job->rows = rows;
+  job->cols = cols;
+  job->chunk_cols = units_per_chunk * unit_cols;
+  job->out = out;
+  job->ld = cols;
+  job->run = std::move(run);
+  return job;
+}
+
 void split_run(const std::shared_ptr<SplitJob>& job) {
   const SplitJob& j = *job;
   const int64_t n = j.chunks();

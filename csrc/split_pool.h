@@ -42,6 +42,15 @@ struct SplitJob {
   int64_t chunks() const { return cols == 0 ? 0 : (cols + chunk_cols - 1) / chunk_cols; }
 };
 
+// How many of `units` (tiles, panels) a chunk takes: about 8 chunks for each thread split_run
+// would use now, so that a late helper's chunk is a small part of a call.
+int64_t split_units_per_chunk(int64_t units);
+
+// A job over the output out [rows, cols] (rows cols apart) in chunks of units_per_chunk units of
+// unit_cols columns each.
+std::shared_ptr<SplitJob> make_split_job(int64_t rows, int64_t cols, int64_t units_per_chunk, int64_t unit_cols,
+                                         float* out, std::function<void(int64_t, float*, int64_t, bool)> run);
+
 // Runs every chunk of job, on the calling thread and up to at::get_num_threads() - 1 helpers
 // (none inside a parallel region, or where one thread is set); returns when all are in job.out.
 void split_run(const std::shared_ptr<SplitJob>& job);
