@@ -5,7 +5,8 @@
 //   python/leanformer/ops/<family>.py, reference/<family>.py, tests/ops/test_<family>*.py,
 //   bench/bench_<family>.py
 // Families: linear_attention (schemas sla_*), rep_batchnorm (rep_batchnorm*, progressive_norm*),
-// topk_mlp, nm_sparse_linear, packed_linear (CPU only), quantized_linear, tree_attention, tree_verify, tree_state.
+// topk_mlp, nm_sparse_linear, packed_linear (CPU only), quantized_linear, tree_attention, tree_verify, tree_state,
+// decode_attention, rms_norm (CPU only).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -187,6 +188,13 @@ TORCH_LIBRARY(leanformer, m) {
   // per row and block (llama.cpp's Q8_0 activations) and the products summed in integers.
   m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, Tensor? bias, int bits, "
         "int out_features) -> Tensor");
+
+  // ---- rms_norm ----
+  // y [..., C] = x / sqrt(mean(x^2 over C) + eps) * weight, x [..., C] float32, float16, bfloat16
+  // or float64, weight [C] in x's dtype or float32, in fp32 (fp64 for fp64) with a fixed
+  // summation order (16 lane sums, then a fixed tree): every CPU path gives the same bits, and a
+  // row's result does not depend on the other rows. CPU only (CUDA users keep F.rms_norm).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 
   // ---- tree_attention ----
   // Tree-verified decoding. Softmax attention of a token tree's queries q [B, T, Hq, D] over each

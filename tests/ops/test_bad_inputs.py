@@ -173,6 +173,10 @@ def quantized_samples():
                          "mins": [torch.bfloat16, torch.int32]}, flexible={"x"})
 
 
+def rms_norm_samples():
+    yield Sample("rms_norm", [rand(3, 64), rand(64), 1e-6], flexible={"x"})
+
+
 def tree_attention_samples():
     B, T, Hq, Hkv, D, Dv, L = 2, 3, 4, 2, 8, 6, 10
     mask = ancestor_mask(torch.tensor([-1, 0, 0]))
@@ -216,6 +220,7 @@ def decode_attention_samples():
 
 
 SAMPLES = [*sla_samples(), *norm_samples(), *topk_samples(), *nm_samples(), *packed_samples(), *quantized_samples(),
+           *rms_norm_samples(),
            *tree_attention_samples(), *tree_verify_samples(), *tree_state_samples(), *decode_attention_samples()]
 BY_OP = {s.op: s for s in SAMPLES}
 IN_PLACE = {"compact_kv_cache", "sla_tree_commit"}
@@ -367,6 +372,13 @@ SIZE_CASES = [
     ("quantized_linear", with_args(bits=8), r"^quantized_linear: qweight must be \[ceil\(N/16\), K/32, 512\]"),
     ("quantized_linear", with_args(bits=2), r"^quantized_linear: bits must be 4 or 8, got 2"),
     ("quantized_linear", with_args(mins=lambda t: t[:2]), r"^quantized_linear: mins must be \[ceil\(N/16\), K/32, 16\]"),
+    ("rms_norm", with_args(weight=lambda t: t[:63]),
+     r"^rms_norm: weight must be \[C\] = \[64\] \(C = x.shape\[-1\]\), got \[63\]"),
+    ("rms_norm", with_args(x=lambda t: t[:, :32]), r"^rms_norm: weight must be \[C\] = \[32\]"),
+    ("rms_norm", with_args(weight=lambda t: t.double()), r"^rms_norm: weight must be in x's dtype \(Float\) or float32"),
+    ("rms_norm", with_args(eps=-1e-6), r"^rms_norm: eps must be finite and >= 0, got -1e-06"),
+    ("rms_norm", with_args(eps=float("nan")), r"^rms_norm: eps must be finite and >= 0, got nan"),
+    ("rms_norm", with_args(eps=float("inf")), r"^rms_norm: eps must be finite and >= 0, got inf"),
     ("packed_linear", with_args(out_features=65),
      r"^packed_linear: out_features = 65 does not fit packed_weight's 2 panels of 32 columns"),
     ("packed_linear", with_args(out_features=32), r"^packed_linear: out_features = 32 does not fit"),

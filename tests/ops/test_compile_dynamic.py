@@ -134,3 +134,17 @@ def test_quantized_linear_varying_tokens_and_width():
         q = BlockQuantizedMatrix.from_dense(torch.randn(64, K), bits=4)  # 4 tiles: no size equal to T or K/32
         calls.append([torch.randn(T, K), q.qweight, q.scales, q.mins])
     assert_one_graph(f, calls)
+
+
+def test_rms_norm_varying_rows_and_width():
+    def f(x, w):
+        return ops.rms_norm(x, w, 1e-5)
+
+    assert_one_graph(f, [[torch.randn(B, T, C), torch.randn(C)] for B, T, C in ((2, 3, 20), (4, 7, 33), (5, 9, 48))])
+
+
+def test_rms_norm_bad_width_fails_the_trace():
+    compiled, _ = compile_dynamic(lambda x, w: ops.rms_norm(x, w, 1e-5))
+    compiled(torch.randn(3, 20), torch.randn(20))
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight must be \[C\] = \[.*\] \(C = x.shape\[-1\]\), got"):
+        compiled(torch.randn(5, 33), torch.randn(32))

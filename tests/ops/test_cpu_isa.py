@@ -125,10 +125,11 @@ print(json.dumps({"digest": digest.hexdigest(), "errors": errors}))
 """
 
 
-def run_quant(**env_flags) -> dict:
+def run_quant(script=QUANT_SCRIPT, **env_flags) -> dict:
+    """script's JSON output, run in a fresh process with env_flags (and no ISA flags of ours)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LEANFORMER_DISABLE_AVX512", "LEANFORMER_DISABLE_AVX2")}
     env.update(env_flags)
-    out = subprocess.run([sys.executable, "-c", QUANT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -137,4 +138,32 @@ def test_quantized_linear_paths_give_the_same_bits():
     results = [run_quant(), run_quant(LEANFORMER_DISABLE_AVX512="1"), run_quant(LEANFORMER_DISABLE_AVX2="1")]
     for r in results:
         assert max(r["errors"].values()) < 1e-5, r["errors"]
+    assert len({r["digest"] for r in results}) == 1
+
+
+# rms_norm has three paths (AVX-512, AVX2, portable) with one fixed summation order: the same bits.
+# Widths around the 16-lane vectors and their tails, every dtype.
+RMS_SCRIPT = r"""
+import hashlib, json, torch
+from leanformer.ops import rms_norm
+from leanformer.reference import rms_norm_reference
+torch.manual_seed(0)
+digest, errors = hashlib.sha256(), {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for C in (1, 7, 15, 16, 17, 24, 576, 1000):
+        x, w = (torch.randn(5, C) * 3).to(dtype), torch.randn(C).to(dtype)
+        y = rms_norm(x, w, 1e-6)
+        digest.update(y.view(torch.uint8).numpy().tobytes())
+        ref = rms_norm_reference(x, w, 1e-6)
+        errors[f"{C} {dtype}"] = ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+print(json.dumps({"digest": digest.hexdigest(), "errors": errors}))
+"""
+
+
+def test_rms_norm_paths_give_the_same_bits():
+    results = [run_quant(script=RMS_SCRIPT), run_quant(script=RMS_SCRIPT, LEANFORMER_DISABLE_AVX512="1"),
+               run_quant(script=RMS_SCRIPT, LEANFORMER_DISABLE_AVX2="1")]
+    for r in results:
+        for what, err in r["errors"].items():
+            assert err <= TOLERANCES[what.split()[-1].removeprefix("torch.")], (what, err)
     assert len({r["digest"] for r in results}) == 1

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from leanformer import _C
 from leanformer.ops import (decode_attention, nm_sparse_linear, pack_linear_weight, pack_swiglu_weight,
-                            packed_linear, packed_swiglu, sparse_down_projection, topk_activation, topk_mlp)
+                            packed_linear, packed_swiglu, rms_norm, sparse_down_projection, topk_activation,
+                            topk_mlp)
 from leanformer.sparse import NMSparseMatrix
 from tests.helpers import two_threads  # noqa: F401  (the fixture)
 
@@ -33,7 +34,7 @@ def randn(*shape, scale=1.0, seed=0):
 @functools.lru_cache(maxsize=None)
 def decoding_calls():
     """Decoding-sized calls: bench/bench_topk_mlp.py's and bench_packed_linear.py's shapes at one
-    token, SmolLM2-135M's attention step, N:M GEMVs."""
+    token, SmolLM2-135M's attention step and RMSNorm, N:M GEMVs."""
     calls = {}
     d_model, d_ff, k = 1024, 4096, 123
     w_up, b_up = randn(d_ff, d_model, scale=d_model ** -0.5), randn(d_ff, scale=0.1, seed=1)
@@ -61,6 +62,7 @@ def decoding_calls():
         x = randn(1, 4096, seed=18)
         calls[f"nm_sparse_linear {n}:4 1 x 4096 -> 4096"] = lambda s=s, x=x, n=n: nm_sparse_linear(
             x, s.values, s.meta, n=n, m=4)
+    calls["rms_norm 1 x 576"] = lambda x=randn(1, 1, 576, seed=19), w=randn(576, seed=20): rms_norm(x, w, 1e-5)
     return calls
 
 

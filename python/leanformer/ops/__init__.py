@@ -18,6 +18,7 @@ from leanformer.ops.packed_linear import (pack_linear_weight, pack_swiglu_weight
 from leanformer.ops.quantized_linear import quantized_linear
 from leanformer.ops.rep_batchnorm import (progressive_norm, rep_batchnorm, sync_progressive_norm,
                                           sync_rep_batchnorm)
+from leanformer.ops.rms_norm import rms_norm
 from leanformer.ops.topk_mlp import predicted_sparse_mlp, sparse_down_projection, topk_activation, topk_mlp
 from leanformer.ops.tree_attention import tree_attention, tree_linear_attention
 from leanformer.ops.tree_state import sla_tree_commit, tree_dwconv
@@ -42,4 +43,6 @@ __all__ = [
     "decode_attention", "decode_attention_tree",
     # quantized_linear
     "quantized_linear",
+    # rms_norm
+    "rms_norm",
 ]

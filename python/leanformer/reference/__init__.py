@@ -7,6 +7,7 @@ from leanformer.reference.nm_sparse_linear import nm_sparse_linear as nm_sparse_
 from leanformer.reference.packed_linear import packed_linear_reference, packed_swiglu_reference
 from leanformer.reference.quantized_linear import dequantize_reference, quantized_linear_reference
 from leanformer.reference.rep_batchnorm import progressive_norm_reference, rep_batchnorm_reference
+from leanformer.reference.rms_norm import rms_norm_reference
 from leanformer.reference.topk_mlp import (dense_mlp_reference, predicted_sparse_mlp_reference,
                                            sparse_down_projection_reference, topk_activation_reference,
                                            topk_mask_dense, topk_mlp_reference)
@@ -34,4 +35,6 @@ __all__ = [
     "sla_tree_commit_reference", "tree_dwconv_reference",
     # decode_attention
     "decode_attention_reference",
+    # rms_norm
+    "rms_norm_reference",
 ]
