@@ -786,6 +786,17 @@ class LlamaLM(CausalLM):
         ``exit_layer=l``: the first l layers then the shared final norm and head;
         ``output_hidden_states``: ``(logits, hidden_states)``. See
         :meth:`~leanformer.models.LayerStack.stack_forward`."""
+        self._check_call(input_ids, cache, lengths, tree_mask, depths)
+        if (exit_layer is not None or output_hidden_states) and (tree_mask is not None or lengths is not None
+                                                                 or return_hidden):
+            raise ValueError("exit_layer/output_hidden_states take neither a token tree, lengths nor return_hidden")
+        return self.stack_forward(input_ids, cache=cache, exit_layer=exit_layer,
+                                  output_hidden_states=output_hidden_states, return_hidden=return_hidden,
+                                  lengths=lengths, tree_mask=tree_mask, depths=depths)
+
+    @staticmethod
+    def _check_call(input_ids: Tensor, cache: Optional[KVCache], lengths: Optional[Tensor],
+                    tree_mask: Optional[Tensor], depths: Optional[Tensor]) -> None:
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -798,12 +809,6 @@ class LlamaLM(CausalLM):
                 raise ValueError("lengths (per-sequence prompt lengths) is for a prefill into a cache")
             if lengths.shape != (B,) or int(lengths.min()) < 0 or int(lengths.max()) > T:
                 raise ValueError(f"lengths must be int64 [{B}] in 0..{T}, got {lengths.tolist()}")
-        if (exit_layer is not None or output_hidden_states) and (tree_mask is not None or lengths is not None
-                                                                 or return_hidden):
-            raise ValueError("exit_layer/output_hidden_states take neither a token tree, lengths nor return_hidden")
-        return self.stack_forward(input_ids, cache=cache, exit_layer=exit_layer,
-                                  output_hidden_states=output_hidden_states, return_hidden=return_hidden,
-                                  lengths=lengths, tree_mask=tree_mask, depths=depths)
 
     # ---- the layer-stack protocol (leanformer.models.LayerStack / CausalLM) ----
 
@@ -881,8 +886,11 @@ class LlamaLM(CausalLM):
         return self.lm_head(h)
 
     def prefill(self, cache: KVCache, input_ids: Tensor, lengths: Tensor) -> None:
+        """As :meth:`~leanformer.models.CausalLM.prefill`: the blocks only (the cache is what a
+        prefill makes; :meth:`~leanformer.models.LayerStack.stack_fill`)."""
         if input_ids.shape[1]:
-            self(input_ids, cache=cache, lengths=lengths)
+            self._check_call(input_ids, cache, lengths, None, None)
+            self.stack_fill(input_ids, cache=cache, lengths=lengths)
 
     def tree_context(self, cache: Optional[KVCache], mask: Tensor, depths: Tensor, parents: Tensor) -> dict:
         """As :meth:`~leanformer.models.CausalLM.tree_context`; ``cache`` None runs the nodes
