@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -51,6 +52,20 @@ struct QuantizedRows {
   std::vector<int32_t> xsum;
 };
 
+// Block b's scales from its max |x| and code sum (every path of quantize_row).
+inline void store_block_scales(int64_t b, float a, int32_t sum, float* dx, float* sx, int32_t* xsum) {
+  dx[b] = a / 127.f;
+  xsum[b] = sum;
+  sx[b] = dx[b] * static_cast<float>(sum);
+}
+
+// max(0, lanes...) as std::max folds it (the vector paths' max |x| of a block).
+inline float lanes_max(const float* lanes, int n) {
+  float a = 0.f;
+  for (int i = 0; i < n; ++i) a = std::max(a, lanes[i]);
+  return a;
+}
+
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* xq, float* dx, float* sx, int32_t* xsum) {
   for (int64_t b = 0; b < K / QB; ++b) {
@@ -67,9 +82,7 @@ void quantize_row(const T* x, int64_t K, int8_t* xq, float* dx, float* sx, int32
       xq[b * QB + i] = static_cast<int8_t>(q);
       sum += static_cast<int32_t>(q);
     }
-    dx[b] = a / 127.f;
-    xsum[b] = sum;
-    sx[b] = dx[b] * static_cast<float>(sum);
+    store_block_scales(b, a, sum, dx, sx, xsum);
   }
 }
 
@@ -277,6 +290,67 @@ LEANFORMER_AVX2_TARGET void rows_avx2(int64_t KB, const uint8_t* qw, const c10::
   }
 }
 
+// ---- x rounded to int8, one block of 32 at a time: quantize_row's operations, vectorized ----
+// max|v| (a NaN input never wins, as in std::max(a, |v|)), q = clamp(round_half_even(v * inv), -127, 127)
+// with the operands ordered so that a NaN product gives -127 as the scalar code does, the codes' sum.
+
+LEANFORMER_VNNI_TARGET void quantize_row_avx512(const float* x, int64_t K, int8_t* xq, float* dx, float* sx,
+                                                int32_t* xsum) {
+  const __m512 sign = _mm512_set1_ps(-0.0f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t b = 0; b < K / QB; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * QB), v1 = _mm512_loadu_ps(x + b * QB + 16);
+    const __m512 m = _mm512_max_ps(_mm512_andnot_ps(sign, v1),
+                                   _mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_setzero_ps()));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, m);
+    const float a = lanes_max(lanes, 16);
+    const float inv = a > 0.f ? 127.f / a : 0.f;
+    const __m512 s = _mm512_set1_ps(inv);
+    // (no lambda: it would lose the target attribute)
+    const __m512 r0 = _mm512_roundscale_ps(_mm512_mul_ps(v0, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r1 = _mm512_roundscale_ps(_mm512_mul_ps(v1, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r0, lo), hi));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r1, lo), hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * QB), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * QB + 16), _mm512_cvtepi32_epi8(q1));
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    store_block_scales(b, a, sum, dx, sx, xsum);
+  }
+}
+
+LEANFORMER_AVX2_TARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* xq, float* dx, float* sx,
+                                              int32_t* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  for (int64_t b = 0; b < K / QB; ++b) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(x + b * QB + 8 * j);
+      m = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), m);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    const float a = lanes_max(lanes, 8);
+    const float inv = a > 0.f ? 127.f / a : 0.f;
+    const __m256 s = _mm256_set1_ps(inv);
+    __m256i q[4], total = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+      total = _mm256_add_epi32(total, q[j]);
+    }
+    // int32 -> int8 in order: packs work within 128-bit lanes, the permute puts the 4 groups back
+    const __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i b8 = _mm256_packs_epi16(w01, w23);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * QB),
+                        _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    int32_t t[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), total);
+    int32_t sum = 0;
+    for (int i = 0; i < 8; ++i) sum += t[i];
+    store_block_scales(b, a, sum, dx, sx, xsum);
+  }
+}
+
 bool cpu_has_vnni() {
   static const bool yes =
       cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("LEANFORMER_DISABLE_AVX2");
@@ -312,6 +386,18 @@ void run_tile(int bits, int64_t KB, const uint8_t* qw, const c10::Half* sc, cons
   tile_portable(bits, KB, qw, sc, mn, q, rows, out);
 }
 
+// quantize_row on the best path this CPU has (float32 x; every path the same bits).
+template <typename T>
+void quantize_row_best(const T* x, int64_t K, int8_t* xq, float* dx, float* sx, int32_t* xsum) {
+#ifdef LEANFORMER_QUANT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_vnni()) return quantize_row_avx512(x, K, xq, dx, sx, xsum);
+    if (cpu_has_avx2_f16c()) return quantize_row_avx2(x, K, xq, dx, sx, xsum);
+  }
+#endif
+  quantize_row(x, K, xq, dx, sx, xsum);
+}
+
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias,
                                 int64_t bits, int64_t out_features) {
@@ -341,7 +427,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     parallel_for(0, rows, parallel_grain(work_ns(0, K * xc.element_size(), K)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        quantize_row(xp + r * K, K, q.xq.data() + r * q.ldx, q.dx.data() + r * KB, q.sx.data() + r * KB,
+        quantize_row_best(xp + r * K, K, q.xq.data() + r * q.ldx, q.dx.data() + r * KB, q.sx.data() + r * KB,
                      q.xsum.data() + r * KB);
     });
   });

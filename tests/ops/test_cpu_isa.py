@@ -105,7 +105,8 @@ def test_avx2_tiles_on_an_avx512_cpu_match_the_references():
 
 
 # quantized_linear has three paths (AVX-512 VNNI, AVX2, portable; LEANFORMER_DISABLE_AVX2=1 picks
-# the portable loops) that perform the same fp32 operations in the same order: the same bits.
+# the portable loops), for x's int8 rounding and the products, that perform the same fp32 operations
+# in the same order: the same bits.
 QUANT_SCRIPT = r"""
 import hashlib, json, torch
 from leanformer.ops import quantized_linear
@@ -121,6 +122,15 @@ for fmt, (bits, sym) in FORMATS.items():
         digest.update(y.numpy().tobytes())
         ref = quantized_linear_reference(x, q.qweight, q.scales, q.mins, b, bits, 45)
         errors[f"{fmt} {rows}"] = ((y - ref).abs().max() / ref.abs().max()).item()
+    # the int8 rounding's edges: ties (max 127: v * 127 / max = v, half to even), a zero block, a tiny
+    # row, an infinite block (every path's codes then -127 where v * 0 is NaN)
+    x = torch.randn(5, 160) * 3
+    x[0, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])
+    x[1, 32:64] = 0.0
+    x[2, 64:96] = torch.tensor([-127.0] + [k - 0.5 for k in range(31)])
+    x[3] *= 1e-30
+    x[4, :32] = float("inf")
+    digest.update(torch.nan_to_num(quantized_linear(x, q)).numpy().tobytes())
 print(json.dumps({"digest": digest.hexdigest(), "errors": errors}))
 """
 
