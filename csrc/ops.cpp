@@ -8,6 +8,9 @@
 // topk_mlp, nm_sparse_linear, packed_linear (CPU only), quantized_linear, tree_attention, tree_verify, tree_state,
 // decode_attention, rms_norm (CPU only).
 #include <Python.h>
+
+#include <exception>
+#include <string>
 #include <torch/library.h>
 
 #include "grain.h"
@@ -35,12 +38,27 @@ static PyObject* split_stats(PyObject*, PyObject*) {
 }
 
 static PyObject* split_selftest(PyObject*, PyObject* args) {
-  long long chunks, chunk_us, delay_us;
-  if (!PyArg_ParseTuple(args, "LLL", &chunks, &chunk_us, &delay_us)) return nullptr;
+  long long chunks, chunk_us, delay_us, throw_at = -1;
+  if (!PyArg_ParseTuple(args, "LLL|L", &chunks, &chunk_us, &delay_us, &throw_at)) return nullptr;
+  if (chunks < 1 || chunks > 100000 || chunk_us < 0 || delay_us < 0) {
+    PyErr_SetString(PyExc_ValueError, "split_selftest: chunks must be in 1..100000, chunk_us and delay_us >= 0");
+    return nullptr;
+  }
   double seconds = 0;
-  bool ok;
-  Py_BEGIN_ALLOW_THREADS ok = leanformer::split_selftest(chunks, chunk_us, delay_us, &seconds);
-  Py_END_ALLOW_THREADS return Py_BuildValue("(Od)", ok ? Py_True : Py_False, seconds);
+  bool ok = false;
+  std::string error;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    ok = leanformer::split_selftest(chunks, chunk_us, delay_us, &seconds, throw_at);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  Py_END_ALLOW_THREADS
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  return Py_BuildValue("(Od)", ok ? Py_True : Py_False, seconds);
 }
 
 PyObject* PyInit__C(void) {
@@ -53,8 +71,9 @@ PyObject* PyInit__C(void) {
        "split_run's counters since loading (jobs, chunks its helpers delivered, chunks the caller took "
        "back from a late helper) and the helpers a call would use now (csrc/split_pool.h)."},
       {"split_selftest", split_selftest, METH_VARARGS,
-       "split_selftest(chunks, chunk_us, delay_us) -> (outputs right, seconds): a job of chunks of chunk_us "
-       "whose helpers sleep delay_us more in each, a descheduled helper's stand-in (tests)."},
+       "split_selftest(chunks, chunk_us, delay_us, throw_at=-1) -> (outputs right, seconds): a job of chunks of "
+       "chunk_us whose helpers sleep delay_us more in each, a descheduled helper's stand-in, and whose chunk "
+       "throw_at raises on the caller (tests)."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

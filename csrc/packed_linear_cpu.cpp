@@ -241,7 +241,8 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& packed, const std::
     const int64_t per_chunk = split_units_per_chunk(NP);
     // By value: a helper may still run a chunk the caller took back after this call returned.
     split_run(make_split_job(rows, N, per_chunk, kPanel, y.data_ptr<float>(),
-                             [xc, wc, bc, A, Wp, b, avx512, gated, per_chunk, NP, rows, N, K](int64_t c, float* dst,
+                             [keep = storages_of(xc, wc, bc.has_value() ? *bc : at::Tensor()), A, Wp, b, avx512,
+                              gated, per_chunk, NP, rows, N, K](int64_t c, float* dst,
                                                                                              int64_t ld, bool) {
       const int64_t p0 = c * per_chunk, p1 = std::min(NP, p0 + per_chunk);
       if (avx512)

@@ -444,7 +444,8 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   // The tiles in chunks, on the calling thread and split_run's helpers (split_pool.h).
   const int64_t tiles_per_chunk = split_units_per_chunk(T);
   // By value: a helper may still run a chunk the caller took back after this call returned.
-  auto run = [qrows, qc, sc, mc, bf, qw, sp, mp, bp, bits, KB, N, T, nbytes, tiles_per_chunk, rows](
+  auto run = [qrows, keep = storages_of(qc, sc, mc.has_value() ? *mc : at::Tensor(), bf), qw, sp, mp, bp, bits, KB,
+              N, T, nbytes, tiles_per_chunk, rows](
                  int64_t c, float* dst, int64_t ld, bool) {
     thread_local std::vector<float> buf;
     buf.resize(size_t(rows * QT));

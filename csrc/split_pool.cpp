@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,10 +49,29 @@ int64_t spin_ns() {
 // the output, done), or taken back by the caller from a helper that had it.
 enum : int32_t { kFree, kCaller, kWorking, kCommitting, kDone, kTakenBack };
 
+// The calling thread's floating-point mode (flush-to-zero / denormals-are-zero: torch.set_flush_denormal
+// sets them per thread), which a helper takes on for the job's chunks: a chunk's bits then do not
+// depend on the thread that computed it.
+uint32_t fp_mode() {
+#if defined(__x86_64__) || defined(__i386__)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+void set_fp_mode(uint32_t mode) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(mode);
+#else
+  (void)mode;
+#endif
+}
+
 struct Running {
   std::shared_ptr<SplitJob> job;
   int64_t n = 0;
   int helpers = 0;  // helpers with index < helpers take part
+  uint32_t fp_mode = 0;
   std::atomic<int64_t> next{0};
   std::unique_ptr<std::atomic<int32_t>[]> state;
 };
@@ -120,21 +141,28 @@ class Pool {
 
   static void work(Running& r, std::vector<float>& scratch) {
     const SplitJob& j = *r.job;
+    const uint32_t own_mode = fp_mode();
+    set_fp_mode(r.fp_mode);
     for (;;) {
       const int64_t c = r.next.fetch_add(1);
-      if (c >= r.n) return;
+      if (c >= r.n) break;
       int32_t s = kFree;
       if (!r.state[c].compare_exchange_strong(s, kWorking)) continue;  // taken back already
       const int64_t c0 = c * j.chunk_cols, w = std::min(j.chunk_cols, j.cols - c0);
-      scratch.resize(size_t(j.rows * w));
-      j.run(c, scratch.data(), w, true);
+      try {
+        scratch.resize(size_t(j.rows * w));
+        j.run(c, scratch.data(), w, true);
+      } catch (...) {
+        break;  // the chunk stays kWorking: the caller takes it back (and meets the error itself)
+      }
       s = kWorking;
       if (!r.state[c].compare_exchange_strong(s, kCommitting)) continue;  // taken back meanwhile
       for (int64_t row = 0; row < j.rows; ++row)
         std::memcpy(j.out + row * j.ld + c0, scratch.data() + row * w, size_t(w) * sizeof(float));
+      g_helper_chunks.fetch_add(1, std::memory_order_relaxed);  // counted before the caller can return
       r.state[c].store(kDone, std::memory_order_release);
-      g_helper_chunks.fetch_add(1, std::memory_order_relaxed);
     }
+    set_fp_mode(own_mode);
   }
 
   std::atomic<int> started_{0};
@@ -206,9 +234,30 @@ void split_run(const std::shared_ptr<SplitJob>& job) {
   r->job = job;
   r->n = n;
   r->helpers = helpers;
+  r->fp_mode = fp_mode();
   r->state.reset(new std::atomic<int32_t>[size_t(n)]);
   for (int64_t c = 0; c < n; ++c) r->state[c].store(kFree, std::memory_order_relaxed);
   p.publish(r);
+  // Whatever happens below (a chunk throws), no helper writes the output once this returns: every
+  // chunk is the caller's, taken back, or done.
+  struct Settle {
+    Pool& p;
+    const std::shared_ptr<Running>& r;
+    bool armed = true;
+    ~Settle() {
+      if (!armed) return;
+      for (int64_t c = 0; c < r->n; ++c) {
+        for (uint32_t spins = 1;; ++spins) {
+          int32_t s = r->state[c].load(std::memory_order_acquire);
+          if (s == kCaller || s == kDone || s == kTakenBack) break;
+          if ((s == kFree || s == kWorking) && r->state[c].compare_exchange_strong(s, kTakenBack)) break;
+          if (spins % 1024 == 0) sched_yield();
+          cpu_relax();
+        }
+      }
+      p.retire(r);
+    }
+  } settle{p, r};
 
   const int64_t t0 = now_ns();
   int64_t mine = 0;
@@ -217,23 +266,27 @@ void split_run(const std::shared_ptr<SplitJob>& job) {
     j.run(c, j.out + c * j.chunk_cols, j.ld, false);
   }
   // The helpers' chunks: done, or taken back once they have had twice the caller's time per chunk.
+  // A helper committing a chunk (copying it in) is waited for; after ~1000 spins the caller yields,
+  // in case that helper waits for this core.
   const int64_t waiting_since = now_ns();
   const int64_t patience = std::max<int64_t>(2 * (waiting_since - t0) / std::max<int64_t>(mine, 1), 5000);
   for (int64_t c = 0; c < n; ++c) {
-    for (;;) {
+    for (uint32_t spins = 1;; ++spins) {
       int32_t s = r->state[c].load(std::memory_order_acquire);
       if (s == kCaller || s == kDone) break;
       if ((s == kFree || s == kWorking) && now_ns() - waiting_since > patience) {
         if (r->state[c].compare_exchange_strong(s, kTakenBack)) {
-          j.run(c, j.out + c * j.chunk_cols, j.ld, false);
           g_taken_back.fetch_add(1, std::memory_order_relaxed);
+          j.run(c, j.out + c * j.chunk_cols, j.ld, false);
           break;
         }
         continue;  // the helper is committing it: it will be done in a moment
       }
+      if (spins % 1024 == 0) sched_yield();
       cpu_relax();
     }
   }
+  settle.armed = false;
   p.retire(r);
 }
 
@@ -245,7 +298,8 @@ namespace {
 constexpr int64_t kRows = 3, kChunkCols = 5;  // split_selftest's output
 }  // namespace
 
-bool split_selftest(int64_t chunks, int64_t chunk_us, int64_t delay_us, double* seconds) {
+bool split_selftest(int64_t chunks, int64_t chunk_us, int64_t delay_us, double* seconds, int64_t throw_at) {
+  if (chunks < 1 || chunk_us < 0 || delay_us < 0) return false;
   const int64_t cols = chunks * kChunkCols - 2;  // a shorter last chunk
   std::vector<float> out(size_t(kRows * cols), -1.f);
   auto job = std::make_shared<SplitJob>();
@@ -254,8 +308,9 @@ bool split_selftest(int64_t chunks, int64_t chunk_us, int64_t delay_us, double* 
   job->chunk_cols = kChunkCols;
   job->out = out.data();
   job->ld = cols;
-  job->run = [cols, chunk_us, delay_us](int64_t c, float* dst, int64_t ld, bool helper) {
+  job->run = [cols, chunk_us, delay_us, throw_at](int64_t c, float* dst, int64_t ld, bool helper) {
     if (helper && delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    if (!helper && c == throw_at) throw std::runtime_error("split_selftest: chunk " + std::to_string(c) + " failed");
     for (const int64_t t0 = now_ns(); now_ns() - t0 < chunk_us * 1000;) cpu_relax();
     const int64_t c0 = c * kChunkCols, w = std::min(kChunkCols, cols - c0);
     for (int64_t row = 0; row < kRows; ++row)

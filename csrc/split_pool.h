@@ -13,18 +13,26 @@
 // start, and not long for one to finish: a helper computes its chunk into its own scratch and
 // copies it into the output only if the caller has not taken the chunk back; once the caller has
 // run out of chunks, it takes back (computes itself) every chunk a helper has held for longer
-// than twice the caller's own time per chunk. A descheduled helper costs a call at most one
-// chunk twice, never a time slice; a quiet host gets both cores. Results do not depend on who
-// computed a chunk (every chunk is computed the same way), nor on the number of threads.
+// than twice the caller's own time per chunk. A helper descheduled in a chunk costs a call that
+// chunk twice, not a time slice (only one descheduled while copying its finished chunk in is
+// waited for, the caller yielding its core meanwhile); a quiet host gets both cores. Results do
+// not depend on who computed a chunk (every chunk is computed the same way, helpers in the
+// caller's floating-point mode), nor on the number of threads. If a chunk throws, the error
+// reaches the caller, and no helper writes the output after split_run has returned.
 //
 // The job's function and what it reads stay alive as long as any thread holds the job (a
-// shared_ptr; the function holds its tensors by value): a helper may still be in a chunk the
-// caller took back after the op returned.
+// shared_ptr; the function holds its tensors' storages by value): a helper may still be in a
+// chunk the caller took back after the op returned. (Resizing a storage in place, resize_ on an
+// input, while an op reads it is not covered.)
 #pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Storage.h>
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 namespace leanformer {
 
@@ -51,6 +59,15 @@ int64_t split_units_per_chunk(int64_t units);
 std::shared_ptr<SplitJob> make_split_job(int64_t rows, int64_t cols, int64_t units_per_chunk, int64_t unit_cols,
                                          float* out, std::function<void(int64_t, float*, int64_t, bool)> run);
 
+// The storages behind the tensors a job reads (what its function captures by value: a tensor
+// object alone would not keep its data when `param.data = ...` swaps the storage).
+template <typename... Ts>
+std::vector<c10::Storage> storages_of(const Ts&... tensors) {
+  std::vector<c10::Storage> out;
+  (..., (tensors.defined() ? out.push_back(tensors.storage()) : void()));
+  return out;
+}
+
 // Runs every chunk of job, on the calling thread and up to at::get_num_threads() - 1 helpers
 // (none inside a parallel region, or where one thread is set); returns when all are in job.out.
 void split_run(const std::shared_ptr<SplitJob>& job);
@@ -66,8 +83,9 @@ struct SplitStats {
 SplitStats split_stats();
 
 // The tests' check: a job of `chunks` chunks of chunk_us each (spinning), where helpers sleep
-// delay_us more in every chunk (a descheduled helper's stand-in). Returns whether every output is right;
-// *seconds: the call's time (leanformer._C.split_selftest).
-bool split_selftest(int64_t chunks, int64_t chunk_us, int64_t delay_us, double* seconds);
+// delay_us more in every chunk (a descheduled helper's stand-in), and chunk throw_at throws on
+// the caller (-1: none; the error propagates). Returns whether every output is right; *seconds:
+// the call's time (leanformer._C.split_selftest).
+bool split_selftest(int64_t chunks, int64_t chunk_us, int64_t delay_us, double* seconds, int64_t throw_at = -1);
 
 }  // namespace leanformer

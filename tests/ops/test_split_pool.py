@@ -5,6 +5,7 @@ of spinning chunks whose helpers can be made to sleep), quantized_linear and flo
 packed_linear / packed_swiglu, with two threads so
 that the result does not depend on the machine."""
 import multiprocessing
+import os
 import time
 
 import pytest
@@ -16,7 +17,8 @@ from leanformer.quant import BlockQuantizedMatrix
 from tests.helpers import two_threads  # noqa: F401  (the fixture)
 
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = [pytest.mark.usefixtures("two_threads"),
+              pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="helpers need a second CPU")]
 
 
 def counted(fn):
@@ -64,12 +66,16 @@ def test_one_thread_runs_on_the_caller():
 
 def _child(x, q, conn):
     torch.set_num_threads(2)
-    conn.send(quantized_linear(x, q).tolist())  # a list: tensors would go through shared memory
+    y, delivered, start = None, 0, time.monotonic()
+    while not delivered and time.monotonic() - start < 5:  # as in test_helpers_share_the_work
+        y, moved = counted(lambda: quantized_linear(x, q))
+        delivered += moved["helper_chunks"]
+    conn.send((y.tolist(), delivered))  # a list: tensors would go through shared memory
 
 
-def test_a_forked_child_runs_the_op():
-    # helper threads do not survive fork(): the child starts its own pool
-    q = BlockQuantizedMatrix.from_dense(torch.randn(512, 256), bits=4)
+def test_a_forked_child_has_helpers_of_its_own():
+    # helper threads do not survive fork(): the child starts its own pool, whose helpers work
+    q = BlockQuantizedMatrix.from_dense(torch.randn(4096, 256), bits=4)
     x = torch.randn(3, 256)
     want = quantized_linear(x, q)  # the parent's pool is up
     ctx = multiprocessing.get_context("fork")
@@ -78,7 +84,20 @@ def test_a_forked_child_runs_the_op():
     p.start()
     got = a.recv() if a.poll(60) else None
     p.join(60)
-    assert p.exitcode == 0 and got == want.tolist()
+    assert p.exitcode == 0 and got is not None
+    assert got[0] == want.tolist() and got[1] > 0
+
+
+def test_an_error_in_a_chunk_reaches_the_caller():
+    # the caller's chunk 5 throws while the helpers sleep in theirs: the error is raised, and no
+    # helper writes the (freed) output afterwards (CI's AddressSanitizer run would see it)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="split_selftest: chunk 5 failed"):
+            _C.split_selftest(16, 50, 20_000, 5)
+    time.sleep(0.1)  # the helpers wake up into taken-back chunks
+    assert _C.split_selftest(16, 20, 0)[0]
+    with pytest.raises(ValueError, match="chunks must be in 1..100000"):
+        _C.split_selftest(0, 1, 0)
 
 
 def runs_on_the_helpers(fn):
@@ -93,10 +112,35 @@ def runs_on_the_helpers(fn):
     return delivered > 0
 
 
-def test_quantized_linear_runs_on_the_helpers():
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_linear_runs_on_the_helpers(rows):
     q = BlockQuantizedMatrix.from_dense(torch.randn(4096, 576), bits=4)  # 256 tiles, SmolLM2's width
-    x = torch.randn(1, 576)
+    x = torch.randn(rows, 576)
+    torch.set_num_threads(1)
+    one = quantized_linear(x, q)
+    torch.set_num_threads(2)
     assert runs_on_the_helpers(lambda: quantized_linear(x, q))
+    assert torch.equal(quantized_linear(x, q), one)
+
+
+def test_helpers_compute_in_the_callers_floating_point_mode():
+    # flush-to-zero is a per-thread setting: with x ~1e-36 its int8 scale max|x| / 127 is normal
+    # but its products with the weights' scales (~0.02) are denormal, so every chunk's bits depend
+    # on the mode it runs in
+    q = BlockQuantizedMatrix.from_dense(torch.randn(4096, 64), bits=8, symmetric=True)
+    x = torch.randn(1, 64) * 1e-36
+    _C.split_selftest(4, 1, 0)  # the helpers exist before the mode changes (a new thread copies its creator's)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no flush-to-zero on this CPU")
+    try:
+        torch.set_num_threads(1)
+        one = quantized_linear(x, q)
+        torch.set_num_threads(2)
+        assert runs_on_the_helpers(lambda: quantized_linear(x, q))
+        assert torch.equal(quantized_linear(x, q), one)
+    finally:
+        torch.set_flush_denormal(False)
+    assert not torch.equal(quantized_linear(x, q), one)  # the mode changes these bits
 
 
 @pytest.mark.parametrize("rows", [1, 19])
