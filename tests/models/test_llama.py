@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leanformer.models import KVCache, LlamaConfig, LlamaLM, load_pretrained, save_pretrained
-from leanformer.models.llama import rotary_at
+from leanformer.models.llama import rotary_at, write_slots
 from leanformer.nn.softmax_attention import rotary
 
 CFG = LlamaConfig(dim=48, depth=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
@@ -147,3 +147,16 @@ def test_rotary_tables_are_reused_only_for_the_same_unchanged_positions():
         assert torch.allclose(rotary_at(x, ipos, 10000.0), fresh(ipos))
         ipos.add_(3)
         assert torch.allclose(rotary_at(x, ipos, 10000.0), fresh(ipos))
+
+
+@pytest.mark.parametrize("lens", [[3, 3], [0, 5], [7, 2]])
+def test_write_slots_writes_each_sequence_at_its_length(lens):
+    # one length for all: slice copies (no index_put: it opens an OpenMP region); otherwise index_put
+    k_cache, v_cache = torch.zeros(2, 12, 3, 4), torch.zeros(2, 12, 3, 4)
+    k, v = torch.randn(2, 4, 3, 4), torch.randn(2, 4, 3, 4)
+    write_slots(k_cache, v_cache, torch.tensor(lens), k, v)
+    for b, n in enumerate(lens):
+        assert torch.equal(k_cache[b, n:n + 4], k[b]) and torch.equal(v_cache[b, n:n + 4], v[b])
+        assert not k_cache[b, :n].any() and not k_cache[b, n + 4:].any()
+    with pytest.raises(ValueError, match="the KV cache holds 12 positions"):
+        write_slots(k_cache, v_cache, torch.tensor([9, 0]), k, v)

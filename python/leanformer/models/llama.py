@@ -598,6 +598,12 @@ def write_slots(k_cache: Tensor, v_cache: Tensor, lens: Tensor, k: Tensor, v: Te
     if int(lens.max()) + T > k_cache.shape[1]:
         raise ValueError(f"the KV cache holds {k_cache.shape[1]} positions; {int(lens.max())} cached + {T} new do "
                          "not fit (make it with a larger max_len)")
+    start = int(lens.min())
+    if start == int(lens.max()):  # every sequence at one length (one prompt, a step): slices, no index_put
+        # (index_put opens an OpenMP region, ~8 ms whenever another process holds a core)
+        k_cache[:, start:start + T] = k
+        v_cache[:, start:start + T] = v
+        return
     idx = (lens[:, None] + torch.arange(T, device=k.device)[None, :])  # [B, T]
     b = torch.arange(B, device=k.device)[:, None].expand(B, T)
     k_cache[b, idx] = k.to(k_cache.dtype)
