@@ -595,11 +595,11 @@ def _unfused_reason(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Optional[s
 def write_slots(k_cache: Tensor, v_cache: Tensor, lens: Tensor, k: Tensor, v: Tensor) -> None:
     """``k_cache[b, lens[b] + t] = k[b, t]`` (and v) for every sequence b and token t."""
     B, T = k.shape[:2]
-    if int(lens.max()) + T > k_cache.shape[1]:
-        raise ValueError(f"the KV cache holds {k_cache.shape[1]} positions; {int(lens.max())} cached + {T} new do "
+    start, end = int(lens.min()), int(lens.max())
+    if end + T > k_cache.shape[1]:
+        raise ValueError(f"the KV cache holds {k_cache.shape[1]} positions; {end} cached + {T} new do "
                          "not fit (make it with a larger max_len)")
-    start = int(lens.min())
-    if start == int(lens.max()):  # every sequence at one length (one prompt, a step): slices, no index_put
+    if start == end:  # every sequence at one length (one prompt, a step): slices, no index_put
         # (index_put opens an OpenMP region, ~8 ms whenever another process holds a core)
         k_cache[:, start:start + T] = k
         v_cache[:, start:start + T] = v
