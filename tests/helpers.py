@@ -224,3 +224,20 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+def assert_two_token_sampling(out, expected, V):
+    """Chi-square of the first two tokens of ``out`` (a Generation of N sequences) against
+    ``expected`` (``[V * V]``, the exact probability of each pair) at the 99.9% level, and the
+    rare pairs (under 5 expected draws) drawn about as rarely."""
+    import math
+    pairs = out.padded()
+    N = pairs.shape[0]
+    counts = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
+    keep = expected * N >= 5
+    assert counts[~keep].sum() <= max(10, 3 * expected[~keep].sum() * N)
+    chi2 = (((counts[keep] - N * expected[keep]) ** 2) / (N * expected[keep])).sum().item()
+    dof = int(keep.sum()) - 1
+    # 99.9% quantile of chi-square by Wilson-Hilferty
+    limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, dof)

@@ -6,7 +6,6 @@ bad inputs raise clear errors."""
 import copy
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from leanformer.lab.experiments.tree_decoding import main as tree_decoding_main
 from leanformer.models import LlamaConfig, LlamaLM, LMConfig, SLABLM
 from leanformer.training import sequential_windows, train
 from tests.helpers import TORCH_DEVICES as DEVICES
+from tests.helpers import assert_two_token_sampling
 
 STATIC = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]])
 
@@ -450,15 +450,7 @@ def test_sampling_keeps_the_target_distribution(family, drafted):
     out = leanformer.generate(model, prompt.expand(N, -1).contiguous(), max_new_tokens=2, drafter=drafter,
                               tree=TokenTree.from_paths([[0], [1], [0, 0], [1, 0]]) if drafted else None,
                               generator=torch.Generator().manual_seed(0), **warp)
-    pairs = out.padded()
-    counts = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
-    keep = expected * N >= 5
-    assert counts[~keep].sum() <= max(10, 3 * expected[~keep].sum() * N)
-    chi2 = (((counts[keep] - N * expected[keep]) ** 2) / (N * expected[keep])).sum().item()
-    dof = int(keep.sum()) - 1
-    # 99.9% quantile of chi-square by Wilson-Hilferty
-    limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
-    assert chi2 < limit, (chi2, limit, dof)
+    assert_two_token_sampling(out, expected, V)
     if drafted:
         assert out.tokens_per_forward > 1.0  # some drafts were accepted: the rule was exercised
 

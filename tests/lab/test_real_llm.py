@@ -59,14 +59,18 @@ def test_drafters_are_saved_alone_and_reload(drafters):
 
 def test_real_llm_experiment(drafters, tmp_path):
     assert cli(["experiment", "real-llm", "--prompts", "2", "--new-tokens", "5", "--rounds", "1", "--batches", "1,2",
-                "--engines", "leanformer + medusa,leanformer + hidden-transfer", "--drafters", str(drafters), "--tree-sizes", "3,4",
-                "--tune-tokens", "3", "--out", str(tmp_path)]) == 0
+                "--engines", "leanformer + medusa,leanformer + hidden-transfer,leanformer + lookup", "--drafters",
+                str(drafters), "--tree-sizes", "3,4", "--lookup-depths", "2,3", "--tune-tokens", "3",
+                "--out", str(tmp_path)]) == 0
     [result] = [json.loads(f.read_text()) for f in tmp_path.glob("experiment-real-llm-*.json")]
     for batch in ("batch1", "batch2"):
         rows = result["results"][batch]
         # plain decoding, the reference, always runs
-        assert set(rows) == {"leanformer plain", "leanformer + medusa", "leanformer + hidden-transfer"}
+        assert set(rows) == {"leanformer plain", "leanformer + medusa", "leanformer + hidden-transfer",
+                             "leanformer + lookup"}
         for name, row in rows.items():
             assert row["same_as_plain_greedy"] == row["outputs"] == 2, name  # lossless
             assert row["tokens_per_s"] > 0 and row["accepted_per_forward"] >= 1
     assert result["drafters"]["medusa"]["tree_nodes"] in (3, 4) and result["machine"]["cpu_vector_isa"]
+    lookup = result["drafters"]["lookup"]  # its n-gram table from the drafters' corpus
+    assert lookup["num_future"] in (2, 3) and lookup["datastore"]["sequences"] == 4 and lookup["min_ngram"] == 2

@@ -83,9 +83,11 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
         input_ids: int64 ``[B, P]``, or a list of B prompts of different lengths.
         drafter: None for plain decoding; a :class:`~leanformer.decoding.MedusaHeads`,
             :class:`~leanformer.decoding.HiddenTransfer` or
-            :class:`~leanformer.layers.ShallowExitDrafter` for tree-verified decoding.
+            :class:`~leanformer.layers.ShallowExitDrafter` for tree-verified decoding; a
+            :class:`~leanformer.decoding.LookupDrafter` drafts chains from the tokens so far.
         tree: the token tree per step: a static :class:`TreeShape` (``TokenTree.from_paths``)
-            or a :class:`DynamicTree`; default a chain as deep as the drafter's horizon.
+            or a :class:`DynamicTree`; default a chain as deep as the drafter's horizon. A
+            :class:`~leanformer.decoding.LookupDrafter` takes none (its chains are its tree).
         temperature: 0 is greedy; above 0 samples from the distribution warped by
             ``temperature``/``top_k``/``top_p`` (``leanformer.decoding.warp_probs``, the warp the
             sampling verification uses, so tree decoding samples exactly what plain does).
@@ -121,7 +123,12 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
     vocab = model.config.vocab_size
     if int(padded.max()) >= vocab or int(padded.min()) < 0:
         raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}")
-    if drafter is not None:
+    if drafter is not None and hasattr(drafter, "start"):  # drafts from the tokens (LookupDrafter)
+        if tree is not None:
+            raise ValueError(f"{type(drafter).__name__} drafts its own chains: pass no tree")
+        if drafter.model is not model:
+            raise ValueError("the drafter was built for another model")
+    elif drafter is not None:
         if tree is None:
             tree = TokenTree.from_paths([[0] * d for d in range(1, drafter.num_future + 1)])
         depth = tree.depth if isinstance(tree, TreeShape) else drafter.num_future
@@ -145,7 +152,10 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
             temperature: float, top_k, top_p, generator, eos_token_id):
     device = next(model.parameters()).device
     B = padded.shape[0]
-    per_forward = 1 if drafter is None else tree.size * (1 + getattr(drafter, "num_future", 0))
+    lookup = drafter.start([padded[b, :int(lengths[b])].tolist() for b in range(B)]) \
+        if drafter is not None and hasattr(drafter, "start") else None
+    per_forward = 1 if drafter is None else 1 + drafter.num_future if lookup is not None \
+        else tree.size * (1 + getattr(drafter, "num_future", 0))
     cache = model.new_cache(B, int(lengths.max()) + max_new_tokens + per_forward + 1)
     padded, lengths = padded.to(device), lengths.to(device)
     model.prefill(cache, padded[:, :-1], lengths - 1)  # the last prompt token is the first root
@@ -164,8 +174,11 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             new = [[t] for t in nxt.tolist()]
         else:
-            t_tree = (TokenTree.from_nodes([[(-1, r)] for r in root.tolist()], device=device)
-                      if drafts is None else tree.build(root, drafts))
+            if lookup is not None:
+                t_tree = lookup.tree(rows, device)
+            else:
+                t_tree = (TokenTree.from_nodes([[(-1, r)] for r in root.tolist()], device=device)
+                          if drafts is None else tree.build(root, drafts))
             logits, features = drafter.tree_forward(cache, t_tree)
             if greedy:
                 acc, n, nxt = verify_tree_greedy(logits, t_tree.tokens, t_tree.parents)
@@ -173,7 +186,8 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
                 probs = warp_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
                 acc, n, nxt = verify_tree_sampling(probs, t_tree.tokens, t_tree.parents, generator=generator)
             cache.commit(acc, n)
-            drafts = drafter.draft(features, acc.gather(1, (n - 1)[:, None]).squeeze(1))
+            if lookup is None:
+                drafts = drafter.draft(features, acc.gather(1, (n - 1)[:, None]).squeeze(1))
             tokens, acc_l, n_l = t_tree.tokens.tolist(), acc.tolist(), n.tolist()
             new = [[tokens[r][i] for i in acc_l[r][1:n_l[r]]] + [b] for r, b in enumerate(nxt.tolist())]
         forwards += 1
@@ -185,6 +199,8 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
                 seq.append(t)
                 if t == eos_token_id or len(seq) == max_new_tokens:
                     break
+            if lookup is not None:
+                lookup.extend(rows[r], toks)
             if not (len(seq) == max_new_tokens or (eos_token_id is not None and seq[-1] == eos_token_id)):
                 keep.append(r)
         if len(keep) < len(rows):

@@ -2,7 +2,10 @@
 user would otherwise run: leanformer plain greedy, leanformer with the Medusa heads and with
 Hidden Transfer trained by ``leanformer train smollm2-drafters`` (each with the accuracy-tuned
 tree of the size that decodes fastest here, :func:`leanformer.decoding.fastest_tree`, sized on
-training prompts), Hugging Face transformers ``generate`` (greedy, and prompt-lookup decoding),
+training prompts), leanformer with lookup drafts (:class:`leanformer.decoding.LookupDrafter`:
+chains copied from the prompt and output so far, continued by an n-gram table of the drafters'
+training corpus, the model's own greedy continuations of training prompts; the chain length
+that decodes fastest on the training prompts), Hugging Face transformers ``generate`` (greedy, and prompt-lookup decoding),
 and llama.cpp through ``llama-cpp-python`` on an F32 GGUF (the Q4_1 file dequantized, the same
 weights as ours) and on the Q4_1 GGUF itself.
 
@@ -31,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from leanformer.decoding import TreeShape, fastest_tree, generate
+from leanformer.decoding import LookupDrafter, NgramTable, TreeShape, fastest_tree, generate
 from leanformer.lab.data import prompt_ids, pydoc_prompts
 from leanformer.lab.results import FOLDER, stem, write_json
 from leanformer.lab.train.smollm2_drafters import CACHE, WEIGHTS, load_drafter, load_smollm2
@@ -45,6 +48,38 @@ def leanformer_engine(model, new_tokens: int, eos: Optional[int], drafter=None, 
         out = generate(model, batch, max_new_tokens=new_tokens, drafter=drafter, tree=tree, eos_token_id=eos)
         return {"sequences": [s.tolist() for s in out.sequences], "accepted": out.accepted_lengths}
     return run
+
+
+def lookup_drafter(model, folder: str, depths: List[int], candidates: List[torch.Tensor], new_tokens: int,
+                   count: int = 4, repeats: int = 2):
+    """The :class:`LookupDrafter` (its n-gram table from ``<folder>/corpus.pt`` where there is
+    one) whose chain length, of ``depths``, decodes the first ``count`` of ``candidates`` that
+    the corpus does not hold fastest (each depth's best of ``repeats`` rounds, the depths
+    alternating): ``(drafter, what was chosen from)``."""
+    path = os.path.join(folder, "corpus.pt")
+    table, about, prompts = None, {"datastore": None}, candidates[:count]
+    if os.path.exists(path):
+        seqs = torch.load(path)["sequences"]
+        prompts = [p for p in candidates
+                   if not any(tuple(s[:len(p)].tolist()) == tuple(p.tolist()) for s in seqs)][:count] or prompts
+        table = NgramTable.from_sequences(seqs, vocab_size=model.config.vocab_size, max_ngram=3)
+        about["datastore"] = {"sequences": len(seqs), "tokens": sum(len(s) for s in seqs), "max_ngram": 3,
+                              "ngrams": [len(t) for t in table.tables]}
+    drafters = {k: LookupDrafter(model, k, min_ngram=2 if table is not None else 1, datastore=table) for k in depths}
+    generate(model, [prompts[0][:8]], max_new_tokens=8, drafter=drafters[depths[0]])  # warm-up
+    best = {k: float("inf") for k in depths}
+    tokens = {}
+    for _ in range(repeats):
+        for k in depths:
+            t0 = time.perf_counter()
+            tokens[k] = sum(len(generate(model, [p], max_new_tokens=new_tokens, drafter=drafters[k]).sequences[0])
+                            for p in prompts)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    rates = {k: tokens[k] / best[k] for k in depths}
+    k = max(depths, key=lambda d: (rates[d], -d))
+    about.update(num_future=k, min_ngram=drafters[k].min_ngram,
+                 tokens_per_s_by_depth={str(d): round(r, 1) for d, r in rates.items()})
+    return drafters[k], about
 
 
 def transformers_engine(path: str, new_tokens: int, eos: Optional[int], prompt_lookup: Optional[int] = None):
@@ -191,6 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "reference, always runs), e.g. 'leanformer + medusa,llama.cpp Q4_1'")
     p.add_argument("--drafters", default=CACHE, help="folder of the drafters (leanformer train smollm2-drafters)")
     p.add_argument("--tree-sizes", default="4,7,11,16,24,32", help="tree sizes fastest_tree chooses from")
+    p.add_argument("--lookup-depths", default="3,4,6", help="chain lengths of the lookup drafter to choose from")
     p.add_argument("--tune-tokens", type=int, default=48, help="new tokens per prompt of fastest_tree's timing")
     p.add_argument("--f32-gguf", default=os.path.join(CACHE, "SmolLM2-135M-Instruct.F32.gguf"))
     p.add_argument("--weights", choices=WEIGHTS, default="fp32",
@@ -238,6 +274,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             ht, acc, _ = trees["hidden-transfer"]
             engines[f"leanformer + hidden-transfer @{n}"] = leanformer_engine(model, args.new_tokens, eos, ht,
                                                                                   TreeShape.from_accuracies(acc, n))
+
+    lookup = lookup_drafter(model, args.drafters, [int(k) for k in args.lookup_depths.split(",")],
+                            [torch.tensor(prompt_ids(tokenizer, q)) for q in pydoc_prompts("train", 16, seed=1)],
+                            args.tune_tokens)
+    report["drafters"]["lookup"] = lookup[1]
+    engines["leanformer + lookup"] = leanformer_engine(model, args.new_tokens, eos, lookup[0])
+    print(f"lookup: chains of {lookup[0].num_future} (tokens/s by length {lookup[1]['tokens_per_s_by_depth']})",
+          file=sys.stderr)
 
     for name, make in (("transformers greedy", lambda: transformers_engine(path, args.new_tokens, eos)),
                        ("transformers prompt-lookup", lambda: transformers_engine(path, args.new_tokens, eos, prompt_lookup=10)),
