@@ -2,8 +2,8 @@
 // (the layout is in nm_sparse_linear_checks.h).
 //
 // Forward paths:
-//  * one token (decode, the memory-bound case the format is for): a GEMV per output row,
-//    parallel over rows. 2:4 and 1:4 turn half a meta word into the in-group indices of 8
+//  * one token (decode, the memory-bound case the format is for): a GEMV per output row, the
+//    rows in chunks over split_run's threads in float32 (split_pool.h), parallel_for otherwise. 2:4 and 1:4 turn half a meta word into the in-group indices of 8
 //    values with one vector shift and mask, permute x's columns into value order (vpermps
 //    in the AVX2 clone) and do one 8-wide FMA per 8 values; with AVX-512 a whole meta word
 //    (16 values) takes one shift, one vpternlogd and one vpermt2ps (two and a blend for 1:4)
@@ -48,6 +48,7 @@
 #include "grain.h"
 #include "nm_sparse_linear_checks.h"
 #include "small_gemm.h"
+#include "split_pool.h"
 
 namespace leanformer {
 namespace {
@@ -575,11 +576,13 @@ at::Tensor transpose_padded(const scalar_t* src, int64_t N, int64_t C, int64_t N
 }
 
 constexpr int64_t kRowBlock = 32;  // rows per task: a few per thread at 4096 rows, many tasks
+constexpr int64_t kGemvUnit = 16;  // the one-token GEMV's rows per split_run unit (4 blocks of the AVX-512 kernel's 4)
 
 template <typename scalar_t>
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-             const scalar_t* bias, const NMLayout& L, at::Tensor& y) {
+             const at::Tensor& bias_t, const NMLayout& L, at::Tensor& y) {
   using acc_t = acc_type<scalar_t>;
+  const scalar_t* bias = bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
   const int64_t N = x.size(0), rows = values.size(0), K = L.K, V = L.V;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* vp = values.data_ptr<scalar_t>();
@@ -590,16 +593,37 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
     // patterns at one token (3:4 included) are faster through the tile kernel (one vector lane
     // used) than gathering x's columns (measured: 2:8 at 4096 x 4096, 0.7x dense).
     if (N == 1 && L.m == 4 && (L.n == 1 || L.n == 2)) {
-      std::vector<float> xf(K);
-      for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-      const double row_ns = work_ns(V, V * sizeof(scalar_t) + L.W * sizeof(int32_t));
+      auto xf = std::make_shared<std::vector<float>>(K);
+      for (int64_t k = 0; k < K; ++k) (*xf)[k] = static_cast<float>(xp[k]);
       const bool avx512 = cpu_has_avx512();
-      parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
-        if (avx512)
-          gemv_rows_avx512(r0, r1, xf.data(), vp, mp, L, bias, yp);
-        else
-          gemv_rows(r0, r1, xf.data(), vp, mp, L, bias, yp);
-      });
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // float32: the rows in chunks on the calling thread and split_run's spinning helpers
+        // (split_pool.h), as quantized_linear's tiles: a GEMV streams its weight from memory,
+        // which one core does at about half the rate two do, and a helper the host deschedules
+        // costs a chunk computed twice, not a wait. A chunk's rows are computed into a
+        // thread-local row of outputs and copied to dst: the same bits on any thread.
+        const int64_t units = (rows + kGemvUnit - 1) / kGemvUnit, per_chunk = split_units_per_chunk(units);
+        auto run = [xf, keep = storages_of(values, meta, bias_t), vp, mp, bias, L, rows, avx512,
+                    chunk_rows = per_chunk * kGemvUnit](int64_t c, float* dst, int64_t, bool) {
+          thread_local std::vector<float> buf;
+          buf.resize(size_t(rows));
+          const int64_t r0 = c * chunk_rows, r1 = std::min(rows, r0 + chunk_rows);
+          if (avx512)
+            gemv_rows_avx512(r0, r1, xf->data(), vp, mp, L, bias, buf.data());
+          else
+            gemv_rows(r0, r1, xf->data(), vp, mp, L, bias, buf.data());
+          std::copy(buf.data() + r0, buf.data() + r1, dst);
+        };
+        split_run(make_split_job(1, rows, per_chunk, kGemvUnit, yp, std::move(run)));
+      } else {
+        const double row_ns = work_ns(V, V * sizeof(scalar_t) + L.W * sizeof(int32_t));
+        parallel_for(0, rows, parallel_grain(row_ns), [&](int64_t r0, int64_t r1) {
+          if (avx512)
+            gemv_rows_avx512(r0, r1, xf->data(), vp, mp, L, bias, yp);
+          else
+            gemv_rows(r0, r1, xf->data(), vp, mp, L, bias, yp);
+        });
+      }
       fix_nonfinite_tokens(xp, N, mp, L, rows, yp);
       return;
     }
@@ -751,7 +775,7 @@ at::Tensor nm_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   if (x2.size(0) >= dense_min_tokens(n, m)) return at::linear(x, unpack_dense(vc, mc, L), bias);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nm_sparse_linear", [&] {
-    forward<scalar_t>(x2, vc, mc, bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, L, y);
+    forward<scalar_t>(x2, vc, mc, bc, L, y);
   });
   return y.view(out_shape);
 }

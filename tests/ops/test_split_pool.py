@@ -1,8 +1,8 @@
 """split_run (csrc/split_pool.h): a decoding step's GEMVs on the calling thread and helper threads
 that spin between calls, where the caller takes back the chunks of a helper that is late (a
 descheduled one) instead of waiting for it. Exercised through leanformer._C.split_selftest (a job
-of spinning chunks whose helpers can be made to sleep), quantized_linear and float32
-packed_linear / packed_swiglu, with two threads so
+of spinning chunks whose helpers can be made to sleep), quantized_linear, float32
+packed_linear / packed_swiglu and nm_sparse_linear's one-token GEMV, with two threads so
 that the result does not depend on the machine."""
 import multiprocessing
 import os
@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from leanformer import _C
-from leanformer.ops import pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu, quantized_linear
+from leanformer.ops import (nm_sparse_linear, pack_linear_weight, pack_swiglu_weight, packed_linear, packed_swiglu,
+                            quantized_linear)
 from leanformer.quant import BlockQuantizedMatrix
+from leanformer.sparse import NMSparseMatrix
 from tests.helpers import two_threads  # noqa: F401  (the fixture)
 
 
@@ -154,3 +156,21 @@ def test_packed_linear_and_swiglu_run_on_the_helpers(rows):
     assert runs_on_the_helpers(lambda: packed_linear(x, pw, b, 1000))
     assert runs_on_the_helpers(lambda: packed_swiglu(x, psw, 1000))
     assert torch.equal(packed_linear(x, pw, b, 1000), one[0]) and torch.equal(packed_swiglu(x, psw, 1000), one[1])
+
+
+@pytest.mark.parametrize("n", [2, 1])
+def test_nm_sparse_linear_gemv_runs_on_the_helpers(n):
+    # one token, float32: the rows in chunks on split_run (4104 rows: a last chunk shorter), the
+    # bias added in each chunk, the same bits as one thread; x with an inf takes the fix-up after
+    s = NMSparseMatrix.prune(torch.randn(4104, 1024), n, 4)
+    bias = torch.randn(4104)
+    x = torch.randn(1, 1024)
+    torch.set_num_threads(1)
+    one = nm_sparse_linear(x, s.values, s.meta, bias, n=n, m=4)
+    torch.set_num_threads(2)
+    assert runs_on_the_helpers(lambda: nm_sparse_linear(x, s.values, s.meta, bias, n=n, m=4))
+    assert torch.equal(nm_sparse_linear(x, s.values, s.meta, bias, n=n, m=4), one)
+    torch.testing.assert_close(one, x @ s.to_dense().T + bias, rtol=1e-4, atol=1e-4)
+    x[0, 7] = float("inf")
+    y = nm_sparse_linear(x, s.values, s.meta, bias, n=n, m=4)
+    torch.testing.assert_close(y, x @ s.to_dense().T + bias, rtol=1e-4, atol=1e-4, equal_nan=True)
