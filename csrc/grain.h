@@ -14,10 +14,11 @@
 // least half of that (at::parallel_for runs inline when the range is no larger than the grain,
 // and otherwise uses at most ceil(range / grain) workers). Below it the op runs on the calling
 // thread, which a loaded host slows only by its share of the CPU. Decoding-sized calls (one token
-// through a layer's matrices, a 4096 x 4096 N:M GEMV) stay on one thread; prefill, training and
-// larger GEMVs still use every thread, where a stall costs a fraction of the call.
-// quantized_linear does not open OpenMP regions at all: its tiles run on split_run's spinning
-// helpers, which a busy host cannot stall either (split_pool.h).
+// through a layer's matrices) stay on one thread; prefill, training and larger GEMVs still use
+// every thread, where a stall costs a fraction of the call. quantized_linear, float32
+// packed_linear / packed_swiglu and float32 one-token nm_sparse_linear do not open OpenMP regions
+// at all: their chunks run on split_run's spinning helpers, which a busy host cannot stall
+// either (split_pool.h).
 //
 // Each call site estimates its cost per item from the multiply-adds and the bytes it streams
 // (work_ns: whichever bounds it, compute or memory, plus scalar steps). The rates are this
