@@ -445,7 +445,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, k_cache: Optional[Tensor] = None,
                 v_cache: Optional[Tensor] = None, lens: Optional[Tensor] = None,
                 tree_mask: Optional[Tensor] = None, step: Optional[DecodeStep] = None,
-                tree: Optional["TreeStep"] = None) -> Tensor:
+                tree: Optional["TreeStep"] = None, lengths: Optional[Tensor] = None) -> Tensor:
+        """``lengths``: with a cache, each sequence's real tokens among the T (a prefill of
+        right-padded prompts); None: all T."""
         B, T, _ = x.shape
         if step is not None:
             out = self.decode_step(x, k_cache, v_cache, step)
@@ -463,12 +465,35 @@ class LlamaAttention(nn.Module):
             write_slots(k_cache, v_cache, lens, k, v)
         else:
             write_slots(k_cache, v_cache, lens, k, v)
-            Lk = int(lens.max()) + T
-            slots = torch.arange(Lk, device=x.device)
-            # query t of sequence b sees slots 0 .. lens[b] + t (its prefix, then itself causally)
-            visible = slots[None, None, :] <= (lens[:, None, None] + torch.arange(T, device=x.device)[None, :, None])
-            o = self.attend(q, k_cache[:, :Lk], v_cache[:, :Lk], visible)
+            o = self.cached_attention(q, k_cache, v_cache, lens, lengths)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def cached_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor,
+                         lengths: Optional[Tensor]) -> Tensor:
+        """Queries ``q [B, T, H, D]`` at positions ``lens[b] + t`` over the cache (their own K/V
+        already written): query t of sequence b reads slots ``0 .. lens[b] + t``. Where the
+        sequences differ in cache length or in real tokens (``lengths``), each runs alone over
+        exactly its own slots and real queries, as it would in a batch of one: a masked batched
+        call sums over a padded key range, whose last bits differ, and quantized layers, which
+        round activations to int8, amplify that into other tokens. So a batch's greedy tokens are
+        each prompt's own. (Padding queries then get zeros: their outputs are never read.)"""
+        B, T = q.shape[:2]
+        lens_l = lens.tolist()
+        real = [T] * B if lengths is None else lengths.tolist()
+        if B == 1 or (len(set(lens_l)) == 1 and all(n == T for n in real)):
+            Lk = lens_l[0] + T if B == 1 else max(lens_l) + T
+            slots = torch.arange(Lk, device=q.device)
+            # query t of sequence b sees slots 0 .. lens[b] + t (its prefix, then itself causally)
+            visible = slots[None, None, :] <= (lens[:, None, None] + torch.arange(T, device=q.device)[None, :, None])
+            return self.attend(q, k_cache[:, :Lk], v_cache[:, :Lk], visible)
+        o = q.new_zeros(q.shape)
+        for b, (start, n) in enumerate(zip(lens_l, real)):
+            if n:
+                slots = torch.arange(start + n, device=q.device)
+                visible = slots[None, None, :] <= (start + torch.arange(n, device=q.device))[None, :, None]
+                o[b:b + 1, :n] = self.attend(q[b:b + 1, :n], k_cache[b:b + 1, :start + n], v_cache[b:b + 1, :start + n],
+                                             visible)
+        return o
 
 
     def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
@@ -622,7 +647,8 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(c.dim, c.hidden)
 
     def forward(self, x: Tensor, positions: Tensor, k_cache=None, v_cache=None, lens=None, tree_mask=None,
-                step: Optional[DecodeStep] = None, tree: Optional[TreeStep] = None) -> Tensor:
+                step: Optional[DecodeStep] = None, tree: Optional[TreeStep] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
         if step is not None:
             out = self.decode_step(x, k_cache, v_cache, step)
             if out is not None:
@@ -633,7 +659,7 @@ class LlamaBlock(nn.Module):
             elif tree is not None:  # a token tree's verification (LlamaLM.tree_context)
                 x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask, tree=tree)
             else:
-                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask)
+                x = x + self.attn(self.attn_norm(x), positions, k_cache, v_cache, lens, tree_mask, lengths=lengths)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: DecodeStep) -> Optional[Tensor]:
@@ -869,8 +895,12 @@ class LlamaLM(CausalLM):
         if step is not None:
             return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, None, step=step)
         tree = ctx.get("tree")
-        if tree is not None and type(self.layers[i]) is LlamaBlock:
-            return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"], tree=tree)
+        if type(self.layers[i]) is LlamaBlock:
+            if tree is not None:
+                return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"],
+                                      tree=tree)
+            return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"],
+                                  lengths=ctx["lengths"])
         return self.layers[i](x, ctx["positions"], cache.k[s], cache.v[s], cache.lens, ctx["tree_mask"])
 
     def fill_block_cache(self, i: int, x: Tensor, cache: Optional[KVCache], ctx: dict) -> None:
