@@ -182,8 +182,8 @@ class LookupState:
             if at is not None:
                 out = toks[at:at + k]
                 break
-        if len(out) < k and d.datastore is not None:
-            out = out + d.datastore.continue_chain(toks + out, k - len(out))
+        if len(out) < k and d.datastore is not None:  # the table reads the last max_ngram tokens only
+            out = out + d.datastore.continue_chain(toks[-d.datastore.max_ngram:] + out, k - len(out))
         return out
 
     def tree(self, seqs: List[int], device=None) -> TokenTree:
