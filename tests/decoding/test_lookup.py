@@ -71,6 +71,10 @@ def test_ngram_table_ties_backoff_and_limits():
         NgramTable.from_sequences([[1, 2]], vocab_size=8, max_ngram=0)
     with pytest.raises(ValueError, match="token ids in 0..7"):
         NgramTable.from_sequences([[1, 8]], vocab_size=8)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"vocab_size must be >= 1, got {bad}"):
+            NgramTable.from_sequences([[0]], vocab_size=bad)
+    assert NgramTable.from_sequences([[0, 0, 0]], vocab_size=1, max_ngram=5).continue_chain([0], 2) == [0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,10 @@ def brute_draft(tokens, k, max_ngram, min_ngram):
         suffix = tokens[len(tokens) - n:]
         for start in range(len(tokens) - n - 1, -1, -1):  # the most recent earlier occurrence
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
+                ext = list(tokens)  # what followed, copied on into the draft where it reaches the end
+                for i in range(k):
+                    ext.append(ext[start + n + i])
+                return ext[len(tokens):]
     return []
 
 
@@ -107,12 +114,13 @@ def test_context_draft_is_the_most_recent_longest_match(llama, seed):
         assert tree.parents[row, :n].tolist() == list(range(-1, n - 1))
 
 
-def test_datastore_continues_the_context_draft(llama):
+def test_datastore_drafts_where_the_context_has_no_match(llama):
     table = NgramTable.from_sequences([[7, 8, 9, 10, 11], [8, 5, 6]], vocab_size=64)
     state = LookupDrafter(llama, num_future=4, datastore=table).start([[1, 2, 3, 1, 2, 7], [5, 7, 8, 5]])
     assert state.draft(0) == [8, 9, 10, 11]  # no earlier 7 in the context: the table's chain
-    assert state.draft(1) == [7, 8, 5, 6]  # the context's copy ends after 3 tokens: (8, 5) -> 6
-    assert LookupDrafter(llama, num_future=4).start([[5, 7, 8, 5]]).draft(0) == [7, 8, 5]
+    assert state.draft(1) == [7, 8, 5, 7]  # the context's copy, on through its own start (a loop)
+    repeat = LookupDrafter(llama, num_future=6).start([[1, 2, 1, 2, 1, 2], [5, 5, 5, 5]])
+    assert repeat.draft(0) == [1, 2, 1, 2, 1, 2] and repeat.draft(1) == [5] * 6  # a loop drafts k tokens
     state = LookupDrafter(llama, num_future=4, datastore=table, min_ngram=2).start([[1, 2, 3, 1]])
     assert state.draft(0) == []  # a 1-token match is below min_ngram and the table has no (1,)
 
@@ -140,10 +148,11 @@ def test_greedy_lookup_decoding_equals_plain_greedy(name, model):
         assert [s.tolist() for s in out.sequences] == [s.tolist() for s in plain.sequences]
         assert out.forwards < plain.forwards and out.tokens_per_forward > 1.2
     eos = int(plain.sequences[1][7])
-    out = leanformer.generate(model, prompts, max_new_tokens=40, drafter=LookupDrafter(model, 4), eos_token_id=eos)
-    for a, b in zip(out.sequences, plain.sequences):
-        stop = (b == eos).nonzero()
-        assert a.tolist() == (b[:int(stop[0]) + 1] if len(stop) else b).tolist()
+    for drafter in (LookupDrafter(model, 4), LookupDrafter(model, 3, min_ngram=2, datastore=table)):
+        out = leanformer.generate(model, prompts, max_new_tokens=40, drafter=drafter, eos_token_id=eos)
+        for a, b in zip(out.sequences, plain.sequences):
+            stop = (b == eos).nonzero()
+            assert a.tolist() == (b[:int(stop[0]) + 1] if len(stop) else b).tolist()
 
 
 def test_lookup_decoding_of_a_quantized_model_equals_its_plain_greedy(llama):

@@ -94,6 +94,10 @@ def test_a_quantized_batch_decodes_each_prompt_as_alone_bit_for_bit():
             for layer in range(3):
                 assert torch.equal(cache.k[layer][b, :len(p)], alone.k[layer][0, :len(p)])
                 assert torch.equal(cache.v[layer][b, :len(p)], alone.v[layer][0, :len(p)])
+        one = m.new_cache(1, 32)  # a batch of one, padded: its own 5 slots too
+        m.prefill(one, padded[:1], torch.tensor([5]))
+        for layer in range(3):
+            assert torch.equal(one.k[layer][0, :5], cache.k[layer][0, :5])
     batch = leanformer.generate(m, prompts, max_new_tokens=24)
     for p, s in zip(prompts, batch.sequences):
         assert s.tolist() == leanformer.generate(m, [p], max_new_tokens=24).sequences[0].tolist()

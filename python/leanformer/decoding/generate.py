@@ -10,7 +10,10 @@ drafter over the cache, and the cache's ``commit`` and ``select``.
 A drafter has ``model`` (the model it drafts for), ``num_future`` (how many tokens it proposes
 per step), ``tree_forward(cache, tree) -> (logits [B, T, V], features)`` (the verifying forward
 of a :class:`TokenTree`) and ``draft(features, node [B]) -> [B, num_future, V]`` (the draft
-logits after the accepted node)."""
+logits after the accepted node). A drafter with ``drafts_from_tokens = True`` (a
+:class:`~leanformer.decoding.LookupDrafter`) drafts from the tokens instead: ``start(prompts)``
+gives a per-call state whose ``tree(rows, device)`` is each step's :class:`TokenTree` (rooted at
+each sequence's last token) and ``extend(seq, tokens)`` takes the tokens each step accepted."""
 from __future__ import annotations
 
 import contextlib
@@ -123,7 +126,7 @@ def generate(model, input_ids: Union[Tensor, Sequence], *, max_new_tokens: int, 
     vocab = model.config.vocab_size
     if int(padded.max()) >= vocab or int(padded.min()) < 0:
         raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}")
-    if drafter is not None and hasattr(drafter, "start"):  # drafts from the tokens (LookupDrafter)
+    if getattr(drafter, "drafts_from_tokens", False):  # a LookupDrafter: chains from the tokens so far
         if tree is not None:
             raise ValueError(f"{type(drafter).__name__} drafts its own chains: pass no tree")
         if drafter.model is not model:
@@ -153,7 +156,7 @@ def _decode(model, padded: Tensor, lengths: Tensor, max_new_tokens: int, drafter
     device = next(model.parameters()).device
     B = padded.shape[0]
     lookup = drafter.start([padded[b, :int(lengths[b])].tolist() for b in range(B)]) \
-        if drafter is not None and hasattr(drafter, "start") else None
+        if getattr(drafter, "drafts_from_tokens", False) else None
     per_forward = 1 if drafter is None else 1 + drafter.num_future if lookup is not None \
         else tree.size * (1 + getattr(drafter, "num_future", 0))
     cache = model.new_cache(B, int(lengths.max()) + max_new_tokens + per_forward + 1)

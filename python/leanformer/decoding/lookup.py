@@ -45,7 +45,9 @@ class NgramTable:
         """From token sequences (1-D int tensors or lists of ids in ``0..vocab_size - 1``)."""
         if max_ngram < 1:
             raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
-        if vocab_size < 1 or vocab_size ** (max_ngram + 1) >= 2 ** 63:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if vocab_size ** (max_ngram + 1) >= 2 ** 63:
             raise ValueError(f"vocab_size ** (max_ngram + 1) must be below 2**63: vocab_size={vocab_size} allows "
                              f"max_ngram up to {_largest_ngram(vocab_size)}, got max_ngram={max_ngram}")
         seqs = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
@@ -97,6 +99,7 @@ class NgramTable:
 
 
 def _largest_ngram(vocab_size: int) -> int:
+    """The largest max_ngram with ``vocab_size ** (max_ngram + 1) < 2**63`` (vocab_size >= 2)."""
     n = 0
     while vocab_size ** (n + 2) < 2 ** 63:
         n += 1
@@ -114,11 +117,16 @@ def _codes(s: Tensor, width: int, V: int) -> Tensor:
 
 
 class LookupDrafter:
+    #: the drafter protocol's other half (see :func:`leanformer.generate`): no draft network; a
+    #: per-call state from :meth:`start` builds each step's tree from the tokens so far
+    drafts_from_tokens = True
+
     """A drafter for :func:`leanformer.generate` with nothing to train: each step drafts a chain
     of up to ``num_future`` tokens after the last one, copied from the sequence's own context
     (prompt and output) where its last ``max_ngram``..``min_ngram`` tokens occurred before (the
-    most recent occurrence of the longest match), continued by ``datastore`` (an
-    :class:`NgramTable`) where the context ends first or has no match. The chain is verified in
+    most recent occurrence of the longest match, copied on into the draft itself where it
+    overlaps the end: a repeating loop drafts ``num_future`` tokens), else from ``datastore`` (an
+    :class:`NgramTable`). The chain is verified in
     one tree forward of ``model``; the output is the model's own. A step with nothing to draft
     runs the root alone.
 
@@ -177,10 +185,14 @@ class LookupState:
         d = self.drafter
         toks, index, k = self.tokens[seq], self.index[seq], d.num_future
         out: List[int] = []
-        for n in range(min(d.max_ngram, len(toks)), d.min_ngram - 1, -1):
-            at = index.get(tuple(toks[len(toks) - n:]))
+        L = len(toks)
+        for n in range(min(d.max_ngram, L), d.min_ngram - 1, -1):
+            at = index.get(tuple(toks[L - n:]))
             if at is not None:
-                out = toks[at:at + k]
+                # what followed, copied on past the end of the context into the draft itself (as
+                # LZ77 copies an overlapping match): a loop of period p drafts k tokens, not p
+                for i in range(k):
+                    out.append(toks[at + i] if at + i < L else out[at + i - L])
                 break
         if len(out) < k and d.datastore is not None:  # the table reads the last max_ngram tokens only
             out = out + d.datastore.continue_chain(toks[-d.datastore.max_ngram:] + out, k - len(out))

@@ -480,8 +480,8 @@ class LlamaAttention(nn.Module):
         B, T = q.shape[:2]
         lens_l = lens.tolist()
         real = [T] * B if lengths is None else lengths.tolist()
-        if B == 1 or (len(set(lens_l)) == 1 and all(n == T for n in real)):
-            Lk = lens_l[0] + T if B == 1 else max(lens_l) + T
+        if all(n == T for n in real) and (B == 1 or len(set(lens_l)) == 1):
+            Lk = lens_l[0] + T
             slots = torch.arange(Lk, device=q.device)
             # query t of sequence b sees slots 0 .. lens[b] + t (its prefix, then itself causally)
             visible = slots[None, None, :] <= (lens[:, None, None] + torch.arange(T, device=q.device)[None, :, None])

@@ -275,13 +275,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             engines[f"leanformer + hidden-transfer @{n}"] = leanformer_engine(model, args.new_tokens, eos, ht,
                                                                                   TreeShape.from_accuracies(acc, n))
 
-    lookup = lookup_drafter(model, args.drafters, [int(k) for k in args.lookup_depths.split(",")],
-                            [torch.tensor(prompt_ids(tokenizer, q)) for q in pydoc_prompts("train", 16, seed=1)],
-                            args.tune_tokens)
-    report["drafters"]["lookup"] = lookup[1]
-    engines["leanformer + lookup"] = leanformer_engine(model, args.new_tokens, eos, lookup[0])
-    print(f"lookup: chains of {lookup[0].num_future} (tokens/s by length {lookup[1]['tokens_per_s_by_depth']})",
-          file=sys.stderr)
+    if args.engines == "all" or "leanformer + lookup" in args.engines.split(","):
+        lookup = lookup_drafter(model, args.drafters, [int(k) for k in args.lookup_depths.split(",")],
+                                [torch.tensor(prompt_ids(tokenizer, q)) for q in pydoc_prompts("train", 16, seed=1)],
+                                args.tune_tokens)
+        report["drafters"]["lookup"] = lookup[1]
+        engines["leanformer + lookup"] = leanformer_engine(model, args.new_tokens, eos, lookup[0])
+        print(f"lookup: chains of {lookup[0].num_future} (tokens/s by length {lookup[1]['tokens_per_s_by_depth']})",
+              file=sys.stderr)
 
     for name, make in (("transformers greedy", lambda: transformers_engine(path, args.new_tokens, eos)),
                        ("transformers prompt-lookup", lambda: transformers_engine(path, args.new_tokens, eos, prompt_lookup=10)),
