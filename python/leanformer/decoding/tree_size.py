@@ -53,16 +53,27 @@ def fastest_tree(model, drafter, accuracy, prompts: Sequence[Tensor], *, sizes: 
     if repeats < 1 or max_new_tokens < 1:
         raise ValueError(f"repeats and max_new_tokens must be >= 1, got {repeats} and {max_new_tokens}")
     trees = {n: TreeShape.from_accuracies(accuracy, n) for n in sizes}
-    generate(model, [prompts[0][:8]], max_new_tokens=8, drafter=drafter, tree=trees[sizes[0]])  # warm-up
-    best = {n: float("inf") for n in sizes}
+    rates = decoding_rates({n: dict(drafter=drafter, tree=trees[n]) for n in sizes}, model, prompts,
+                           max_new_tokens=max_new_tokens, repeats=repeats, clock=clock)
+    fastest = max(sizes, key=lambda n: (rates[n], -n))  # a tie goes to the smaller tree
+    return trees[fastest], rates
+
+
+def decoding_rates(options: Dict, model, prompts: Sequence[Tensor], *, max_new_tokens: int, repeats: int = 2,
+                   clock: Callable[[], float] = time.perf_counter) -> Dict:
+    """Tokens/s of :func:`generate` with each of ``options`` (key -> its keyword arguments, e.g.
+    ``drafter`` and ``tree``) over ``prompts`` (batch 1, greedy, ``max_new_tokens`` each): the
+    options take turns within each of ``repeats`` rounds, so a host whose speed drifts slows them
+    alike, and each keeps its fastest round. One short warm-up generation first."""
+    keys = list(options)
+    generate(model, [prompts[0][:8]], max_new_tokens=8, **options[keys[0]])  # warm-up
+    best = {k: float("inf") for k in keys}
     tokens = {}
     with torch.no_grad():
         for _ in range(repeats):
-            for n in sizes:
+            for k in keys:
                 t0 = clock()
-                tokens[n] = sum(len(generate(model, [p], max_new_tokens=max_new_tokens, drafter=drafter,
-                                             tree=trees[n]).sequences[0]) for p in prompts)
-                best[n] = min(best[n], clock() - t0)
-    rates = {n: tokens[n] / best[n] if best[n] > 0 else float("inf") for n in sizes}
-    fastest = max(sizes, key=lambda n: (rates[n], -n))  # a tie goes to the smaller tree
-    return trees[fastest], rates
+                tokens[k] = sum(len(generate(model, [p], max_new_tokens=max_new_tokens, **options[k]).sequences[0])
+                                for p in prompts)
+                best[k] = min(best[k], clock() - t0)
+    return {k: tokens[k] / best[k] if best[k] > 0 else float("inf") for k in keys}

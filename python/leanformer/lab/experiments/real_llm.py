@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from leanformer.decoding import LookupDrafter, NgramTable, TreeShape, fastest_tree, generate
+from leanformer.decoding.tree_size import decoding_rates
 from leanformer.lab.data import prompt_ids, pydoc_prompts
 from leanformer.lab.results import FOLDER, stem, write_json
 from leanformer.lab.train.smollm2_drafters import CACHE, WEIGHTS, load_drafter, load_smollm2
@@ -66,16 +67,8 @@ def lookup_drafter(model, folder: str, depths: List[int], candidates: List[torch
         about["datastore"] = {"sequences": len(seqs), "tokens": sum(len(s) for s in seqs), "max_ngram": 3,
                               "ngrams": [len(t) for t in table.tables]}
     drafters = {k: LookupDrafter(model, k, min_ngram=2 if table is not None else 1, datastore=table) for k in depths}
-    generate(model, [prompts[0][:8]], max_new_tokens=8, drafter=drafters[depths[0]])  # warm-up
-    best = {k: float("inf") for k in depths}
-    tokens = {}
-    for _ in range(repeats):
-        for k in depths:
-            t0 = time.perf_counter()
-            tokens[k] = sum(len(generate(model, [p], max_new_tokens=new_tokens, drafter=drafters[k]).sequences[0])
-                            for p in prompts)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    rates = {k: tokens[k] / best[k] for k in depths}
+    rates = decoding_rates({k: dict(drafter=d) for k, d in drafters.items()}, model, prompts,
+                           max_new_tokens=new_tokens, repeats=repeats)
     k = max(depths, key=lambda d: (rates[d], -d))
     about.update(num_future=k, min_ngram=drafters[k].min_ngram,
                  tokens_per_s_by_depth={str(d): round(r, 1) for d, r in rates.items()})
