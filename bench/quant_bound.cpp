@@ -23,31 +23,25 @@ constexpr int kChains = 12;  // independent accumulators: more than latency x po
 constexpr long kIters = 40'000'000;
 volatile int seed = 3;        // opaque: the compiler may not fold the loops
 
-__attribute__((target("avx512f"))) double fma512() {
-  __m512 acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(1e-3f * (seed + i));
-  const __m512 b = _mm512_set1_ps(0.9999f), c = _mm512_set1_ps(1e-6f * seed);
+// fp32 FMA chains in GCC vector types (as attention_bound.cpp's fma_loop), instantiated per ISA.
+template <typename V>
+__attribute__((always_inline)) inline double fma_loop() {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V acc[kChains], b, c;
+  for (int l = 0; l < W; ++l) b[l] = 0.9999f, c[l] = 1e-6f * seed;
+  for (int i = 0; i < kChains; ++i)
+    for (int l = 0; l < W; ++l) acc[i][l] = 1e-3f * (seed + i);
   for (long n = 0; n < kIters; ++n)
-    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], b, c);
+    for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * b + c;
   float s = 0;
-  for (int i = 0; i < kChains; ++i) s += _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < kChains; ++i) s += acc[i][0];
   return s;
 }
 
-__attribute__((target("avx2,fma"))) double fma256() {
-  __m256 acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_ps(1e-3f * (seed + i));
-  const __m256 b = _mm256_set1_ps(0.9999f), c = _mm256_set1_ps(1e-6f * seed);
-  for (long n = 0; n < kIters; ++n)
-    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], b, c);
-  alignas(32) float out[8];
-  float s = 0;
-  for (int i = 0; i < kChains; ++i) {
-    _mm256_store_ps(out, acc[i]);
-    s += out[0];
-  }
-  return s;
-}
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+__attribute__((target("arch=x86-64-v4"))) double fma512() { return fma_loop<v16f>(); }
+__attribute__((target("arch=x86-64-v3"))) double fma256() { return fma_loop<v8f>(); }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) double vnni512() {
   __m512i acc[kChains];
